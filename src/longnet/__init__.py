@@ -1,0 +1,11 @@
+"""longnet: LongNet (Ding et al., 2023) in PyTorch.
+
+Exact dilated attention (:func:`dilated_attention`), LongNet models, a sequence-parallel trainer
+and the tools to train, evaluate, generate and benchmark with them.
+"""
+
+__version__ = "0.1.0"
+
+from longnet.ops.pattern import DilatedPattern
+
+__all__ = ["__version__", "DilatedPattern"]

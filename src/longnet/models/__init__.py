@@ -1,0 +1,1 @@
+"""longnet.models."""

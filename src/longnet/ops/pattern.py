@@ -1,0 +1,209 @@
+"""The dilated attention pattern: which positions each head keeps, per branch.
+
+A pattern is a list of branches ``(w, r)``: segment length ``w`` and dilation rate ``r``.
+For a sequence of length ``N``, branch ``(w, r)`` uses ``w_eff = min(w, N)``; segment ``j``
+covers ``[j * w_eff, min((j + 1) * w_eff, N))`` (the last may be short). Inside a segment,
+head ``h`` keeps the positions ``p`` with ``(p - segment_start) % r == h % r`` (the paper's
+per-head offset). Kept queries attend to kept keys of the same segment.
+
+:class:`DilatedPattern` validates the pattern once and is then reused everywhere: the operator
+(gather indices), the models (FLOP counts), the sequence-parallel code (who shares a segment)
+and the generation cache (how many positions a head must keep).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = ["DilatedPattern", "BranchLayout"]
+
+
+def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) and not isinstance(
+        values, torch.Tensor
+    ):
+        if isinstance(values, numbers.Integral) and not isinstance(values, bool):
+            values = (values,)
+        else:
+            raise TypeError(f"{name} must be a sequence of positive ints, got {type(values).__name__}")
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+            raise TypeError(f"{name} must contain ints, got {v!r} ({type(v).__name__})")
+        if v < 1:
+            raise ValueError(f"{name} must contain positive ints, got {int(v)}")
+        out.append(int(v))
+    if not out:
+        raise ValueError(f"{name} must not be empty")
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class BranchLayout:
+    """Where the kept positions of one branch sit, for a given sequence length and head count.
+
+    Rows of the gathered layout are ``(head, segment, slot)``; slot ``j`` of segment ``s`` of
+    head ``h`` holds position ``s * w + h % r + j * r`` when that is inside the segment.
+
+    Attributes:
+        segment: effective segment length ``min(w, N)``.
+        dilation: dilation rate ``r``.
+        num_segments: ``ceil(N / segment)``.
+        slots: slots per segment and head, ``ceil(segment / r)``.
+        index: (H, num_segments * slots) long, the position of every slot (0 where invalid).
+        valid: (H, num_segments * slots) bool, slots that hold a real position; ``None`` when all do.
+    """
+
+    segment: int
+    dilation: int
+    num_segments: int
+    slots: int
+    index: torch.Tensor
+    valid: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class DilatedPattern:
+    """A validated dilated attention pattern.
+
+    Args:
+        segment_lengths: segment length ``w_i`` of each branch, positive ints.
+        dilation_rates: dilation rate ``r_i`` of each branch, positive ints, same count.
+
+    Example::
+
+        >>> p = DilatedPattern((4, 8), (1, 2))
+        >>> p.kept_positions(length=8, head=1, branch=1)
+        [1, 3, 5, 7]
+    """
+
+    segment_lengths: tuple[int, ...]
+    dilation_rates: tuple[int, ...]
+
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int]):
+        w = _as_int_tuple("segment_lengths", segment_lengths)
+        r = _as_int_tuple("dilation_rates", dilation_rates)
+        if len(w) != len(r):
+            raise ValueError(
+                f"segment_lengths and dilation_rates must have the same length, "
+                f"got {len(w)} and {len(r)}"
+            )
+        object.__setattr__(self, "segment_lengths", w)
+        object.__setattr__(self, "dilation_rates", r)
+
+    @classmethod
+    def coerce(cls, segment_lengths, dilation_rates) -> "DilatedPattern":
+        """Build from arguments that may already be a pattern (``segment_lengths`` a pattern)."""
+        if isinstance(segment_lengths, DilatedPattern):
+            return segment_lengths
+        return cls(segment_lengths, dilation_rates)
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def branches(self) -> tuple[tuple[int, int], ...]:
+        """``((w_0, r_0), (w_1, r_1), ...)``."""
+        return tuple(zip(self.segment_lengths, self.dilation_rates))
+
+    def __len__(self) -> int:
+        return len(self.segment_lengths)
+
+    def effective_segment(self, branch: int, length: int) -> int:
+        """``min(w_i, N)``: the segment length branch ``i`` really uses at length ``N``."""
+        return max(1, min(self.segment_lengths[branch], length))
+
+    @staticmethod
+    def head_offset(head: int, dilation: int) -> int:
+        """The paper's per-head offset ``s_h = h mod r``."""
+        return head % dilation
+
+    def kept_positions(self, length: int, head: int, branch: int) -> list[int]:
+        """Positions (sorted) that ``head`` keeps in ``branch`` for a sequence of ``length``."""
+        w = self.effective_segment(branch, length)
+        r = self.dilation_rates[branch]
+        off = head % r
+        return [p for p in range(length) if (p - (p // w) * w) % r == off]
+
+    def max_cached_positions(self, branch: int) -> int:
+        """Most keys a causal query of one head can read in ``branch``: ``ceil(w_i / r_i)``."""
+        return -(-self.segment_lengths[branch] // self.dilation_rates[branch])
+
+    # ------------------------------------------------------------------ layout
+    def layout(self, branch: int, length: int, num_heads: int, device=None) -> BranchLayout:
+        """Gather indices of ``branch`` for ``num_heads`` heads over ``length`` positions."""
+        w = self.effective_segment(branch, length)
+        r = self.dilation_rates[branch]
+        nseg = -(-length // w)
+        slots = -(-w // r)
+        seg = torch.arange(nseg, device=device).view(1, nseg, 1) * w
+        off = (torch.arange(num_heads, device=device) % r).view(num_heads, 1, 1)
+        slot = torch.arange(slots, device=device).view(1, 1, slots) * r
+        rel = off + slot  # (H, 1, slots) offset inside the segment
+        pos = seg + rel  # (H, nseg, slots)
+        seg_end = torch.clamp(seg + w, max=length)
+        valid = pos < seg_end
+        aligned = length % w == 0 and w % r == 0
+        index = torch.where(valid, pos, torch.zeros_like(pos)).reshape(num_heads, nseg * slots)
+        return BranchLayout(
+            segment=w,
+            dilation=r,
+            num_segments=nseg,
+            slots=slots,
+            index=index,
+            valid=None if aligned else valid.reshape(num_heads, nseg * slots),
+        )
+
+    # ------------------------------------------------------------------ cost
+    def flops(
+        self, length: int, head_dim: int, num_heads: int = 1, *, is_causal: bool = False,
+        batch_size: int = 1, backward: bool = False,
+    ) -> float:
+        """Matmul FLOPs of the pattern (FlashAttention convention).
+
+        Per head and branch: ``4 * segments * (w/r)^2 * D``, half with ``is_causal``; with
+        ``backward`` the forward plus backward count (x 3.5, as FlashAttention counts).
+        Tail segments and uneven residues are counted exactly.
+        """
+        total = 0.0
+        for b in range(len(self)):
+            w = self.effective_segment(b, length)
+            r = self.dilation_rates[b]
+            for h in range(min(num_heads, r)):
+                reps = len(range(h, num_heads, r))
+                n_full, tail = divmod(length, w)
+                pairs = n_full * _pairs(_count(w, r, h), is_causal)
+                if tail:
+                    pairs += _pairs(_count(tail, r, h), is_causal)
+                total += reps * 4.0 * pairs * head_dim
+        total *= batch_size
+        return total * 3.5 if backward else total
+
+    @staticmethod
+    def dense_flops(
+        length: int, head_dim: int, num_heads: int = 1, *, is_causal: bool = False,
+        batch_size: int = 1, backward: bool = False,
+    ) -> float:
+        """Matmul FLOPs of dense attention, same convention as :meth:`flops`."""
+        total = batch_size * num_heads * 4.0 * _pairs(length, is_causal) * head_dim
+        return total * 3.5 if backward else total
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"({w}, {r})" for w, r in self.branches)
+        return f"DilatedPattern([{inner}])"
+
+
+def _count(seg_len: int, r: int, offset: int) -> int:
+    """Positions ``p < seg_len`` with ``p % r == offset``."""
+    return 0 if offset >= seg_len else (seg_len - offset - 1) // r + 1
+
+
+def _pairs(n: int, causal: bool) -> float:
+    return n * (n + 1) / 2 if causal else float(n * n)
+
+
