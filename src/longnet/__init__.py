@@ -6,6 +6,8 @@ and the tools to train, evaluate, generate and benchmark with them.
 
 __version__ = "0.1.0"
 
+from longnet.nn.attention import DilatedAttention
+from longnet.ops.dilated import dilated_attention
 from longnet.ops.pattern import DilatedPattern
 
-__all__ = ["__version__", "DilatedPattern"]
+__all__ = ["__version__", "DilatedPattern", "dilated_attention", "DilatedAttention"]

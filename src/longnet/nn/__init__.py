@@ -1,1 +1,5 @@
-"""longnet.nn."""
+"""Modules with (or around) parameters: attention modules, norms, positions."""
+
+from longnet.nn.attention import DilatedAttention
+
+__all__ = ["DilatedAttention"]
