@@ -324,8 +324,9 @@ def load_corpus(
             item_sources, item_files = _stdlib_sources(max_document_bytes)
         else:
             item_sources, item_files = _user_sources(item, max_document_bytes)
+        earlier = set(files)
         for source, path in zip(item_sources, item_files):
-            if path in files and not isinstance(source, _FileGroup):
+            if path in earlier and not isinstance(source, _FileGroup):
                 continue  # the same file named twice (e.g. by a folder and a glob)
             if source.key in used_keys:
                 source = _rekey(source, str(path))
@@ -429,7 +430,7 @@ def _user_sources(item: str, max_document_bytes: int) -> tuple[list[_Source], li
     for key, file in sorted(pairs, key=lambda pair: pair[0]):
         for source in _file_sources(key, file, max_document_bytes):
             sources.append(source)
-            owners.append(file)
+            owners.append(file.resolve())
     return sources, owners
 
 
