@@ -174,7 +174,9 @@ class Corpus:
     def keys(self, split: str | None = None) -> list[str]:
         """Document keys of one split (or of all documents), in iteration order.
 
-        Needs no reading except for JSONL files, whose lines are counted (not parsed).
+        Needs no reading except for JSONL files, whose lines are counted (not parsed). Keys of
+        documents that turn out empty (empty files or ``"text": ""``) are listed here but not
+        yielded by :meth:`split`.
         """
         keys: list[str] = []
         for source in self._sources:

@@ -22,8 +22,8 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_MAX_TRAIN_BYTES = 12 * 1024 * 1024
-"""Tokenizer training reads at most this much text (12 MiB: about 40 s for 8192 on 2 cores)."""
+DEFAULT_MAX_TRAIN_BYTES = 16 * 1024 * 1024
+"""Tokenizer training reads at most this much text (16 MiB: about 9 s for 8192 ids on 2 cores)."""
 
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 

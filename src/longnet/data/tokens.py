@@ -273,10 +273,17 @@ def tokenizer_sample(corpus: Corpus, max_bytes: int | None) -> Iterator[str]:
     """Texts of training documents sampled by key hash at a rate filling about ``max_bytes``."""
     estimate = corpus.estimated_bytes("train")
     rate = 1.0 if max_bytes is None or estimate <= max_bytes else max_bytes / estimate
+    seen = 0
     for document in corpus.split("train"):
+        seen += 1
         digest = hashlib.sha256(f"{_SAMPLE_SALT}\0{document.key}".encode("utf-8")).digest()
         if int.from_bytes(digest[:8], "big") / 2.0**64 < rate:
             yield document.text
+    if seen == 0:
+        raise ValueError(
+            f"the training split of --data {corpus.spec!r} is empty: all its documents fell into "
+            "validation/test (splits are by path); add more files or JSONL lines"
+        )
 
 
 def _load_complete(directory: Path, key: str) -> PreparedData | None:
