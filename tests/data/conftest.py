@@ -43,6 +43,12 @@ def text_folder(tmp_path: Path) -> Path:
     return root
 
 
+@pytest.fixture
+def sample_text() -> str:
+    """A short piece of Python with non-ASCII text."""
+    return SAMPLE_TEXT
+
+
 @pytest.fixture(scope="session")
 def small_tokenizer():
     """A 400-id tokenizer trained on a small sample (session-wide, it takes ~0.1 s)."""
