@@ -34,7 +34,13 @@ from tqdm import tqdm
 from longnet.data.atomic import atomic_open, atomic_write_text
 from longnet.data.corpus import DEFAULT_MAX_DOCUMENT_BYTES, SPLITS, Corpus, Document, load_corpus
 from longnet.data.loader import TokenStream
-from longnet.data.tokenizer import DEFAULT_MAX_TRAIN_BYTES, TOKENIZER_FILE, Tokenizer, train_tokenizer
+from longnet.data.tokenizer import (
+    DEFAULT_MAX_TRAIN_BYTES,
+    TOKENIZER_FILE,
+    Tokenizer,
+    check_vocab_size,
+    train_tokenizer,
+)
 
 try:  # POSIX advisory locks; elsewhere concurrent builders rely on atomic replaces alone
     import fcntl
@@ -116,6 +122,7 @@ def prepare_data(
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"tokenizer must be a longnet.data.Tokenizer, got {type(tokenizer).__name__}")
     if tokenizer is None:
+        check_vocab_size(vocab_size)
         token_config = {
             "train": {"vocab_size": vocab_size, "max_train_bytes": max_train_bytes},
             "tokenizers": tokenizers.__version__,
@@ -124,7 +131,7 @@ def prepare_data(
         token_config = {"given": tokenizer.sha256()}
     fingerprint = {"version": FORMAT_VERSION, "corpus": corpus.fingerprint(), "tokenizer": token_config}
     key = _sha256_json(fingerprint)[:20]
-    directory = Path(cache_dir) / key
+    directory = Path(cache_dir).expanduser() / key
     directory.mkdir(parents=True, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else bool(progress)
 
