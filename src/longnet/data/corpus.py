@@ -136,6 +136,9 @@ class Corpus:
         self.skipped_files: set[str] = set()
         """Files skipped while reading because they are not valid UTF-8 (filled lazily)."""
 
+    def __repr__(self) -> str:
+        return f"Corpus(spec={self.spec!r}, documents={len(self._sources)}, bytes={self.num_bytes:,})"
+
     @property
     def files(self) -> list[Path]:
         """Every file the corpus reads, sorted, deduplicated."""
