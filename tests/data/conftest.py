@@ -1,15 +1,10 @@
-"""Shared fixtures for the data tests; makes ``src/`` importable without installing."""
+"""Shared fixtures for the data tests."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
 
 SAMPLE_TEXT = """\
 def greet(name: str) -> str:
