@@ -42,14 +42,12 @@ class DilatedLayerCache:
         self.keys: list[torch.Tensor] = []  # per branch (B, H, M, D)
         self.values: list[torch.Tensor] = []
         self.positions: list[torch.Tensor] = []  # per branch (B, H, M) long, -1 = empty slot
-        for b in range(len(pattern)):
-            M = pattern.max_cached_positions(b)
+        for _ in range(len(pattern)):  # empty until tokens arrive; at most ceil(w/r) slots
             self.keys.append(torch.zeros(batch_size, num_heads, 0, head_dim, dtype=dtype,
                                          device=device))
             self.values.append(self.keys[-1].clone())
             self.positions.append(torch.full((batch_size, num_heads, 0), -1, dtype=torch.long,
                                              device=device))
-            del M
 
     @property
     def nbytes(self) -> int:
