@@ -1,6 +1,5 @@
 """LongNetLM: causality across segments, dense equivalence, loss convention, gradients, autocast."""
 
-import copy
 
 import pytest
 import torch

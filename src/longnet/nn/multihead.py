@@ -105,9 +105,11 @@ class MultiheadDilatedAttention(nn.Module):
         v = self.v_proj(x).view(B, N, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
-    def apply_positions(self, q: torch.Tensor, k: torch.Tensor, position_offset: int = 0):
-        """Positions ``position_offset + arange(N)`` applied to q and k (B, *, N, D)."""
-        return self.positions(q, k, position_offset)
+    def apply_positions(self, q: torch.Tensor, k: torch.Tensor, position_offset: int = 0, *,
+                        positions: torch.Tensor | None = None):
+        """Positions ``position_offset + arange(N)`` (or explicit ``positions``, (N,) or (B, N))
+        applied to q and k (B, *, N, D); see :meth:`RotaryPositions.rotate`."""
+        return self.positions(q, k, position_offset, positions=positions)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
