@@ -9,7 +9,7 @@ by ``zeta_i^(p/s)`` and of the key by ``zeta_i^(-p/s)``, with
 ``zeta_i = (2i/D + gamma) / (1 + gamma)`` (``gamma = 0.4``, scale base ``s = 512``), so the score
 carries ``zeta_i^((m - n)/s)``: a decay with distance for causal attention (``m >= n``).
 
-The exponent grows with the absolute position and overflows float32 near position 36K. Only
+The exponent grows with the absolute position and overflows float32 near position 35K. Only
 ``m - n`` matters, so any reference point ``c`` common to query and key may be subtracted. With
 ``block`` set (the models use the largest segment length when every segment length divides it),
 ``c`` is the centre of the ``block``-long block holding the position (blocks counted from the
