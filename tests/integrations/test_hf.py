@@ -9,6 +9,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 transformers = pytest.importorskip("transformers")
 
@@ -143,6 +145,40 @@ def test_rows_equal_the_operator_on_the_last_rows(causal, n, q, segs, rates, H, 
         torch.testing.assert_close(got[b:b + 1, :, real], ref[:, :, real], atol=1e-10, rtol=1e-10)
 
 
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_rows_equal_the_fast_operator_hypothesis(data):
+    n = data.draw(st.integers(1, 24), label="n")
+    q = data.draw(st.integers(1, n), label="q")
+    nb = data.draw(st.integers(1, 3), label="branches")
+    segs = data.draw(st.lists(st.integers(1, 30), min_size=nb, max_size=nb), label="w")
+    rates = data.draw(st.lists(st.integers(1, 4), min_size=nb, max_size=nb), label="r")
+    Hkv = data.draw(st.integers(1, 2), label="Hkv")
+    H = Hkv * data.draw(st.integers(1, 3), label="groups")
+    causal = data.draw(st.booleans(), label="causal")
+    lead = data.draw(st.integers(0, n - 1), label="leading pads of row 1")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    B, D = 2, 3
+    qq = torch.randn(B, H, n, D, generator=g, dtype=torch.float64)
+    k = torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64)
+    v = torch.randn(B, Hkv, n, D, generator=g, dtype=torch.float64)
+    kpm = torch.ones(B, n, dtype=torch.bool)
+    kpm[1, :lead] = False
+    got = dilated_attention_rows(qq[:, :, n - q:], k, v, DilatedPattern(segs, rates),
+                                 query_start=n - q, is_causal=causal, key_padding_mask=kpm,
+                                 row_offsets=torch.tensor([0, lead]))
+    full = longnet.dilated_attention(qq[:1], k[:1], v[:1], segment_lengths=segs,
+                                     dilation_rates=rates, is_causal=causal, enable_gqa=True)
+    torch.testing.assert_close(got[:1], full[:, :, n - q:], atol=1e-10, rtol=1e-10)
+    idx = torch.arange(lead, n)  # row 1 = its real tokens alone
+    alone = longnet.dilated_attention(qq[1:, :, idx], k[1:, :, idx], v[1:, :, idx],
+                                      segment_lengths=segs, dilation_rates=rates,
+                                      is_causal=causal, enable_gqa=True)
+    real = max(0, lead - (n - q))  # query rows that are real tokens of row 1
+    torch.testing.assert_close(got[1:, :, real:], alone[:, :, alone.shape[2] - (q - real):],
+                               atol=1e-10, rtol=1e-10)
+
+
 def test_rows_gradients_are_finite_with_empty_rows():
     q = torch.randn(1, 2, 3, 4, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, 6, 4, dtype=torch.float64, requires_grad=True)
@@ -180,6 +216,28 @@ def test_matches_eager_with_the_pattern_as_bias(kv_heads):
         dense = with_impl(model, "sdpa")(x).logits
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)  # eager's softmax runs in float32
     assert (got - dense).abs().max() > 1e-3  # a real pattern is not dense attention
+
+
+def test_non_causal_modules_match_eager_with_the_bidirectional_pattern():
+    """Causality comes from ``module.is_causal``; padding keys stay out (right padding)."""
+    config = tiny_config(segment_lengths=[3, 8], dilation_rates=[1, 2], num_key_value_heads=2,
+                         is_causal=False)
+    model = tiny_model(config)
+    for layer in model.model.layers:
+        layer.self_attn.is_causal = False
+    x = torch.randint(1, VOCAB, (2, 13))
+    pattern = DilatedPattern(config.segment_lengths, config.dilation_rates)
+    bias = count_matrix(pattern, 13, 4).log().unsqueeze(0)  # (1, H, N, N), not causal
+    with torch.no_grad():
+        got = model(x).logits
+        ref = with_impl(model, "eager")(x, attention_mask=bias).logits
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        mask = torch.ones_like(x)
+        mask[1, 9:] = 0
+        padded = model(x, attention_mask=mask).logits
+        torch.testing.assert_close(padded[1, :9], model(x[1:, :9]).logits[0], atol=1e-10,
+                                   rtol=0)
+        torch.testing.assert_close(padded[0], got[0], atol=1e-10, rtol=0)
 
 
 def test_gradients_match_eager_with_the_pattern_as_bias():
