@@ -203,6 +203,44 @@ def test_one_full_branch_equals_sdpa(dtype, atol, kv_heads):
     torch.testing.assert_close(got, ref, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_other_model_families_take_it_too(family):
+    mod = pytest.importorskip(f"transformers.models.{family}")
+    prefix = {"mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    config = getattr(mod, f"{prefix}Config")(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=None,
+        segment_lengths=[3, 8], dilation_rates=[1, 2])
+    torch.manual_seed(0)
+    model = getattr(mod, f"{prefix}ForCausalLM")(config).double().eval()
+    model.set_attn_implementation("dilated")
+    x = torch.randint(1, VOCAB, (2, 15))
+    with torch.no_grad():
+        got = model(x).logits
+        ref = with_impl(model, "eager")(x, attention_mask=pattern_bias(config, 15)).logits
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu_and_caches_exactly():
+    config = tiny_config(segment_lengths=[3, 8], dilation_rates=[1, 2], num_key_value_heads=2)
+    model = tiny_model(config, torch.float32)
+    gpu = copy.deepcopy(model).cuda()
+    x = torch.randint(1, VOCAB, (2, 17))
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # left padding
+    kw = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, output_logits=True,
+              return_dict_in_generate=True)
+    with torch.no_grad():
+        cpu_out = model.generate(x, **kw)
+        gpu_out = gpu.generate(x.cuda(), **{**kw, "attention_mask": mask.cuda()})
+        gpu_full = gpu.generate(x.cuda(), use_cache=False, **{**kw, "attention_mask": mask.cuda()})
+    torch.testing.assert_close(torch.stack(gpu_out.logits).cpu(), torch.stack(cpu_out.logits),
+                               atol=1e-3, rtol=1e-3)
+    torch.testing.assert_close(torch.stack(gpu_out.logits), torch.stack(gpu_full.logits),
+                               atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("kv_heads", [4, 2, 1])
 def test_matches_eager_with_the_pattern_as_bias(kv_heads):
     """The whole model equals eager attention with a log(branch count) bias (GQA included)."""
