@@ -12,14 +12,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-transformers = pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers", minversion="5")
+
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import longnet  # noqa: E402
 import longnet.hf  # noqa: E402
 from longnet.integrations.dilated_rows import dilated_attention_rows  # noqa: E402
 from longnet.ops.pattern import DilatedPattern  # noqa: E402
 from longnet.ops.reference import count_matrix, reference_dilated_attention  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 VOCAB = 61
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(longnet.__file__)))
