@@ -1,10 +1,13 @@
 """Dilated attention as a Hugging Face transformers attention implementation.
 
-    >>> import longnet.hf
-    >>> longnet.hf.register()              # once per process; returns "dilated"
-    >>> config.segment_lengths = [64, 128]  # any transformers config (Llama, Mistral, Qwen2, ...)
-    >>> config.dilation_rates = [1, 2]
-    >>> model = AutoModelForCausalLM.from_config(config, attn_implementation="dilated")
+Usage::
+
+    import longnet.hf
+    longnet.hf.register()                   # once per process; returns "dilated"
+    config.segment_lengths = [2048, 4096]   # any transformers config (Llama, Mistral, Qwen2, ...)
+    config.dilation_rates = [1, 2]
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="dilated")
+    # or: model.set_attn_implementation("dilated") on a loaded model
 
 Needs the optional dependency: ``pip install 'longnet-torch[hf]'``. The code lives in
 :mod:`longnet.integrations.transformers`.

@@ -436,3 +436,14 @@ def test_sliding_window_model_raises():
     model.set_attn_implementation("dilated")
     with pytest.raises(ValueError, match="sliding"):
         model(torch.randint(1, VOCAB, (1, 6)))
+
+
+@pytest.mark.slow
+def test_example_script_learns_to_continue_the_sequence():
+    script = os.path.join(os.path.dirname(SRC), "examples", "hf_llama_dilated.py")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=SRC + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr
+    assert "generated [10, 11, 12, 13, 14" in res.stdout, res.stdout
