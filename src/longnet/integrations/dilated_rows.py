@@ -101,6 +101,7 @@ def dilated_attention_rows(
                else row_offsets.to(device=device, dtype=torch.long))
     kv_heads = (torch.arange(H, device=device) // (H // Hkv)).view(1, H, 1, 1)
     b_idx = torch.arange(B, device=device).view(B, 1, 1, 1)
+    key_rows, value_rows = key.reshape(-1, D), value.reshape(-1, D)  # (B * Hkv * n, D)
     num_keys = sum(-(-pattern.effective_segment(b, n) // r)
                    for b, r in enumerate(pattern.dilation_rates))
     chunk = max(1, _CHUNK_ELEMENTS // max(1, B * H * num_keys * D))
@@ -110,10 +111,13 @@ def dilated_attention_rows(
         pos = query_start + torch.arange(c0, c1, device=device)  # (c,) key indices
         rel = pos.unsqueeze(0) - offsets.unsqueeze(1)  # (B, c)
         index, valid = _row_keys(pattern, rel, H, n, offsets, is_causal)  # (B, H, c, M)
+        M = index.shape[-1]
         if key_padding_mask is not None:
-            valid = valid & key_padding_mask[b_idx, index]
-        k = key[b_idx, kv_heads, index].to(acc)  # (B, H, c, M, D)
-        v = value[b_idx, kv_heads, index].to(acc)
+            pad_ok = key_padding_mask.reshape(-1).index_select(0, (b_idx * n + index).reshape(-1))
+            valid = valid & pad_ok.view(B, H, -1, M)
+        rows = ((b_idx * Hkv + kv_heads) * n + index).reshape(-1)  # into (B * Hkv * n) rows
+        k = key_rows.index_select(0, rows).view(B, H, -1, M, D).to(acc)  # (B, H, c, M, D)
+        v = value_rows.index_select(0, rows).view(B, H, -1, M, D).to(acc)
         qc = query[:, :, c0:c1].to(acc)  # (B, H, c, D)
         s = torch.einsum("bhqd,bhqmd->bhqm", qc, k) * scale
         s = s.masked_fill(~valid, float("-inf"))
