@@ -426,6 +426,16 @@ def test_unsupported_masks_raise():
         model(x, position_ids=packed, use_cache=False)
 
 
+@pytest.mark.parametrize("kwarg", [{"sliding_window": 4}, {"softcap": 30.0},
+                                   {"output_attentions": True}])
+def test_unsupported_attention_arguments_raise(kwarg):
+    model = tiny_model(tiny_config())
+    attn = model.model.layers[0].self_attn
+    q = torch.randn(1, 4, 5, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=next(iter(kwarg)).split("_")[0]):
+        longnet.hf.dilated_attention_forward(attn, q, q, q, None, **kwarg)
+
+
 def test_sliding_window_model_raises():
     mistral = pytest.importorskip("transformers.models.mistral")
     config = mistral.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,

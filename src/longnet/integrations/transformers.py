@@ -49,7 +49,8 @@ __all__ = [
 _BUILTIN = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
                       "flash_attention_4", "paged|eager"})
 # keyword arguments some models pass that dilated attention cannot honour when set
-_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
+# (``cache``: the paged cache of continuous batching)
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias", "cache")
 
 
 # ----------------------------------------------------------------------------------- pattern
@@ -133,7 +134,7 @@ def _shift(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def _check_kwargs(module, kwargs) -> None:
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
-            raise ValueError(f"dilated attention does not support {name}={kwargs[name]!r} "
+            raise ValueError(f"dilated attention does not support {name}={kwargs[name]!r:.60} "
                              f"(passed by {type(module).__name__}); use another attn_implementation")
     if kwargs.get("output_attentions"):
         raise ValueError("dilated attention does not return attention weights; "
