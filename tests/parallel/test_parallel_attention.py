@@ -12,8 +12,7 @@ import torch
 
 import longnet
 from longnet.ops.pattern import DilatedPattern
-from longnet.parallel import (CommCounter, WorkerError, dilated_attention, plan_bytes,
-                              run_workers, shard_sequence)
+from longnet.parallel import CommCounter, WorkerError, dilated_attention, plan_bytes, run_workers, shard_sequence
 
 # (B, H, Hkv, N_per_rank, D, segment_lengths, dilation_rates); N = world * n
 CASES_4 = [

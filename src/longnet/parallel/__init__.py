@@ -12,7 +12,7 @@
 
 from longnet.parallel.attention import dilated_attention
 from longnet.parallel.comm import CommCounter, CommRecord
-from longnet.parallel.dispatch import (attention_function, position_offset, sequence_parallel)
+from longnet.parallel.dispatch import attention_function, position_offset, sequence_parallel
 from longnet.parallel.launch import WorkerError, init_distributed, run_workers
 from longnet.parallel.layout import BranchComm, CommPlan, place_branches, plan_bytes
 from longnet.parallel.shard import shard_sequence

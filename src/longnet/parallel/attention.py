@@ -26,8 +26,12 @@ import torch
 import torch.distributed as dist
 
 from longnet.ops.backends import get_backend
-from longnet.ops.dilated import (_check_scalar_args, check_attention_inputs,
-                                 dilated_attention_backward, dilated_attention_forward)
+from longnet.ops.dilated import (
+    _check_scalar_args,
+    check_attention_inputs,
+    dilated_attention_backward,
+    dilated_attention_forward,
+)
 from longnet.ops.pattern import DilatedPattern
 from longnet.parallel import comm
 from longnet.parallel.layout import BranchPlacement, kv_pairs, place_branches, residue_slots

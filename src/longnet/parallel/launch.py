@@ -84,7 +84,7 @@ def _child(rank: int, world_size: int, port: int, outdir: str, fn: Callable, arg
         with open(os.path.join(outdir, f"{rank}.errtmp"), "w") as f:
             f.write(traceback.format_exc())
         os.replace(os.path.join(outdir, f"{rank}.errtmp"), os.path.join(outdir, f"{rank}.err"))
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     finally:
         from longnet.parallel.comm import clear_subgroups
         if dist.is_initialized():
