@@ -11,8 +11,19 @@ import pytest
 import torch
 
 import longnet
+from longnet.cli.plan import plan_model
 from longnet.ops.pattern import DilatedPattern
-from longnet.parallel import CommCounter, WorkerError, dilated_attention, plan_bytes, run_workers, shard_sequence
+from longnet.parallel import (
+    CommCounter,
+    WorkerError,
+    attention_function,
+    dilated_attention,
+    plan_bytes,
+    position_offset,
+    run_workers,
+    sequence_parallel,
+    shard_sequence,
+)
 
 # (B, H, Hkv, N_per_rank, D, segment_lengths, dilation_rates); N = world * n
 CASES_4 = [
@@ -100,11 +111,34 @@ def _bad_inputs(rank, world):
     return msgs
 
 
+def _dispatch(rank, world):
+    """Model-side hook: the same call runs single-device outside, sequence parallel inside."""
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, 2, 8 * world, 3, dtype=torch.float64, generator=g) for _ in range(3))
+    kw = dict(segment_lengths=(4, 16), dilation_rates=(1, 2), is_causal=True)
+    outside = attention_function()
+    full = outside(q, k, v, **kw)
+    with sequence_parallel() as state:
+        attn = attention_function()
+        out = attn(*(shard_sequence(t, 2) for t in (q, k, v)), **kw)
+        offset = position_offset(8)
+        try:
+            attn(q, k, v, dropout_p=0.1, **kw)
+            dropout_error = None
+        except ValueError as e:
+            dropout_error = str(e)
+    return {"single_device": outside is longnet.dilated_attention, "state": (state.rank,
+            state.world), "err": (out - shard_sequence(full, 2)).abs().max().item(),
+            "offset": offset, "after": attention_function() is longnet.dilated_attention,
+            "dropout_error": dropout_error}
+
+
 def _worker(rank, world, cases):
     """Everything one process group checks: one spawn per world size keeps the tests fast."""
     return {"equivalence": _equivalence(rank, world, cases),
             "bytes": _bytes(rank, world, **BYTES_CASE),
-            "bad_inputs": _bad_inputs(rank, world)}
+            "bad_inputs": _bad_inputs(rank, world),
+            "dispatch": _dispatch(rank, world)}
 
 
 @pytest.fixture(scope="module", params=[(4, CASES_4), (2, CASES_2)], ids=["world4", "world2"])
@@ -135,6 +169,24 @@ def test_bytes_per_rank_constant_as_sequence_grows_with_ranks_and_match_plan(gro
         assert by_branch == predicted, (world, rank)
         assert by_branch == {1: {"forward": expect, "backward": expect}}, (world, rank)
         assert sent == received == 2 * expect
+    # `longnet plan` reports the same numbers (busiest rank) from the same code
+    planned = plan_model(seq_len=BYTES_CASE["n"] * world, gpus=world, layers=1, embed_dim=H * D,
+                         heads=H, ffn_dim=4, segment_lengths=BYTES_CASE["w"],
+                         dilation_rates=BYTES_CASE["r"], dtype_bytes=8, vocab_size=1)
+    assert planned["comm_bytes_per_layer_fwd"] == max(res["bytes"][0][1]["forward"]
+                                                      for res in per_rank)
+    assert planned["comm_bytes_per_layer_bwd"] == max(res["bytes"][0][1]["backward"]
+                                                      for res in per_rank)
+
+
+def test_sequence_parallel_context_switches_the_attention_function(group_results):
+    world, _, per_rank = group_results
+    for rank, res in enumerate(per_rank):
+        d = res["dispatch"]
+        assert d["single_device"] and d["after"]
+        assert d["state"] == (rank, world) and d["offset"] == 8 * rank
+        assert d["err"] < 1e-12
+        assert "dropout" in d["dropout_error"]
 
 
 def test_bad_inputs_raise_value_error_on_every_rank(group_results):
