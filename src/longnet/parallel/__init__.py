@@ -7,7 +7,9 @@
 * :func:`sequence_parallel`, :func:`attention_function`, :func:`position_offset`: the hook that
   lets single-device model code run sequence parallel;
 * :func:`init_distributed` (under torchrun), :func:`run_workers` (local spawning launcher that
-  stops every rank when one fails), :func:`shard_sequence`.
+  stops every rank when one fails), :func:`shard_sequence`;
+* :mod:`longnet.parallel.mesh`: data x sequence parallel grid (``build_mesh``) and the loss and
+  gradient reductions of an exact 2-D training step.
 """
 
 from longnet.parallel.attention import dilated_attention
