@@ -64,7 +64,7 @@ class _Setup:
 class _Remote:
     """Index tensors of one remote branch on this rank (no communication happens here)."""
 
-    def __init__(self, pl: BranchPlacement, s: _Setup, H: int, Hkv: int, device):
+    def __init__(self, pl: BranchPlacement, s: _Setup, H: int, Hkv: int, padded: bool, device):
         members = pl.group_of(s.me, s.world)
         self.tag = f"branch {pl.branch}"
         self.size = len(members)
@@ -72,6 +72,7 @@ class _Remote:
         self.pg = (comm.subgroup(tuple(s.ranks[i] for i in members), s.group)
                    if self.size > 1 else None)
         n, r = s.chunk, pl.dilation
+        self.chunk = n
         m = self.slots = residue_slots(n, r)
         pairs, head_pair = kv_pairs(H, Hkv, r)
         self.pair_kv = torch.tensor([g for g, _ in pairs], device=device)  # (U,)
@@ -87,27 +88,40 @@ class _Remote:
         self.send_pos = torch.where(valid[:, self.t], rel[:, self.t], 0)  # (U, m) local
         self.send_valid = valid[:, self.t]  # (U, m)
         keys = (self.t + 1) * m if s.is_causal else self.size * m  # later ranks: all masked
-        self.keys = keys
-        kpos = kpos.reshape(len(pairs), -1)[:, :keys]
-        kvalid = valid.reshape(len(pairs), -1)[:, :keys]
+        self.keys, self.causal = keys, s.is_causal
+        self.kpos = kpos.reshape(len(pairs), -1)[:, :keys]  # (U, S) position in the segment
+        self.kvalid = valid.reshape(len(pairs), -1)[:, :keys]  # (U, S)
         self.q_pos = self.send_pos[self.head_pair]  # (H, m) local positions of my queries
         self.q_valid = self.send_valid[self.head_pair]  # (H, m)
-        ok = kvalid[self.head_pair].unsqueeze(1).expand(H, m, keys)  # (H, m, S)
-        if s.is_causal:
-            q_seg = (self.t * n + self.q_pos).unsqueeze(-1)  # (H, m, 1)
-            ok = ok & (kpos[self.head_pair].unsqueeze(1) <= q_seg)
-        self.ok = ok.unsqueeze(0)  # (1, H, m, S)
         self.out_idx = torch.where(self.q_valid, self.q_pos, n)  # (H, m), n = trash row
+        # every slot real and no padding: no mask at all (causal: earlier ranks' rows in full,
+        # my own rows as a causal square block, since my queries and keys share their slots)
+        self.unmasked = n % r == 0 and not padded
 
-    def mask(self, gathered: torch.Tensor | None, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Additive mask (B or 1, H, m, S) and rows without any key (B or 1, H, m)."""
-        ok = self.ok
-        if gathered is not None:  # padding column of the gathered rows: 1 = real token
+    def calls(self, gathered: torch.Tensor, padded: bool, dtype) -> list[tuple]:
+        """The kernel calls of this branch: ``(k0, k1, mask, is_causal, empty)`` each.
+
+        Keys ``[k0, k1)`` of the gathered rows, an additive mask (B or 1, H, m, k1 - k0) or None,
+        and the rows that have no key at all (or None when every row has one).
+        """
+        if self.unmasked:
+            if not self.causal:
+                return [(0, self.keys, None, False, None)]
+            own = self.t * self.slots
+            earlier = [(0, own, None, False, None)] if own else []
+            return earlier + [(own, self.keys, None, True, None)]
+        H, m = self.q_pos.shape
+        ok = self.kvalid[self.head_pair].unsqueeze(1).expand(H, m, self.keys)  # (H, m, S)
+        if self.causal:
+            q_seg = (self.t * self.chunk + self.q_pos).unsqueeze(-1)  # (H, m, 1)
+            ok = ok & (self.kpos[self.head_pair].unsqueeze(1) <= q_seg)
+        ok = ok.unsqueeze(0)  # (1, H, m, S)
+        if padded:  # padding column of the gathered rows: 1 = real token
             real = gathered[:, self.head_pair, :, -1] > 0.5  # (B, H, S)
             ok = ok & real.unsqueeze(2)
         add = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, _NEG_INF)
         empty = ~ok.any(-1) | ~self.q_valid
-        return add, empty
+        return [(0, self.keys, add, False, empty)]
 
     def send(self, key, value, key_padding_mask) -> torch.Tensor:
         """(B, U, m, 2D (+1)): this rank's residue rows of ``[k | v (| mask)]``."""
@@ -164,26 +178,32 @@ class _SequenceParallelAttention(torch.autograd.Function):
             o_acc[:, :, :n] = out
             l_acc[:, :, :n] = lse
         remotes, gathered, auxes = [], [], []
+        padded = key_padding_mask is not None
         for pl in s.placements:
             if pl.local:
                 continue
-            rb = _Remote(pl, s, H, Hkv, query.device)
+            rb = _Remote(pl, s, H, Hkv, padded, query.device)
             rows = rb.send(key, value, key_padding_mask)  # (B, U, m, C)
             allg = comm.all_gather(rows, rb.pg, rb.size, tag=rb.tag, phase="forward")
             U, m, C = rows.shape[1:]
             g = allg.permute(1, 2, 0, 3, 4).reshape(B, U, rb.size * m, C)[:, :, :rb.keys]
             g = g.contiguous()  # (B, U, S, C)
-            mask, empty = rb.mask(g if key_padding_mask is not None else None, query.dtype)
             qb = rb.queries(query)  # (B, H, m, D)
-            kb, vb = rb.kv(g, D)
-            be = get_backend(s.backend, qb, has_mask=True)
-            ob, lb, aux = be.forward(qb, kb, vb, mask, False, s.scale)
-            lb = lb.to(acc).masked_fill(empty, _NEG_INF)
-            ob = ob.to(acc).masked_fill(empty.unsqueeze(-1), 0.0)
-            _merge(o_acc, l_acc, rb.out_idx, ob, lb)
+            kb, vb = rb.kv(g, D)  # (B, H, S, D)
+            call_aux = []
+            for k0, k1, mask, causal, empty in rb.calls(g, padded, query.dtype):
+                be = get_backend(s.backend, qb, has_mask=mask is not None)
+                ob, lb, aux = be.forward(qb, kb[:, :, k0:k1].contiguous(),
+                                         vb[:, :, k0:k1].contiguous(), mask, causal, s.scale)
+                lb, ob = lb.to(acc), ob.to(acc)
+                if empty is not None:
+                    lb = lb.masked_fill(empty, _NEG_INF)
+                    ob = ob.masked_fill(empty.unsqueeze(-1), 0.0)
+                _merge(o_acc, l_acc, rb.out_idx, ob, lb)
+                call_aux.append(aux)
+            auxes.append(call_aux)
             remotes.append(rb)
             gathered.append(g)
-            auxes.append(aux)
         out = o_acc[:, :, :n].to(query.dtype, memory_format=torch.contiguous_format)
         lse = l_acc[:, :, :n].contiguous()
         ctx.save_for_backward(query, key, value, key_padding_mask, out, lse, *gathered)
@@ -212,22 +232,25 @@ class _SequenceParallelAttention(torch.autograd.Function):
         # rows with no key at all: lse = +inf makes every probability exactly 0
         lse_b = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
         heads = torch.arange(H, device=query.device).unsqueeze(1)  # (H, 1)
-        for rb, g, aux in zip(ctx.remotes, gathered, ctx.auxes):
-            mask, _ = rb.mask(g if kpm is not None else None, query.dtype)
+        for rb, g, call_aux in zip(ctx.remotes, gathered, ctx.auxes):
             qb = rb.queries(query)
             kb, vb = rb.kv(g, D)
             ob = rb.queries(out)
             valid = rb.q_valid.unsqueeze(0)  # (1, H, m)
             dob = rb.queries(grad_out) * valid.unsqueeze(-1).to(grad_out.dtype)
             lb = rb.queries(lse_b).masked_fill(~valid, float("inf"))
-            be = get_backend(s.backend, qb, has_mask=True)
-            dqb, dkb, dvb = be.backward(dob, qb, kb, vb, ob, lb, aux, mask, False, s.scale)
-            _add_rows(d_q, heads, rb.q_pos, dqb.to(acc))
             U, m = rb.send_pos.shape
             # per-head key gradients -> per (kv head, residue) pair, padded to every member
             d_rows = torch.zeros(B, U, rb.size * m, 2 * D, dtype=acc, device=query.device)
-            d_rows[:, :, :rb.keys, :D].index_add_(1, rb.head_pair, dkb.to(acc))
-            d_rows[:, :, :rb.keys, D:].index_add_(1, rb.head_pair, dvb.to(acc))
+            for (k0, k1, mask, causal, _), aux in zip(rb.calls(g, kpm is not None, query.dtype),
+                                                      call_aux):
+                be = get_backend(s.backend, qb, has_mask=mask is not None)
+                dqb, dkb, dvb = be.backward(dob, qb, kb[:, :, k0:k1].contiguous(),
+                                            vb[:, :, k0:k1].contiguous(), ob, lb, aux, mask,
+                                            causal, s.scale)
+                _add_rows(d_q, heads, rb.q_pos, dqb.to(acc))
+                d_rows[:, :, k0:k1, :D].index_add_(1, rb.head_pair, dkb.to(acc))
+                d_rows[:, :, k0:k1, D:].index_add_(1, rb.head_pair, dvb.to(acc))
             d_rows = d_rows.view(B, U, rb.size, m, 2 * D).permute(2, 0, 1, 3, 4)
             mine = comm.reduce_scatter(d_rows, rb.pg, rb.size, tag=rb.tag, phase="backward")
             mine = mine * rb.send_valid.unsqueeze(-1).to(acc)  # (B, U, m, 2D)
