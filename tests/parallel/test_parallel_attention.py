@@ -40,7 +40,7 @@ CASES_2 = [
 ]
 
 
-def _case_errors(rank, world, case, is_causal, padded, seed):
+def _case_errors(rank, world, case, is_causal, padded, seed, dtype=torch.float64):
     B, H, Hkv, n, D, w, r = case
     N = n * world
     g = torch.Generator().manual_seed(seed)
@@ -54,6 +54,7 @@ def _case_errors(rank, world, case, is_causal, padded, seed):
         mask[0, :n] = False  # a whole chunk of padding: queries there may see no key at all
     kw = dict(segment_lengths=w, dilation_rates=r, is_causal=is_causal,
               enable_gqa=Hkv != H)
+    q, k, v, dout = (t.to(dtype) for t in (q, k, v, dout))
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = longnet.dilated_attention(*full, key_padding_mask=mask, **kw)
     (ref * dout).sum().backward()
@@ -77,6 +78,11 @@ def _equivalence(rank, world, cases):
                 errs = _case_errors(rank, world, case, is_causal, padded, seed)
                 results.append(((case, is_causal, padded), errs))
     return results
+
+
+def _float32(rank, world, case):
+    """float32 (the fused CPU kernel): parallel vs single device, both in float32."""
+    return [_case_errors(rank, world, case, c, False, 100 + c, torch.float32) for c in (False, True)]
 
 
 BYTES_CASE = dict(n=8, w=(4, 16, 8), r=(1, 2, 4), H=3, D=4)  # w=16 spans 2 ranks at any world
@@ -138,6 +144,7 @@ def _worker(rank, world, cases):
     return {"equivalence": _equivalence(rank, world, cases),
             "bytes": _bytes(rank, world, **BYTES_CASE),
             "bad_inputs": _bad_inputs(rank, world),
+            "float32": _float32(rank, world, cases[0]),
             "dispatch": _dispatch(rank, world)}
 
 
@@ -155,6 +162,8 @@ def test_matches_single_device_outputs_and_gradients_on_every_rank(group_results
         assert len(results) == 4 * len(cases)
         for what, errs in results:
             assert max(errs.values()) < 1e-10, (rank, what, errs)
+        for errs in res["float32"]:
+            assert max(errs.values()) < 1e-5, (rank, errs)
 
 
 def test_bytes_per_rank_constant_as_sequence_grows_with_ranks_and_match_plan(group_results):
