@@ -142,6 +142,20 @@ class _Remote:
         return per_head[..., :D].contiguous(), per_head[..., D:2 * D].contiguous()
 
 
+_REMOTE_CACHE: dict[tuple, _Remote] = {}
+
+
+def _remote(pl: BranchPlacement, s: _Setup, H: int, Hkv: int, padded: bool, device) -> _Remote:
+    """The cached :class:`_Remote` of this branch and call signature (built once per process)."""
+    key = (pl, s.ranks, s.me, s.chunk, s.is_causal, H, Hkv, padded, str(device))
+    rb = _REMOTE_CACHE.get(key)
+    if rb is None:
+        if len(_REMOTE_CACHE) >= 256:
+            _REMOTE_CACHE.clear()
+        rb = _REMOTE_CACHE[key] = _Remote(pl, s, H, Hkv, padded, device)
+    return rb
+
+
 def _merge(o_acc, l_acc, idx, ob, lb):
     """Merge branch rows (B, H, m, D)/(B, H, m) into the accumulators at positions idx (H, m)."""
     B, H, m, D = ob.shape
@@ -182,7 +196,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
         for pl in s.placements:
             if pl.local:
                 continue
-            rb = _Remote(pl, s, H, Hkv, padded, query.device)
+            rb = _remote(pl, s, H, Hkv, padded, query.device)
             rows = rb.send(key, value, key_padding_mask)  # (B, U, m, C)
             allg = comm.all_gather(rows, rb.pg, rb.size, tag=rb.tag, phase="forward")
             U, m, C = rows.shape[1:]

@@ -116,8 +116,11 @@ def subgroup(ranks: tuple[int, ...], parent=None):
 
 
 def clear_subgroups() -> None:
-    """Forget cached sub-groups (call after ``destroy_process_group``)."""
+    """Forget cached sub-groups and what holds them (call after ``destroy_process_group``)."""
+    from longnet.parallel.attention import _REMOTE_CACHE
+
     _groups.clear()
+    _REMOTE_CACHE.clear()
 
 
 def all_gather(x: torch.Tensor, group, size: int, *, tag: str, phase: str) -> torch.Tensor:
