@@ -215,6 +215,15 @@ def _failing_worker(rank, world):
     return rank
 
 
+def _killed_worker(rank, world):
+    if rank == 1:
+        import os
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)  # dies without a word
+    torch.distributed.all_reduce(torch.ones(1))
+    return rank
+
+
 def _stalled_worker(rank, world):
     if rank == 1:
         import time
@@ -226,6 +235,12 @@ def _stalled_worker(rank, world):
 def test_a_raising_rank_stops_the_others():
     with pytest.raises(WorkerError, match="rank 1 breaks on purpose") as info:
         run_workers(_failing_worker, 3, timeout_s=120, start_method="fork")
+    assert info.value.rank == 1
+
+
+def test_a_killed_rank_stops_the_others():
+    with pytest.raises(WorkerError, match="without a traceback") as info:
+        run_workers(_killed_worker, 2, timeout_s=120, start_method="fork")
     assert info.value.rank == 1
 
 

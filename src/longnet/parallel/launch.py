@@ -131,7 +131,10 @@ def run_workers(fn: Callable[..., Any], world_size: int, *args, timeout_s: float
             detail = open(err).read() if os.path.exists(err) else (
                 f"process exited with code {procs[failed].exitcode} without a traceback "
                 f"(killed?)")
-            raise WorkerError(f"rank {failed} of {world_size} failed; the other ranks were "
+            others = [r for r in range(world_size) if r != failed
+                      and os.path.exists(os.path.join(outdir, f"{r}.err"))]
+            also = f" (ranks {others} failed after it)" if others else ""
+            raise WorkerError(f"rank {failed} of {world_size} failed{also}; the other ranks were "
                               f"stopped.\n{detail}", rank=failed)
         missing = [r for r in range(world_size)
                    if not os.path.exists(os.path.join(outdir, f"{r}.ok"))]
@@ -151,13 +154,15 @@ def _failed(outdir: str, procs) -> list[int]:
 
 
 def _first_failure(outdir: str, procs) -> int | None:
-    """The rank that reported an error first (others often fail as a consequence of it)."""
+    """The likely root cause: a rank that died without a report (killed, crashed), else the
+    rank that reported an error first (peers of a failed rank usually fail as a consequence)."""
+    silent = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)
+              and not os.path.exists(os.path.join(outdir, f"{r}.err"))]
+    if silent:
+        return silent[0]
     reported = [(os.stat(os.path.join(outdir, f"{r}.err")).st_mtime_ns, r)
                 for r in range(len(procs)) if os.path.exists(os.path.join(outdir, f"{r}.err"))]
-    if reported:
-        return min(reported)[1]
-    crashed = _failed(outdir, procs)  # died without a report (killed, segfault)
-    return crashed[0] if crashed else None
+    return min(reported)[1] if reported else None
 
 
 def _stop(procs, grace_s: float = 3.0) -> None:
