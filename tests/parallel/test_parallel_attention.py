@@ -80,6 +80,32 @@ def _equivalence(rank, world, cases):
     return results
 
 
+def _random_cases(world, count, seed):
+    """Random shapes and patterns that split over ``world`` ranks (same on every rank)."""
+    import random
+
+    rng = random.Random(seed)
+    cases = []
+    for _ in range(count):
+        n = rng.randint(2, 9)
+        Hkv = rng.randint(1, 3)
+        H = Hkv * rng.randint(1, 2)
+        branches = set()
+        for _ in range(rng.randint(1, 4)):
+            divisors = [d for d in range(1, n + 1) if n % d == 0]
+            w = rng.choice(divisors) if rng.random() < 0.4 else n * rng.randint(2, world + 1)
+            branches.add((w, rng.randint(1, 7)))
+        w, r = zip(*sorted(branches))
+        cases.append(((rng.randint(1, 2), H, Hkv, n, rng.randint(1, 4), w, r),
+                      rng.random() < 0.5, rng.random() < 0.5))
+    return cases
+
+
+def _random(rank, world):
+    return [(case, causal, padded, _case_errors(rank, world, case, causal, padded, 200 + i))
+            for i, (case, causal, padded) in enumerate(_random_cases(world, 12, world))]
+
+
 def _float32(rank, world, case):
     """float32 (the fused CPU kernel): parallel vs single device, both in float32."""
     return [_case_errors(rank, world, case, c, False, 100 + c, torch.float32) for c in (False, True)]
@@ -145,6 +171,7 @@ def _worker(rank, world, cases):
             "bytes": _bytes(rank, world, **BYTES_CASE),
             "bad_inputs": _bad_inputs(rank, world),
             "float32": _float32(rank, world, cases[0]),
+            "random": _random(rank, world),
             "dispatch": _dispatch(rank, world)}
 
 
@@ -164,6 +191,9 @@ def test_matches_single_device_outputs_and_gradients_on_every_rank(group_results
             assert max(errs.values()) < 1e-10, (rank, what, errs)
         for errs in res["float32"]:
             assert max(errs.values()) < 1e-5, (rank, errs)
+        assert len(res["random"]) == 12
+        for case, causal, padded, errs in res["random"]:
+            assert max(errs.values()) < 1e-10, (rank, case, causal, padded, errs)
 
 
 def test_bytes_per_rank_constant_as_sequence_grows_with_ranks_and_match_plan(group_results):
