@@ -314,7 +314,9 @@ def dilated_attention(
             unequal chunks, or the checks of :func:`longnet.dilated_attention`.
         RuntimeError: ``torch.distributed`` is not initialized.
 
-    Dropout and ``return_lse`` are not supported here.
+    Every rank of ``group`` must make the same calls in the same order, and backpropagate
+    through every output it got (a zero gradient is fine): backward runs one reduce-scatter per
+    shared branch. Dropout and ``return_lse`` are not supported here.
     """
     pattern = DilatedPattern.coerce(segment_lengths, dilation_rates)
     check_attention_inputs(query, key, value, key_padding_mask, enable_gqa=enable_gqa)
