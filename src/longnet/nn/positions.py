@@ -43,7 +43,7 @@ class NoPositions(nn.Module):
         return x
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0, *,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, block_origin: int | None = None):
         return query, key
 
 
@@ -125,10 +125,12 @@ class RotaryPositions(nn.Module):
         return out.to(x.dtype)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0, *,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, block_origin: int | None = None):
         """``(query, key)`` (B, H, N, D) and (B, Hkv, N, D) with positions applied."""
-        return (self.rotate(query, position_offset, is_query=True, positions=positions),
-                self.rotate(key, position_offset, is_query=False, positions=positions))
+        return (self.rotate(query, position_offset, is_query=True, positions=positions,
+                            block_origin=block_origin),
+                self.rotate(key, position_offset, is_query=False, positions=positions,
+                            block_origin=block_origin))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}"
