@@ -14,7 +14,9 @@ from longnet.cli.main import main
 
 EXPECTED_KEYS = {"benchmark", "complete", "date", "device", "torch_version", "config",
                  "timing_method", "memory_method", "flops_method", "comparisons", "targets",
-                 "cases", "files"}
+                 "comparisons_cpu_time", "targets_cpu_time", "cases", "files", "git_commit"}
+TARGET_KEYS = {"cpu_fp32_causal_fwdbwd_speedup_vs_flop_ratio", "linear_growth_128k_over_32k",
+               "gpu_bf16_fwdbwd_tflops_fraction_of_dense", "longest_seq_len"}
 
 
 def _run_quick(capsys, tmp_path, *extra):
@@ -30,11 +32,16 @@ def test_quick_run_prints_table_and_last_json_line(capsys, tmp_path):
     assert EXPECTED_KEYS <= doc.keys()
     assert doc["complete"] is True and doc["device"]["type"] == "cpu"
     assert doc["torch_version"] == torch.__version__
-    header = out.splitlines()[0].split()
+    assert out.splitlines()[0] == "wall time (median ms):"
+    header = out.splitlines()[1].split()
     assert header[:3] == ["N", "causal", "mode"] and "speedup" in header
     # 2 lengths x 2 causal settings x 2 modes, each with dilated and dense
     assert len(doc["cases"]) == 16
-    assert all(c["status"] == "ok" and c["median_ms"] > 0 for c in doc["cases"])
+    assert all(c["status"] == "ok" and c["median_ms"] > 0 and c["cpu_median_ms"] >= 0
+               for c in doc["cases"])
+    assert doc["targets"].keys() == doc["targets_cpu_time"].keys() == TARGET_KEYS
+    # the target series (causal fwd+bwd) runs first
+    assert [(c["causal"], c["mode"]) for c in doc["cases"][:4]] == [(True, "fwdbwd")] * 4
     assert len(doc["comparisons"]) == 8
     for row in doc["comparisons"]:
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["dilated_ms"])
@@ -66,6 +73,26 @@ def test_quick_run_draws_plot(capsys, tmp_path):
     assert rc == 0
     png = tmp_path / doc["files"]["png"].rsplit("/", 1)[-1]
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_run_keeps_what_it_measured(capsys, tmp_path, monkeypatch):
+    import longnet.bench.attention as attention
+
+    real, calls = attention.measure, []
+
+    def stop_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "measure", stop_on_third)
+    rc, _, doc = _run_quick(capsys, tmp_path)
+    assert rc == 130
+    assert doc["complete"] is False and doc["note"] == "interrupted after 2 of 16 cases"
+    assert len(doc["cases"]) == 2
+    saved = json.loads(next(tmp_path.glob("attention_*.json")).read_text())
+    assert saved["complete"] is False and len(saved["cases"]) == 2
 
 
 @pytest.mark.parametrize("argv", [

@@ -1,6 +1,8 @@
 """The attention benchmark: dilated attention against dense SDPA, forward and forward+backward.
 
-Cases run in one process, shortest sequence first. For each case the figures are the median time
+Cases run in one process, series by series (a series: one operator, causal or not, one mode),
+the series the targets need first (causal fwd+bwd), each from the shortest sequence up, so a run
+that is stopped early has measured what matters most. For each case the figures are the median time
 of ``repeats`` calls (after ``warmup`` calls), the peak extra memory of one call (see
 :mod:`longnet.bench.measure`), the effective TFLOP/s (the operator's own matmul FLOPs, from
 :meth:`DilatedPattern.flops` / :meth:`DilatedPattern.dense_flops`, divided by the time), and for
@@ -106,9 +108,9 @@ class AttentionBenchConfig:
     def cases(self) -> list[dict]:
         """Every (impl, N, causal, mode) to run, in run order."""
         out = []
-        for n in self.seq_lens:
-            for mode in self.modes:
-                for causal in self.causal:
+        for mode in sorted(self.modes, key=lambda m: m != "fwdbwd"):
+            for causal in sorted(self.causal, key=lambda c: not c):
+                for n in self.seq_lens:
                     for impl in IMPLS:
                         if impl == "dense" and n > self.dense_max_seq_len:
                             continue
@@ -163,13 +165,15 @@ def _free(device: torch.device) -> None:
 
 def run_attention_bench(cfg: AttentionBenchConfig, *,
                         progress: Callable[[Iterable], Iterable] = lambda it: it,
-                        on_case: Callable[[list[dict]], None] | None = None) -> list[dict]:
+                        on_case: Callable[[list[dict]], None] | None = None,
+                        records: list[dict] | None = None) -> list[dict]:
     """Run every case of ``cfg``; return one record per case (see module docstring).
 
     ``progress`` wraps the iterable of cases (e.g. ``tqdm``); ``on_case`` is called with the
-    records so far after each case (e.g. to save partial results).
+    records so far after each case (e.g. to save partial results). Records are appended to
+    ``records`` when given, so a caller that catches ``KeyboardInterrupt`` keeps them.
     """
-    records: list[dict] = []
+    records = [] if records is None else records
     stopped: dict[tuple, str] = {}  # series -> why it stopped
     last_time: dict[tuple, float] = {}
     inputs_n, inputs = None, None
@@ -205,6 +209,8 @@ def run_attention_bench(cfg: AttentionBenchConfig, *,
         records.append(dict(
             rec, status="ok", loadavg_1m=_loadavg(), warmup=m.warmup, times_ms=[round(t * 1e3, 3) for t in m.times_s],
             median_ms=round(m.median_s * 1e3, 3), min_ms=round(m.min_s * 1e3, 3),
+            cpu_times_ms=[round(t * 1e3, 3) for t in m.cpu_times_s] or None,
+            cpu_median_ms=None if m.cpu_median_s is None else round(m.cpu_median_s * 1e3, 3),
             peak_mb=None if m.peak_bytes is None else round(m.peak_bytes / 2**20, 1),
             tflops=round(rec["flops"] / m.median_s / 1e12, 4),
         ))
@@ -216,14 +222,18 @@ def run_attention_bench(cfg: AttentionBenchConfig, *,
 
 
 # --------------------------------------------------------------------------------- derived views
-def _index(records: list[dict]) -> dict[tuple, dict]:
+def _index(records: list[dict], time_key: str = "median_ms") -> dict[tuple, dict]:
+    """Records that ran (and have ``time_key``), by (impl, n, causal, mode)."""
     return {(r["impl"], r["n"], r["causal"], r["mode"]): r for r in records
-            if r.get("status") == "ok"}
+            if r.get("status") == "ok" and r.get(time_key) is not None}
 
 
-def comparison_rows(records: list[dict]) -> list[dict]:
-    """One row per (N, causal, mode) with dilated and dense side by side (dense may be missing)."""
-    idx = _index(records)
+def comparison_rows(records: list[dict], time_key: str = "median_ms") -> list[dict]:
+    """One row per (N, causal, mode) with dilated and dense side by side (dense may be missing).
+
+    ``time_key``: ``"median_ms"`` (wall time) or ``"cpu_median_ms"`` (CPU time, CPU runs).
+    """
+    idx = _index(records, time_key)
     keys = sorted({(r["n"], r["mode"], not r["causal"]) for r in records})
     rows = []
     for n, mode, not_causal in keys:
@@ -238,35 +248,40 @@ def comparison_rows(records: list[dict]) -> list[dict]:
         flops_s = dense_rec["flops"] if dense_rec is not None else None
         rows.append({
             "n": n, "causal": causal, "mode": mode,
-            "dilated_ms": d and d["median_ms"], "dense_ms": s and s["median_ms"],
-            "speedup": (s["median_ms"] / d["median_ms"]) if d and s else None,
+            "dilated_ms": d and d[time_key], "dense_ms": s and s[time_key],
+            "speedup": (s[time_key] / d[time_key]) if d and s else None,
             "flop_ratio": flops_s / flops_d if flops_s else None,
-            "dilated_tflops": d and d["tflops"], "dense_tflops": s and s["tflops"],
+            "dilated_tflops": d and d["flops"] / d[time_key] / 1e9,
+            "dense_tflops": s and s["flops"] / s[time_key] / 1e9,
             "dilated_mb": d and d["peak_mb"], "dense_mb": s and s["peak_mb"],
         })
     return rows
 
 
-def _time(idx, impl, n, causal, mode) -> float | None:
+def _time(idx, impl, n, causal, mode, time_key) -> float | None:
     r = idx.get((impl, n, causal, mode))
-    return None if r is None else r["median_ms"] / 1e3
+    return None if r is None else r[time_key] / 1e3
 
 
-def target_checks(records: list[dict], cfg: AttentionBenchConfig) -> dict:
+def target_checks(records: list[dict], cfg: AttentionBenchConfig,
+                  time_key: str = "median_ms") -> dict:
     """The issue's targets as computed figures (never asserted).
 
     1. CPU float32 causal fwd+bwd: speedup over dense >= 0.9 x the FLOP ratio, at N = 16K and 32K.
     2. Linear growth: dilated time(128K) / time(32K) within 10% of the FLOP growth (4.0).
     3. GPU bf16 fwd+bwd: dilated effective TFLOP/s at 32K >= 70% of dense's; and, on any device,
        the longest N that ran, per operator and mode.
+
+    ``time_key`` picks wall time (``"median_ms"``) or CPU time (``"cpu_median_ms"``).
     """
-    idx = _index(records)
+    idx = _index(records, time_key)
     on_cpu_fp32 = cfg.device.type == "cpu" and cfg.dtype == torch.float32
     on_gpu_bf16 = cfg.device.type == "cuda" and cfg.dtype == torch.bfloat16
 
     speed = []
     for n in (16384, 32768):
-        td, ts = _time(idx, "dilated", n, True, "fwdbwd"), _time(idx, "dense", n, True, "fwdbwd")
+        td = _time(idx, "dilated", n, True, "fwdbwd", time_key)
+        ts = _time(idx, "dense", n, True, "fwdbwd", time_key)
         ratio = cfg.flops("dense", n, True, "fwdbwd") / cfg.flops("dilated", n, True, "fwdbwd")
         entry = {"n": n, "flop_ratio": round(ratio, 3), "required_speedup": round(0.9 * ratio, 3),
                  "speedup": None, "speedup_over_flop_ratio": None, "pass": None}
@@ -282,8 +297,8 @@ def target_checks(records: list[dict], cfg: AttentionBenchConfig) -> dict:
     growth = []
     for mode in cfg.modes:
         for causal in cfg.causal:
-            t32 = _time(idx, "dilated", 32768, causal, mode)
-            t128 = _time(idx, "dilated", 131072, causal, mode)
+            t32 = _time(idx, "dilated", 32768, causal, mode, time_key)
+            t128 = _time(idx, "dilated", 131072, causal, mode, time_key)
             fg = (cfg.flops("dilated", 131072, causal, mode)
                   / cfg.flops("dilated", 32768, causal, mode))
             entry = {"causal": causal, "mode": mode, "flop_growth": round(fg, 3),
@@ -306,8 +321,9 @@ def target_checks(records: list[dict], cfg: AttentionBenchConfig) -> dict:
         elif d is None or s is None:
             entry["note"] = "not measured"
         else:
-            frac = d["tflops"] / s["tflops"]
-            entry.update(dilated_tflops=d["tflops"], dense_tflops=s["tflops"],
+            td, ts = d["flops"] / d[time_key] / 1e9, s["flops"] / s[time_key] / 1e9
+            frac = td / ts
+            entry.update(dilated_tflops=round(td, 4), dense_tflops=round(ts, 4),
                          fraction_of_dense=round(frac, 3), **{"pass": frac >= 0.7})
         tflops.append(entry)
 

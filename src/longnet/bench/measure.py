@@ -2,6 +2,10 @@
 
 Time: ``warmup`` untimed calls, then ``repeats`` timed calls; the median is the figure to quote.
 On CUDA each call is timed with CUDA events after a synchronize; on CPU with ``perf_counter``.
+On CPU the process CPU time of each call (``time.process_time``, all threads) is kept too: on a
+machine shared with other jobs, wall time mostly measures how long the scheduler kept the process
+waiting, while the CPU time of a single-threaded run stays close to its wall time on an idle
+machine (with several threads it also counts the time threads spin at barriers).
 
 Peak memory is the *extra* memory one call needs over what was allocated before it (inputs,
 earlier results): outputs, saved activations, workspaces and, for a backward, the gradients.
@@ -43,12 +47,17 @@ class Measurement:
     """Times (seconds) of the timed calls, and the peak extra memory (bytes) of one call."""
 
     times_s: list[float] = field(default_factory=list)
+    cpu_times_s: list[float] = field(default_factory=list)  # CPU only: process CPU time
     peak_bytes: int | None = None
     warmup: int = 0
 
     @property
     def median_s(self) -> float:
         return statistics.median(self.times_s)
+
+    @property
+    def cpu_median_s(self) -> float | None:
+        return statistics.median(self.cpu_times_s) if self.cpu_times_s else None
 
     @property
     def min_s(self) -> float:
@@ -108,20 +117,20 @@ class RssSampler:
         return self.peak - self.base if self.available else None
 
 
-def _call_cpu(fn: Callable[[], object], sample_memory: bool) -> tuple[float, int | None]:
+def _call_cpu(fn: Callable[[], object], sample_memory: bool) -> tuple[float, float, int | None]:
     if sample_memory:
         with RssSampler() as s:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fn()
-            dt = time.perf_counter() - t0
-        return dt, s.growth
-    t0 = time.perf_counter()
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        return dt, dc, s.growth
+    c0, t0 = time.process_time(), time.perf_counter()
     fn()
-    return time.perf_counter() - t0, None
+    return time.perf_counter() - t0, time.process_time() - c0, None
 
 
 def _call_cuda(fn: Callable[[], object], sample_memory: bool,
-               device: torch.device) -> tuple[float, int | None]:
+               device: torch.device) -> tuple[float, None, int | None]:
     torch.cuda.synchronize(device)
     before = 0
     if sample_memory:
@@ -134,7 +143,7 @@ def _call_cuda(fn: Callable[[], object], sample_memory: bool,
     torch.cuda.synchronize(device)
     dt = start.elapsed_time(end) / 1e3
     peak = torch.cuda.max_memory_allocated(device) - before if sample_memory else None
-    return dt, peak
+    return dt, None, peak
 
 
 def measure(fn: Callable[[], object], *, device: torch.device | str, repeats: int,
@@ -156,9 +165,11 @@ def measure(fn: Callable[[], object], *, device: torch.device | str, repeats: in
         raise ValueError(f"device must be a cpu or cuda device, got {device}")
     m = Measurement(warmup=warmup)
     for i in range(warmup + repeats):
-        dt, peak = call(i == 0)
+        dt, cpu, peak = call(i == 0)
         if i == 0:
             m.peak_bytes = peak
         if i >= warmup:
             m.times_s.append(dt)
+            if cpu is not None:
+                m.cpu_times_s.append(cpu)
     return m

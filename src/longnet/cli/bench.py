@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -81,6 +82,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--warmup-skip-s", type=float, default=10.0,
                    help="skip the warmup of a case when the previous N of its series took "
                         "longer than this per call")
+    r.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier CPU "
+                        "times on a machine shared with other jobs")
     r.add_argument("--out", type=Path, default=Path("benchmarks/results"),
                    help="results directory")
     r.add_argument("--quick", action="store_true",
@@ -126,7 +130,10 @@ def _config(args: argparse.Namespace):
 
 
 _TIMING = ("median of the timed calls after the warmup calls; CUDA events after a synchronize "
-           "on GPU, time.perf_counter on CPU")
+           "on GPU, time.perf_counter on CPU. On CPU also the process CPU time "
+           "(time.process_time, all threads) of each call: comparisons_cpu_time and "
+           "targets_cpu_time use it; with one thread on a busy machine it is the steadier "
+           "figure, as wall time then includes time spent waiting for a core")
 _MEMORY = {
     "cpu": "peak growth of the process RSS over its value before one call, sampled every 1 ms "
            "from /proc/self/statm after malloc_trim(0); an estimate of the extra memory the "
@@ -137,19 +144,23 @@ _MEMORY = {
 }
 
 
-def _document(cfg, records, started: str, complete: bool) -> dict:
+def _document(cfg, records, started: str, complete: bool, note: str | None = None,
+              commit: str | None = None) -> dict:
     from longnet import __version__
     from longnet.bench.attention import comparison_rows, target_checks
     from longnet.bench.report import device_name
 
+    on_cpu = cfg.device.type == "cpu"
     return {
         "benchmark": "attention",
         "complete": complete,
+        "note": note,
         "date": started,
         "device": {"type": cfg.device.type, "name": device_name(cfg.device),
                    "torch_threads": torch.get_num_threads() if cfg.device.type == "cpu" else None},
         "torch_version": torch.__version__,
         "longnet_version": __version__,
+        "git_commit": commit,
         "config": cfg.describe(),
         "timing_method": _TIMING,
         "memory_method": _MEMORY[cfg.device.type],
@@ -157,8 +168,38 @@ def _document(cfg, records, started: str, complete: bool) -> dict:
                         "DilatedPattern.flops / DilatedPattern.dense_flops",
         "comparisons": comparison_rows(records),
         "targets": target_checks(records, cfg),
+        "comparisons_cpu_time": comparison_rows(records, "cpu_median_ms") if on_cpu else None,
+        "targets_cpu_time": target_checks(records, cfg, "cpu_median_ms") if on_cpu else None,
+        "loadavg_1m_range": _load_range(records),
         "cases": records,
     }
+
+
+def _git_commit() -> str | None:
+    """The commit of the longnet checkout being measured, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here.parent)], cwd=here,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _load_range(records) -> list[float] | None:
+    loads = [r["loadavg_1m"] for r in records if r.get("loadavg_1m") is not None]
+    return [min(loads), max(loads)] if loads else None
+
+
+def _print_targets(targets: dict, label: str) -> None:
+    for key, entries in targets.items():
+        for e in entries if isinstance(entries, list) else [entries]:
+            shown = {k: v for k, v in e.items() if v is not None}
+            print(f"target ({label}) {key}: {shown}")
 
 
 def _write(path: Path, doc: dict) -> None:
@@ -176,6 +217,9 @@ def _run_attention(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"longnet bench: error: {err}", file=sys.stderr)
         return 2
+    commit = _git_commit()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"attention_{device_slug(cfg.device)}"
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
@@ -190,10 +234,17 @@ def _run_attention(args: argparse.Namespace) -> int:
         from tqdm import tqdm
         return tqdm(cases, desc="bench attention", unit="case", file=sys.stderr)
 
-    records = run_attention_bench(
-        cfg, progress=progress,
-        on_case=lambda recs: _write(json_path, _document(cfg, recs, started, False)))
-    doc = _document(cfg, records, started, True)
+    records: list[dict] = []
+    note = None
+    try:
+        run_attention_bench(
+            cfg, progress=progress, records=records,
+            on_case=lambda recs: _write(json_path, _document(cfg, recs, started, False,
+                                                            commit=commit)))
+    except KeyboardInterrupt:  # keep what was measured, say so, and report it
+        note = f"interrupted after {len(records)} of {len(cfg.cases())} cases"
+        print(f"\n{note}", file=sys.stderr)
+    doc = _document(cfg, records, started, note is None, note, commit)
     doc["files"] = {"json": str(json_path), "png": None}
     if args.no_plot:
         doc["plot_note"] = "skipped (--no-plot)"
@@ -205,17 +256,16 @@ def _run_attention(args: argparse.Namespace) -> int:
             doc["plot_note"] = f"skipped: matplotlib is not installed ({err})"
             print(f"note: plot {doc['plot_note']}", file=sys.stderr)
     _write(json_path, doc)
+    print("wall time (median ms):")
     print(format_table(comparison_rows(records)))
-    for key, entries in doc["targets"].items():
-        if isinstance(entries, list):
-            for e in entries:
-                shown = {k: v for k, v in e.items() if v is not None}
-                print(f"target {key}: {shown}")
-        else:
-            print(f"target {key}: {entries}")
+    _print_targets(doc["targets"], "wall time")
+    if doc["comparisons_cpu_time"] is not None:
+        print("process CPU time (median ms):")
+        print(format_table(doc["comparisons_cpu_time"]))
+        _print_targets(doc["targets_cpu_time"], "CPU time")
     print(f"wrote {json_path}" + (f" and {png_path}" if doc["files"]["png"] else ""))
     print(json.dumps(doc, separators=(",", ":")))
-    return 0
+    return 0 if note is None else 130
 
 
 def run(args: argparse.Namespace) -> int:
