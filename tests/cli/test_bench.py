@@ -73,6 +73,9 @@ def test_quick_run_draws_plot(capsys, tmp_path):
     assert rc == 0
     png = tmp_path / doc["files"]["png"].rsplit("/", 1)[-1]
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert main(["bench", "attention", "--replot", doc["files"]["json"]]) == 0
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_interrupted_run_keeps_what_it_measured(capsys, tmp_path, monkeypatch):

@@ -59,9 +59,10 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_attention(doc: dict, path: Path) -> None:
-    """Time and peak memory against N (log-log), dense vs dilated, fwd and fwd+bwd columns.
+    """Time and peak memory against N (log-log), dense vs dilated; fwd and fwd+bwd columns.
 
-    Raises ``ImportError`` when matplotlib is missing (the caller reports it).
+    Rows: wall time, process CPU time (CPU runs), peak extra memory. Raises ``ImportError``
+    when matplotlib is missing (the caller reports it).
     """
     import matplotlib
 
@@ -69,38 +70,40 @@ def plot_attention(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = [r for r in doc["cases"] if r.get("status") == "ok"]
-    modes = [m for m in ("fwd", "fwdbwd") if any(r["mode"] == m for r in records)]
-    fig, axes = plt.subplots(2, max(1, len(modes)), figsize=(6 * max(1, len(modes)), 8),
+    modes = [m for m in ("fwd", "fwdbwd") if any(r["mode"] == m for r in records)] or ["fwd"]
+    panels = [("median_ms", "wall time (median)", "ms")]
+    if any(r.get("cpu_median_ms") is not None for r in records):
+        panels.append(("cpu_median_ms", "process CPU time (median)", "ms"))
+    panels.append(("peak_mb", "peak extra memory", "MiB"))
+    fig, axes = plt.subplots(len(panels), len(modes), figsize=(6.5 * len(modes), 3.6 * len(panels)),
                              squeeze=False)
     styles = {("dilated", True): ("C0", "-"), ("dilated", False): ("C0", "--"),
               ("dense", True): ("C3", "-"), ("dense", False): ("C3", "--")}
     for col, mode in enumerate(modes):
-        for (impl, causal), (color, ls) in styles.items():
-            pts = sorted((r["n"], r["median_ms"], r["peak_mb"]) for r in records
-                         if r["impl"] == impl and r["causal"] == causal and r["mode"] == mode)
-            if not pts:
-                continue
-            label = f"{impl} {'causal' if causal else 'non-causal'}"
-            n = [p[0] for p in pts]
-            axes[0][col].plot(n, [p[1] for p in pts], color=color, ls=ls, marker="o", label=label)
-            mem = [(p[0], p[2]) for p in pts if p[2] is not None and p[2] > 0]
-            if mem:
-                axes[1][col].plot(*zip(*mem), color=color, ls=ls, marker="o", label=label)
         title = {"fwd": "forward", "fwdbwd": "forward + backward"}[mode]
-        axes[0][col].set_title(f"{title}: median time")
-        axes[0][col].set_ylabel("ms")
-        axes[1][col].set_title(f"{title}: peak extra memory")
-        axes[1][col].set_ylabel("MiB")
-        for ax in (axes[0][col], axes[1][col]):
+        for row, (key, what, unit) in enumerate(panels):
+            ax = axes[row][col]
+            for (impl, causal), (color, ls) in styles.items():
+                pts = sorted((r["n"], r[key]) for r in records
+                             if r["impl"] == impl and r["causal"] == causal and r["mode"] == mode
+                             and r.get(key) is not None and r[key] > 0)
+                if pts:
+                    ax.plot(*zip(*pts), color=color, ls=ls, marker="o",
+                            label=f"{impl} {'causal' if causal else 'non-causal'}")
+            ax.set_title(f"{title}: {what}", fontsize=10)
+            ax.set_ylabel(unit)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
             ax.set_xlabel("sequence length N")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8)
+            if ax.has_data():
+                ax.legend(fontsize=8)
     cfg = doc["config"]
-    fig.suptitle(f"dilated vs dense attention on {doc['device']['name']} ({cfg['dtype']}, "
-                 f"B={cfg['batch_size']}, H={cfg['heads']}, D={cfg['head_dim']}), "
+    threads = doc["device"].get("torch_threads")
+    fig.suptitle(f"dilated vs dense attention, {doc['device']['name']}"
+                 f"{f', {threads} thread(s)' if threads else ''}\n{cfg['dtype']}, "
+                 f"B={cfg['batch_size']} H={cfg['heads']} D={cfg['head_dim']}, "
                  f"torch {doc['torch_version']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

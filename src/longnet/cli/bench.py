@@ -90,6 +90,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--quick", action="store_true",
                    help="tiny shapes and pattern for a smoke run (seconds)")
     r.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    r.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="redraw the PNG of an earlier results JSON (beside it) and exit")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
@@ -208,9 +210,25 @@ def _write(path: Path, doc: dict) -> None:
     tmp.replace(path)
 
 
+def _replot(path: Path) -> int:
+    from longnet.bench.report import plot_attention
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"longnet bench: error: cannot read --replot {path}: {err}", file=sys.stderr)
+        return 2
+    plot_attention(doc, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
+    return 0
+
+
 def _run_attention(args: argparse.Namespace) -> int:
     from longnet.bench.attention import comparison_rows, run_attention_bench
     from longnet.bench.report import device_slug, format_table, plot_attention
+
+    if args.replot is not None:
+        return _replot(args.replot)
 
     try:
         cfg = _config(args)
