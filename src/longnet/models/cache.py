@@ -67,13 +67,15 @@ class DenseLayerCache:
         self.values = F.pad(self.values, pad)
         self.positions = F.pad(self.positions, (0, grow), value=-1)
 
-    def fill_(self, length: int, generator: torch.Generator | None = None) -> None:
-        """Fill the cache with ``length`` random keys/values at positions ``0..length-1``.
+    def fill_(self, length: int, *, capacity: int = 0,
+              generator: torch.Generator | None = None) -> None:
+        """Fill the cache with ``length`` random keys/values at positions ``0..length-1``, in a
+        buffer of at least ``capacity`` slots.
 
         For benchmarks only: the cost of a dense decoding step does not depend on the values, and
         reaching position ``P`` by a real dense prefill costs ``O(P^2)``.
         """
-        self._reserve(length - self.length)
+        self._reserve(max(length, capacity) - self.length)
         shape = (self.B, self.Hkv, length, self.D)
         self.keys[:, :, :length] = torch.randn(shape, generator=generator).to(self.keys)
         self.values[:, :, :length] = torch.randn(shape, generator=generator).to(self.values)
