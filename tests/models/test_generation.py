@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longnet import DilatedKVCache, LongNetConfig, LongNetLM
-from longnet.models.cache import DenseLayerCache
+from longnet.models.cache import DenseLayerCache, SlotLayerCache
 from longnet.models.generation import cached_forward, sample_next_token
 from longnet.ops.cache import DilatedLayerCache
 
@@ -36,27 +36,31 @@ def full_logits(model, ids):
 
 
 # ------------------------------------------------------------------------- exactness
-@pytest.mark.parametrize("attention", ["dilated", "sparse", "dense"])
-@pytest.mark.parametrize("position", ["xpos", "rope"])
-def test_token_by_token_logits_equal_full_recomputation(attention, position):
+@pytest.mark.parametrize("attention, position, layer_cache", [
+    ("dilated", "xpos", "slots"), ("dilated", "rope", "slots"), ("dilated", "xpos", "compact"),
+    ("sparse", "xpos", "slots"), ("sparse", "rope", "compact"), ("dense", "rope", "slots"),
+    ("dense", "xpos", "slots")])
+def test_token_by_token_logits_equal_full_recomputation(attention, position, layer_cache):
     model = tiny_lm(attention=attention, position=position)
     N = 3 * TOP + 5  # crosses three boundaries of the largest segment, beyond max_train_length
     ids = torch.randint(0, V, (2, N))
     full = full_logits(model, ids)  # (2, N, V)
-    cache = model.make_cache(2)
+    cache = model.make_cache(2, layer_cache=layer_cache)
     for t in range(N):
         step = cached_forward(model, ids[:, t:t + 1], cache)  # (2, V)
         torch.testing.assert_close(step, full[:, t], rtol=1e-5, atol=1e-5)
     assert cache.lengths.tolist() == [N, N]
 
 
-def test_chunked_prefill_equals_one_shot_prefill():
+@pytest.mark.parametrize("layer_cache", ["slots", "compact"])
+def test_chunked_prefill_equals_one_shot_prefill(layer_cache):
     model = tiny_lm()
     ids = torch.randint(0, V, (2, 45))
     full = full_logits(model, ids)
-    one_shot = cached_forward(model, ids, model.make_cache(2), logits="all")
+    one_shot = cached_forward(model, ids, model.make_cache(2, layer_cache=layer_cache),
+                              logits="all")
     torch.testing.assert_close(one_shot, full, rtol=1e-5, atol=1e-5)
-    cache = model.make_cache(2)
+    cache = model.make_cache(2, layer_cache=layer_cache)
     outs, t = [], 0
     for n in (7, 1, 13, 2, 22):
         outs.append(cached_forward(model, ids[:, t:t + n], cache, logits="all"))
@@ -81,7 +85,7 @@ def test_greedy_generation_picks_the_argmax_of_recomputation(attention):
 
 def test_prompt_prefix_before_the_last_top_segment_is_skipped_exactly():
     model = tiny_lm(torch.float64)
-    cache = model.make_cache(1)
+    cache = model.make_cache(1, layer_cache="compact")
     assert cache.unread_before(3 * TOP + 2) == 3 * TOP
     prompt = torch.randint(0, V, (1, 3 * TOP + 3))
     out = model.generate(prompt, 1, cache=cache)
@@ -97,19 +101,23 @@ def test_prompt_prefix_before_the_last_top_segment_is_skipped_exactly():
 
 
 # ------------------------------------------------------------------------------ memory
-def test_cache_bytes_stop_growing_after_the_largest_segment():
+@pytest.mark.parametrize("layer_cache, kind", [("slots", SlotLayerCache),
+                                               ("compact", DilatedLayerCache)])
+def test_cache_bytes_stop_growing_after_the_largest_segment(layer_cache, kind):
     model = tiny_lm()
-    cache = model.make_cache(1)
+    cache = model.make_cache(1, layer_cache=layer_cache)
     ids = torch.randint(0, V, (1, 5 * TOP))
     sizes = []
     for t in range(ids.shape[1]):
         cached_forward(model, ids[:, t:t + 1], cache)
         sizes.append(cache.nbytes)
-    assert all(isinstance(layer, DilatedLayerCache) for layer in cache.layers)
-    assert sizes[TOP - 1] == max(sizes) <= cache.max_nbytes
+    assert all(isinstance(layer, kind) for layer in cache.layers)
+    assert sizes[TOP - 1] == max(sizes) == cache.max_nbytes
     assert max(sizes[TOP:]) == max(sizes)
     # full at the end of every top segment, the same size each time
     assert {sizes[k * TOP - 1] for k in range(1, 6)} == {max(sizes)}
+    if layer_cache == "slots":  # preallocated: the bound from the first token on
+        assert set(sizes) == {cache.max_nbytes}
 
 
 def test_dense_cache_grows_with_the_context():
@@ -277,6 +285,8 @@ def test_zero_new_tokens_returns_the_prompt_and_make_cache_checks_batch_size():
     assert torch.equal(model.generate(prompt, 0), prompt)
     with pytest.raises(ValueError, match="batch_size"):
         model.make_cache(0)
+    with pytest.raises(ValueError, match="layer_cache"):
+        model.make_cache(1, layer_cache="ring")
     assert isinstance(model.make_cache(2), DilatedKVCache)
     with pytest.raises(ValueError, match="cache"):
         model.generate(prompt, 2, cache=model.make_cache(3))

@@ -22,7 +22,136 @@ import torch.nn.functional as F
 from longnet.ops.cache import DilatedLayerCache
 from longnet.ops.pattern import DilatedPattern
 
-__all__ = ["DilatedKVCache", "DenseLayerCache", "make_cache"]
+__all__ = ["DilatedKVCache", "DenseLayerCache", "SlotLayerCache", "make_cache"]
+
+_NEG_INF = float("-inf")
+
+
+class SlotLayerCache:
+    """The keys/values one dilated attention layer still needs, in fixed slots (no copying).
+
+    Head ``h`` of branch ``(w, r)`` keeps the positions ``p`` of the current segment with
+    ``(p % w) % r == h % r``; position ``p`` lives in slot ``(p % w) // r`` of that branch, so a
+    new token is written in place (overwriting a slot of a finished segment) and nothing is ever
+    compacted. The slots of all branches are one array of ``S = sum_i ceil(w_i / r_i)`` slots per
+    head, and attention is a single softmax over it: a key held by several branches sits in several
+    slots, which is exactly the branch mixture (the one-softmax identity of DESIGN.md). A slot is
+    read by a query when it holds a real position of the query's segment (in the slot's branch), at
+    or before the query, and the query itself is kept by that branch and head.
+
+    Same interface and results as :class:`~longnet.ops.cache.DilatedLayerCache`; preallocated, so
+    ``nbytes`` is the bound from the first token on.
+
+    Args:
+        pattern: the layer's dilated pattern.
+        batch_size, num_heads, head_dim: query-side sizes (keys are stored per query head, since
+            heads of one GQA group keep different residues).
+        dtype, device: storage.
+    """
+
+    def __init__(self, pattern: DilatedPattern, batch_size: int, num_heads: int, head_dim: int,
+                 *, dtype=torch.float32, device=None):
+        self.pattern = pattern
+        self.B, self.H, self.D = batch_size, num_heads, head_dim
+        self.dtype, self.device = dtype, device
+        sizes = [pattern.max_cached_positions(b) for b in range(len(pattern))]
+        self.offsets = [sum(sizes[:b]) for b in range(len(sizes))]  # first slot of each branch
+        S = sum(sizes)
+        self.keys = torch.zeros(batch_size, num_heads, S, head_dim, dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+        self.positions = torch.full((batch_size, num_heads, S), -1, dtype=torch.long,
+                                    device=device)  # -1 = empty
+        # per slot: its branch's segment length and dilation rate, (S,)
+        self.slot_w = torch.tensor([w for w, n in zip(pattern.segment_lengths, sizes)
+                                    for _ in range(n)], dtype=torch.long, device=device)
+        self.slot_r = torch.tensor([r for r, n in zip(pattern.dilation_rates, sizes)
+                                    for _ in range(n)], dtype=torch.long, device=device)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (keys, values and their positions): constant, the pattern's bound."""
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
+
+    def _query_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """(B, H, n, S) bool: query (B, n) positions may read slot positions (B, H, S)."""
+        H = self.H
+        w, r = self.slot_w, self.slot_r  # (S,)
+        heads = torch.arange(H, device=q_pos.device).view(1, H, 1, 1)
+        q = q_pos[:, None, :, None]  # (B, 1, n, 1)
+        k = k_pos[:, :, None, :]  # (B, H, 1, S)
+        q_kept = (q % w) % r == heads % r  # (B, H, n, S)
+        return q_kept & (k >= 0) & (k <= q) & (torch.div(k, w, rounding_mode="floor")
+                                               == torch.div(q, w, rounding_mode="floor"))
+
+    def _write(self, k_new, v_new, positions, valid) -> None:
+        """Store the new tokens that later queries can read: those of each row's last segment."""
+        B, H, n, _ = k_new.shape
+        last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(1)  # (B,)
+        heads = torch.arange(H, device=positions.device).view(1, H, 1)
+        p = positions[:, None, :]  # (B, 1, n)
+        for b, (w, r) in enumerate(self.pattern.branches):
+            write = (valid[:, None, :] & ((p % w) % r == heads % r)
+                     & (torch.div(p, w, rounding_mode="floor")
+                        == torch.div(last, w, rounding_mode="floor")[:, None, None]))
+            bi, hi, ti = write.nonzero(as_tuple=True)
+            if bi.numel() == 0:
+                continue
+            slot = self.offsets[b] + torch.div(positions[bi, ti] % w, r, rounding_mode="floor")
+            self.keys[bi, hi, slot] = k_new[bi, hi, ti]
+            self.values[bi, hi, slot] = v_new[bi, hi, ti]
+            self.positions[bi, hi, slot] = positions[bi, ti]
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               positions: torch.Tensor, valid: torch.Tensor | None = None,
+               scale: float | None = None) -> torch.Tensor:
+        """Causal dilated attention of ``n`` new tokens over the cache plus themselves.
+
+        Args and result as :meth:`longnet.ops.cache.DilatedLayerCache.attend`: query
+        (B, H, n, D), key/value (B, Hkv, n, D), positions (B, n) long (increasing by one across
+        real tokens and calls), valid (B, n) bool -> (B, H, n, D). Padding queries output values
+        that nothing reads (finite).
+        """
+        B, H, n, D = query.shape
+        if (B, H, D) != (self.B, self.H, self.D):
+            raise ValueError(f"query of shape {tuple(query.shape)} does not fit a cache made for "
+                             f"batch {self.B}, {self.H} heads, head dim {self.D}")
+        if positions.shape != (B, n):
+            raise ValueError(f"positions must have shape {(B, n)}, got {tuple(positions.shape)}")
+        Hkv = key.shape[1]
+        if H % Hkv:
+            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+        valid = torch.ones(B, n, dtype=torch.bool, device=query.device) if valid is None else valid
+        kv_heads = torch.arange(H, device=query.device) // (H // Hkv)
+        k_new = key[:, kv_heads].to(self.dtype)  # (B, H, n, D)
+        v_new = value[:, kv_heads].to(self.dtype)
+        if n == 1:  # decoding: write, then one softmax over the slots
+            self._write(k_new, v_new, positions, valid)
+            allowed = self._query_mask(positions, self.positions)  # (B, H, 1, S)
+            none = ~allowed.any(-1, keepdim=True)  # (B, H, 1, 1): a query no branch keeps
+            out = F.scaled_dot_product_attention(
+                query, self.keys.to(query.dtype), self.values.to(query.dtype),
+                attn_mask=allowed | none, scale=scale)
+            return out.masked_fill(none, 0.0)  # as the operator: 0 where no key is read
+        # a chunk: slots as they were, plus the new keys counted once per branch holding them
+        heads = torch.arange(H, device=query.device).view(1, H, 1, 1)
+        q, k = positions[:, None, :, None], positions[:, None, None, :]  # (B,1,n,1), (B,1,1,n)
+        pair = valid[:, None, :, None] & valid[:, None, None, :] & (k <= q)  # (B, 1, n, n)
+        count = torch.zeros(B, H, n, n, dtype=torch.int32, device=query.device)
+        for w, r in self.pattern.branches:
+            count += (pair & ((q % w) % r == heads % r) & ((k % w) % r == heads % r)
+                      & (torch.div(q, w, rounding_mode="floor")
+                         == torch.div(k, w, rounding_mode="floor")))
+        bias = torch.where(count > 0, count.to(query.dtype).log(), _NEG_INF)  # (B, H, n, n)
+        old = torch.where(self._query_mask(positions, self.positions)
+                          & valid[:, None, :, None], 0.0, _NEG_INF).to(query.dtype)
+        mask = torch.cat([old, bias], -1)  # (B, H, n, S + n)
+        none = torch.isinf(mask).all(-1, keepdim=True)  # (B, H, n, 1)
+        keys = torch.cat([self.keys, k_new], 2).to(query.dtype)  # (B, H, S + n, D)
+        vals = torch.cat([self.values, v_new], 2).to(query.dtype)
+        out = F.scaled_dot_product_attention(query, keys, vals, attn_mask=mask.masked_fill(
+            none, 0.0), scale=scale)
+        self._write(k_new, v_new, positions, valid)
+        return out.masked_fill(none, 0.0)
 
 
 class DenseLayerCache:
@@ -93,7 +222,7 @@ class DenseLayerCache:
         """
         B, H, n, D = query.shape
         if (B, H, D) != (self.B, self.H, self.D) or key.shape[1] != self.Hkv:
-            raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} do not fit a "
+            raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} does not fit a "
                              f"cache made for batch {self.B}, {self.H} heads ({self.Hkv} key/value"
                              f" heads), head dim {self.D}")
         if positions.shape != (B, n):
@@ -195,16 +324,26 @@ class DilatedKVCache:
                 f"batch_size={self.batch_size}, nbytes={self.nbytes})")
 
 
-def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None,
-               device=None) -> DilatedKVCache:
+LAYER_CACHES = {"slots": SlotLayerCache, "compact": DilatedLayerCache}
+"""Layer caches of dilated layers: ``"slots"`` (:class:`SlotLayerCache`, preallocated, written in
+place, one softmax) or ``"compact"`` (:class:`~longnet.ops.cache.DilatedLayerCache`, grows to the
+bound, recompacted each call, one softmax per branch). Both are exact."""
+
+
+def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None, device=None,
+               layer_cache: str = "slots") -> DilatedKVCache:
     """An empty :class:`DilatedKVCache` for ``model`` (a :class:`~longnet.LongNetLM`).
 
     Args:
         batch_size: sequences generated together.
         dtype, device: storage; default the model's parameter dtype and device.
+        layer_cache: the cache of dilated layers, ``"slots"`` or ``"compact"`` (see
+            :data:`LAYER_CACHES`); dense layers always use :class:`DenseLayerCache`.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if layer_cache not in LAYER_CACHES:
+        raise ValueError(f"layer_cache must be one of {sorted(LAYER_CACHES)}, got {layer_cache!r}")
     param = next(model.parameters())
     dtype = param.dtype if dtype is None else dtype
     device = param.device if device is None else device
@@ -216,7 +355,7 @@ def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None,
                                           num_kv_heads=attn.num_kv_heads, dtype=dtype,
                                           device=device))
         else:
-            layers.append(DilatedLayerCache(attn.pattern, batch_size, attn.num_heads,
-                                            attn.head_dim, dtype=dtype, device=device))
+            layers.append(LAYER_CACHES[layer_cache](attn.pattern, batch_size, attn.num_heads,
+                                                    attn.head_dim, dtype=dtype, device=device))
         patterns.append(attn.pattern)
     return DilatedKVCache(layers, patterns, batch_size, device=device)
