@@ -36,15 +36,27 @@ def _run(cache, q, k, v, chunks, valid=None, pos=None):
     heads=st.sampled_from([(1, 1), (3, 3), (4, 2), (6, 1)]),
     chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
     seed=st.integers(0, 1000),
+    max_chunk=st.integers(1, 6),
 )
-def test_slot_cache_in_chunks_equals_full_attention(branches, N, heads, chunks, seed):
+def test_slot_cache_in_chunks_equals_full_attention(branches, N, heads, chunks, seed, max_chunk):
     pattern = DilatedPattern([w for w, _ in branches], [r for _, r in branches])
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, H, N, 5, generator=g, dtype=torch.float64)
     k = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
     v = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
-    out = _run(SlotLayerCache(pattern, 2, H, 5, dtype=torch.float64), q, k, v, chunks)
+    cache = SlotLayerCache(pattern, 2, H, 5, dtype=torch.float64)
+    cache.max_chunk = max_chunk  # unaligned chunks run in sub-chunks of this many rows
+    out = _run(cache, q, k, v, chunks)
+    torch.testing.assert_close(out, _full(q, k, v, pattern), rtol=1e-10, atol=1e-12)
+
+
+def test_slot_cache_chunk_crossing_an_aligned_start_splits_there():
+    pattern = DilatedPattern([4, 8], [1, 2])
+    q, k, v = torch.randn(3, 1, 2, 30, 4, dtype=torch.float64).unbind(0)
+    cache = SlotLayerCache(pattern, 1, 2, 4, dtype=torch.float64)
+    cache.max_chunk = 2
+    out = _run(cache, q, k, v, [5, 13, 12])  # 5..17 runs 3 rows over the slots, then aligned
     torch.testing.assert_close(out, _full(q, k, v, pattern), rtol=1e-10, atol=1e-12)
 
 

@@ -44,8 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="always take the most likely token (no sampling)")
     parser.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
-    parser.add_argument("--prefill-chunk-size", type=int, default=1024, metavar="N",
-                        help="prompt tokens per prefill step (default: 1024)")
+    parser.add_argument("--prefill-chunk-size", type=int, default=None, metavar="N",
+                        help="prompt tokens per prefill step (default: the largest segment "
+                             "length for nested patterns, else 1024)")
 
 
 def _fail(message: str) -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from longnet.ops.cache import DilatedLayerCache
+from longnet.ops.dilated import dilated_attention
 from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["DilatedKVCache", "DenseLayerCache", "SlotLayerCache", "make_cache"]
@@ -33,7 +34,9 @@ class SlotLayerCache:
     Head ``h`` of branch ``(w, r)`` keeps the positions ``p`` of the current segment with
     ``(p % w) % r == h % r``; position ``p`` lives in slot ``(p % w) // r`` of that branch, so a
     new token is written in place (overwriting a slot of a finished segment) and nothing is ever
-    compacted. The slots of all branches are one array of ``S = sum_i ceil(w_i / r_i)`` slots per
+    compacted. A prefill chunk that starts a segment of every branch reads nothing cached and runs
+    the dilated attention operator on itself; other chunks attend in sub-chunks of ``max_chunk``
+    rows over the slots and their own keys. The slots of all branches are one array of ``S = sum_i ceil(w_i / r_i)`` slots per
     head, and attention is a single softmax over it: a key held by several branches sits in several
     slots, which is exactly the branch mixture (the one-softmax identity of DESIGN.md). A slot is
     read by a query when it holds a real position of the query's segment (in the slot's branch), at
@@ -66,6 +69,8 @@ class SlotLayerCache:
                                     for _ in range(n)], dtype=torch.long, device=device)
         self.slot_r = torch.tensor([r for r, n in zip(pattern.dilation_rates, sizes)
                                     for _ in range(n)], dtype=torch.long, device=device)
+        self.period = math.lcm(*pattern.segment_lengths)  # every segment starts at its multiples
+        self.max_chunk = 256  # query rows per unaligned sub-chunk: (B, H, 256, S + 256) scores
 
     @property
     def nbytes(self) -> int:
@@ -132,7 +137,34 @@ class SlotLayerCache:
                 query, self.keys.to(query.dtype), self.values.to(query.dtype),
                 attn_mask=allowed | none, scale=scale)
             return out.masked_fill(none, 0.0)  # as the operator: 0 where no key is read
-        # a chunk: slots as they were, plus the new keys counted once per branch holding them
+        # a chunk: where it starts a segment of every branch (a multiple of all w), nothing
+        # cached is read and the operator runs on it; before that, sub-chunks over the slots
+        cut = n
+        if bool(valid.all()) and bool((positions == positions[:1]).all()):
+            cut = min(n, -int(positions[0, 0]) % self.period)
+        if cut == 0:
+            return self._aligned(query, key, value, k_new, v_new, positions, valid, scale)
+        outs = [self._chunk(query[:, :, i:j], k_new[:, :, i:j], v_new[:, :, i:j],
+                            positions[:, i:j], valid[:, i:j], scale)
+                for i in range(0, cut, self.max_chunk)
+                for j in [min(i + self.max_chunk, cut)]]
+        if cut < n:
+            rest = slice(cut, n)
+            outs.append(self._aligned(query[:, :, rest], key[:, :, rest], value[:, :, rest],
+                                      k_new[:, :, rest], v_new[:, :, rest], positions[:, rest],
+                                      valid[:, rest], scale))
+        return torch.cat(outs, 2)
+
+    def _aligned(self, query, key, value, k_new, v_new, positions, valid, scale):
+        """A chunk starting at a multiple of every segment length: the operator on it alone."""
+        out = dilated_attention(query, key, value, segment_lengths=self.pattern, is_causal=True,
+                                scale=scale, enable_gqa=key.shape[1] != query.shape[1])
+        self._write(k_new, v_new, positions, valid)
+        return out
+
+    def _chunk(self, query, k_new, v_new, positions, valid, scale):
+        """Slots as they were plus the new keys, each counted once per branch holding it."""
+        B, H, n, _ = query.shape
         heads = torch.arange(H, device=query.device).view(1, H, 1, 1)
         q, k = positions[:, None, :, None], positions[:, None, None, :]  # (B,1,n,1), (B,1,1,n)
         pair = valid[:, None, :, None] & valid[:, None, None, :] & (k <= q)  # (B, 1, n, n)
@@ -290,6 +322,18 @@ class DilatedKVCache:
             slots = sum(pattern.max_cached_positions(b) for b in range(len(pattern)))
             total += layer.B * layer.H * slots * slot
         return total
+
+    @property
+    def default_prefill_chunk(self) -> int:
+        """Prefill chunk length used when none is given: the period of the patterns (the least
+        common multiple of all segment lengths, so that every chunk starts a segment of every
+        branch and runs the dilated operator, reading nothing cached) when every layer is a
+        :class:`SlotLayerCache` and that period is at most 65,536; else 1,024."""
+        if all(isinstance(layer, SlotLayerCache) for layer in self.layers):
+            period = math.lcm(*(layer.period for layer in self.layers))
+            if period <= 65536:
+                return period
+        return 1024
 
     @property
     def bounded(self) -> bool:

@@ -150,7 +150,7 @@ def _int_arg(name: str, value: Any, minimum: int, allow_none: bool = False) -> i
 
 def _check_args(do_sample, temperature, top_k, top_p, max_new_tokens, prefill_chunk_size):
     _int_arg("max_new_tokens", max_new_tokens, 0)
-    _int_arg("prefill_chunk_size", prefill_chunk_size, 1)
+    _int_arg("prefill_chunk_size", prefill_chunk_size, 1, allow_none=True)
     _int_arg("top_k", top_k, 1, allow_none=True)
     if not isinstance(do_sample, bool):
         raise ValueError(f"do_sample must be a bool, got {do_sample!r}")
@@ -234,12 +234,13 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
              eos_token_id: int | Sequence[int] | None = None, pad_token_id: int | None = None,
              cache: DilatedKVCache | None = None, streamer=None,
              key_padding_mask: torch.Tensor | None = None,
-             attention_mask: torch.Tensor | None = None, prefill_chunk_size: int = 1024,
+             attention_mask: torch.Tensor | None = None, prefill_chunk_size: int | None = None,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Generate up to ``max_new_tokens`` tokens after ``input_ids``.
 
     The prompt is prefilled through the cache in chunks of ``prefill_chunk_size`` columns (memory
-    bounded by the chunk and the pattern); with nested patterns (every segment length divides the
+    bounded by the chunk and the pattern; a chunk that starts a segment of every branch runs the
+    dilated attention operator, reading nothing cached); with nested patterns (every segment length divides the
     largest, ``W``) prompt tokens before the last ``W``-segment are provably never read and are
     skipped (:meth:`DilatedKVCache.unread_before`), so a prompt of any length costs at most ``W``
     tokens of prefill. Then tokens are decoded one at a time, each step reading at most
@@ -264,7 +265,9 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
             ``put(ids)`` and optionally ``end()`` (called once at the end).
         key_padding_mask / attention_mask: (B, N) bool or 0/1, True/1 = real token; left padding
             only. Each sequence is positioned from its first real token.
-        prefill_chunk_size: prompt columns per prefill step.
+        prefill_chunk_size: prompt columns per prefill step; default
+            :attr:`DilatedKVCache.default_prefill_chunk` (the patterns' period, e.g. the largest
+            segment length, for slot caches; else 1024).
         generator: random generator for sampling (reproducible runs).
 
     Returns:
@@ -298,6 +301,8 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
                          f"(from model.make_cache({B})), got {cache!r}")
     if max_new_tokens == 0:
         return input_ids.clone()
+    if prefill_chunk_size is None:
+        prefill_chunk_size = cache.default_prefill_chunk
 
     with _eval_mode(model):
         # ---- prefill: skip what no later token reads, then the rest in chunks
