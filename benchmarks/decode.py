@@ -1,12 +1,15 @@
 """Decoding cost against context position: dilated KV cache vs a dense KV cache.
 
 For each context position P (default 1K to 1M tokens), a small LongNet LM (the ``small`` preset:
-6 layers, width 384, segments 128..2048) is brought to position ``P - steps`` and then decodes
-``steps`` single tokens (positions ``P - steps .. P - 1``, the end of a full largest segment when
-P is a multiple of it, i.e. where the dilated cache is largest). Reported: milliseconds per token
-(median over the steps) and the cache's bytes after them.
+6 layers, width 384, segments 128..2048) is brought to position ``P - T`` and then decodes ``T``
+single tokens (``T = warmup + rounds * steps``: positions ``P - T .. P - 1``, the end of a full
+largest segment when P is a multiple of it, i.e. where the dilated cache is fullest). The timed
+steps run in rounds over all positions, interleaved, so that load from other processes falls on
+all positions alike. Reported: milliseconds per token (median and min over the timed steps) and
+the cache's bytes after them. "dilated" in the JSON is the default slot cache.
 
-- dilated: the real model prefill of a random prompt of ``P - steps`` tokens through
+- dilated ("slots", the default :class:`~longnet.models.cache.SlotLayerCache`, and "compact",
+  :class:`longnet.ops.cache.DilatedLayerCache`): the real model prefill of a random prompt of ``P - steps`` tokens through
   ``LongNetLM.generate`` (prefill in chunks; tokens before the last largest segment are skipped
   exactly, since no later position reads them, so reaching 1M costs one segment of prefill), then
   real cached decoding steps.
@@ -43,60 +46,76 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", help="model preset (default: small)")
     p.add_argument("--positions", default=",".join(str(2 ** k) for k in range(10, 21)),
                    help="comma-separated context positions (default: 1K..1M, powers of 2)")
-    p.add_argument("--steps", type=int, default=20, help="timed single-token steps per position")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    p.add_argument("--steps", type=int, default=8,
+                   help="timed single-token steps per position and round")
+    p.add_argument("--rounds", type=int, default=5,
+                   help="rounds over all positions (interleaved, so that load from other "
+                        "processes spreads over all positions alike)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before the rounds")
     p.add_argument("--dense-max", type=int, default=262144,
                    help="largest position for the dense cache (memory bound)")
-    p.add_argument("--prefill-chunk-size", type=int, default=1024)
+    p.add_argument("--prefill-chunk-size", type=int, default=None,
+                   help="default: generate's (the largest segment for the slot cache, else 1024)")
+    p.add_argument("--no-compact", action="store_true",
+                   help="skip the 'compact' layer cache (longnet.ops.cache.DilatedLayerCache)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
     return p.parse_args(argv)
 
 
-def time_steps(model, cache, steps: int, warmup: int, device) -> list[float]:
-    """Seconds of each of ``steps`` single-token cached steps (after ``warmup`` more)."""
-    token = torch.zeros(1, 1, dtype=torch.long, device=device)
-    times = []
-    for i in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        logits = cached_forward(model, token, cache)
-        token = logits.argmax(-1, keepdim=True)  # (1, 1)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
+class Run:
+    """A cache brought to ``P - warmup - rounds * steps`` tokens, then stepped token by token."""
+
+    def __init__(self, model, cache, device):
+        self.model, self.cache, self.device = model, cache, device
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.times: list[float] = []
+
+    def steps(self, count: int, record: bool = True) -> None:
+        for _ in range(count):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            logits = cached_forward(self.model, self.token, self.cache)
+            self.token = logits.argmax(-1, keepdim=True)  # (1, 1)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            if record:
+                self.times.append(time.perf_counter() - t)
+
+    def result(self, P: int) -> dict:
+        if int(self.cache.lengths[0]) != P:  # the timed steps ended at position P - 1
+            raise RuntimeError(f"expected {P} tokens in the cache, got {int(self.cache.lengths[0])}")
+        t = self.times
+        return {"ms_per_token": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t),
+                "ms_mean": 1e3 * statistics.fmean(t), "timed_steps": len(t),
+                "cache_bytes": self.cache.nbytes, "cache_bytes_bound": self.cache.max_nbytes}
 
 
-def bench_dilated(model, P: int, args, device) -> dict:
-    before = P - args.steps - args.warmup
+def start_dilated(model, P: int, args, device, layer_cache: str) -> tuple[Run, float]:
+    """Prefill a random prompt (real model, generate's chunked prefill); seconds it took."""
+    before = P - args.warmup - args.rounds * args.steps
     g = torch.Generator().manual_seed(P)
     prompt = torch.randint(0, model.config.vocab_size, (1, before), generator=g).to(device)
-    cache = model.make_cache(1)
+    cache = model.make_cache(1, layer_cache=layer_cache)
     t = time.perf_counter()
     model.generate(prompt, 1, cache=cache, prefill_chunk_size=args.prefill_chunk_size)
-    prefill_s = time.perf_counter() - t
-    fed = sum(int((pos >= 0).any(1).sum()) for pos in cache.layers[0].positions)
-    times = time_steps(model, cache, args.steps, args.warmup, device)
-    return {"ms_per_token": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
-            "ms_mean": 1e3 * statistics.fmean(times), "cache_bytes": cache.nbytes,
-            "cache_bytes_bound": cache.max_nbytes, "prefill_s": prefill_s,
-            "position_after": int(cache.lengths[0]), "first_branch_slots": fed}
+    return Run(model, cache, device), time.perf_counter() - t
 
 
 def bench_dense(model, P: int, args, device) -> dict:
-    before = P - args.steps - args.warmup
+    """Dense KV cache filled with random keys/values to ``P - steps``, then timed steps."""
+    total = args.rounds * args.steps
     cache = model.make_cache(1)
     g = torch.Generator().manual_seed(P)
     for layer in cache.layers:
-        layer.fill_(before, capacity=P, generator=g)
-    cache.lengths[:] = before
-    times = time_steps(model, cache, args.steps, args.warmup, device)
-    return {"ms_per_token": 1e3 * statistics.median(times), "ms_min": 1e3 * min(times),
-            "ms_mean": 1e3 * statistics.fmean(times), "cache_bytes": cache.nbytes}
+        layer.fill_(P - args.warmup - total, capacity=P, generator=g)
+    cache.lengths[:] = P - args.warmup - total
+    run = Run(model, cache, device)
+    run.steps(args.warmup, record=False)
+    run.steps(total)
+    return run.result(P)
 
 
 def plot(results: dict, path: Path) -> None:
@@ -106,7 +125,8 @@ def plot(results: dict, path: Path) -> None:
 
     rows = results["rows"]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("dilated", "dilated KV cache"), ("dense", "dense KV cache")):
+    for key, label in (("dilated", "dilated KV cache (slots)"),
+                       ("compact", "dilated KV cache (compact)"), ("dense", "dense KV cache")):
         pts = [(r["position"], r[key]) for r in rows if r.get(key)]
         if not pts:
             continue
@@ -134,8 +154,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     positions = sorted(int(p) for p in args.positions.split(","))
-    if min(positions) <= args.steps + args.warmup:
-        raise SystemExit(f"positions must exceed steps + warmup ({args.steps + args.warmup})")
+    if min(positions) <= args.rounds * args.steps + args.warmup:
+        raise SystemExit(f"positions must exceed rounds * steps + warmup "
+                         f"({args.rounds * args.steps + args.warmup})")
     torch.manual_seed(0)
     config = LongNetConfig.from_preset(args.preset)
     dilated = LongNetLM(config).to(device).eval()
@@ -147,20 +168,40 @@ def main(argv=None) -> int:
         name = torch.cuda.get_device_name(device)
     rows = []
     print(f"{args.preset}: {dilated.num_parameters():,} parameters, segments "
-          f"{config.segment_lengths}, dilations {config.dilation_rates}; {args.steps} steps per "
-          f"position, {torch.get_num_threads()} threads on {name}", flush=True)
-    print(f"{'position':>9} | {'dilated ms/tok':>14} {'cache MiB':>9} {'prefill s':>9} | "
-          f"{'dense ms/tok':>12} {'cache MiB':>9}", flush=True)
+          f"{config.segment_lengths}, dilations {config.dilation_rates}; {args.rounds} x "
+          f"{args.steps} timed steps per position (median), {torch.get_num_threads()} threads on "
+          f"{name}", flush=True)
+    print(f"{'position':>9} | {'slots ms/tok':>12} {'MiB':>6} {'prefill s':>9} | "
+          f"{'compact ms/tok':>14} {'MiB':>6} {'prefill s':>9} | {'dense ms/tok':>12} "
+          f"{'MiB':>7}", flush=True)
+    kinds = ["dilated"] + ([] if args.no_compact else ["compact"])
+    names = {"dilated": "slots", "compact": "compact"}
+    runs, prefill = {}, {}
+    for P in positions:  # bring every dilated cache to its position (bounded memory each)
+        for kind in kinds:
+            runs[P, kind], prefill[P, kind] = start_dilated(dilated, P, args, device, names[kind])
+            runs[P, kind].steps(args.warmup, record=False)
+    for r in range(args.rounds):  # interleaved timing
+        order = positions if r % 2 == 0 else positions[::-1]
+        for P in order:
+            for kind in kinds:
+                runs[P, kind].steps(args.steps)
     for P in positions:
-        row = {"position": P, "dilated": bench_dilated(dilated, P, args, device)}
+        row = {"position": P}
+        for kind in ("dilated", "compact"):
+            row[kind] = None
+            if kind in kinds:
+                row[kind] = {**runs[P, kind].result(P), "prefill_s": prefill[P, kind]}
+                del runs[P, kind]  # free its memory
         row["dense"] = bench_dense(dense, P, args, device) if P <= args.dense_max else None
         rows.append(row)
-        d, e = row["dilated"], row["dense"]
-        dense_txt = (f"{e['ms_per_token']:>12.2f} {e['cache_bytes'] / 2 ** 20:>9.1f}" if e
-                     else f"{'-':>12} {'-':>9}")
-        print(f"{P:>9} | {d['ms_per_token']:>14.2f} {d['cache_bytes'] / 2 ** 20:>9.2f} "
-              f"{d['prefill_s']:>9.2f} | {dense_txt}", flush=True)
-    flat = [r["dilated"] for r in rows if r["position"] >= W]
+        d, c, e = row["dilated"], row["compact"], row["dense"]
+        c_txt = (f"{c['ms_per_token']:>14.2f} {c['cache_bytes'] / 2 ** 20:>6.2f} "
+                 f"{c['prefill_s']:>9.2f}" if c else f"{'-':>14} {'-':>6} {'-':>9}")
+        e_txt = (f"{e['ms_per_token']:>12.2f} {e['cache_bytes'] / 2 ** 20:>7.1f}" if e
+                 else f"{'-':>12} {'-':>7}")
+        print(f"{P:>9} | {d['ms_per_token']:>12.2f} {d['cache_bytes'] / 2 ** 20:>6.2f} "
+              f"{d['prefill_s']:>9.2f} | {c_txt} | {e_txt}", flush=True)
     summary = {
         "benchmark": "decode", "device": args.device, "model": args.preset,
         "largest_segment": W, "positions": [r["position"] for r in rows],
@@ -168,15 +209,25 @@ def main(argv=None) -> int:
         "dense_ms_per_token": [round(r["dense"]["ms_per_token"], 3) if r["dense"] else None
                                for r in rows],
         "dilated_cache_bytes": [r["dilated"]["cache_bytes"] for r in rows],
+        "compact_ms_per_token": [round(r["compact"]["ms_per_token"], 3) if r["compact"] else None
+                                 for r in rows],
+        "compact_cache_bytes": [r["compact"]["cache_bytes"] if r["compact"] else None
+                                for r in rows],
         "dense_cache_bytes": [r["dense"]["cache_bytes"] if r["dense"] else None for r in rows],
     }
-    if flat:
-        ms = [f["ms_per_token"] for f in flat]
-        summary["latency_spread_from_largest_segment"] = round(max(ms) / min(ms) - 1, 4)
-        summary["cache_bytes_constant_from_largest_segment"] = len(
-            {f["cache_bytes"] for f in flat}) == 1
+    for key in ("dilated", "compact"):
+        flat = [r[key] for r in rows if r["position"] >= W and r[key]]
+        if flat:
+            ms = [f["ms_per_token"] for f in flat]
+            summary[f"{key}_latency_spread_from_largest_segment"] = round(max(ms) / min(ms) - 1, 4)
+            best = [f["ms_min"] for f in flat]
+            summary[f"{key}_min_latency_spread_from_largest_segment"] = round(
+                max(best) / min(best) - 1, 4)
+            summary[f"{key}_cache_bytes_constant_from_largest_segment"] = len(
+                {f["cache_bytes"] for f in flat}) == 1
     results = {**summary, "rows": rows, "device_name": name, "threads": torch.get_num_threads(),
-               "torch": torch.__version__, "steps": args.steps, "warmup": args.warmup,
+               "torch": torch.__version__, "steps": args.steps, "rounds": args.rounds,
+               "warmup": args.warmup,
                "prefill_chunk_size": args.prefill_chunk_size, "config": config.to_dict(),
                "dense_config_changes": {"attention": "dense", "position": "rope"}}
     out = Path(args.out)
