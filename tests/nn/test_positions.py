@@ -95,7 +95,7 @@ def test_xpos_overflow_is_refused():
         pos.rotate(x.half(), 3000, is_query=True)
     # with blocks the exponent stays within block / 2 at any position
     XPosPositions(16, block=4096).rotate(x, 10 ** 7, is_query=True)
-    assert XPosPositions(16, block=8).max_exponent(10 ** 6, 100) == pytest.approx(
+    assert XPosPositions(16, block=8).max_exponent(10 ** 6, 10 ** 6 + 99) == pytest.approx(
         4 / 512 * -math.log(0.4 / 1.4))
 
 
@@ -108,3 +108,20 @@ def test_bad_arguments():
         build_positions("alibi", 8)
     q = torch.randn(1, 1, 3, 8)
     assert NoPositions()(q, q)[0] is q
+
+
+@pytest.mark.parametrize("make", [lambda: RotaryPositions(8), lambda: XPosPositions(8, block=8)])
+def test_explicit_per_sequence_positions(make):
+    """(B, N) positions give each sequence its own positions (a cache of left-padded prompts)."""
+    pos = make()
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [9, 10, 11, 12, 13]])
+    y = pos.rotate(x, is_query=True, positions=positions)
+    torch.testing.assert_close(y[0], pos.rotate(x[:1], 0, is_query=True, block_origin=0)[0])
+    torch.testing.assert_close(y[1], pos.rotate(x[1:], 9, is_query=True, block_origin=0)[0])
+    torch.testing.assert_close(pos.rotate(x, is_query=False, positions=positions[1]),
+                               pos.rotate(x, 9, is_query=False, block_origin=0))
+    with pytest.raises(ValueError, match="positions"):
+        pos.rotate(x, is_query=True, positions=positions[:, :4])
+    with pytest.raises(ValueError, match="XPos"):
+        XPosPositions(8).rotate(x.float(), is_query=True, positions=positions * 10 ** 4)

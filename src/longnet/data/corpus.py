@@ -264,7 +264,9 @@ class Corpus:
                 except (json.JSONDecodeError, UnicodeDecodeError) as error:
                     raise ValueError(f"--data: {where} is not valid JSON: {error}") from error
                 if not isinstance(record, dict) or "text" not in record:
-                    raise ValueError(f'--data: {where} has no "text" field (each JSONL line must be an object with "text")')
+                    raise ValueError(
+                        f'--data: {where} has no "text" field (each JSONL line must be an object with "text")'
+                    )
                 text = record["text"]
                 if not isinstance(text, str):
                     raise ValueError(f'--data: {where}: "text" must be a string, got {type(text).__name__}')

@@ -310,7 +310,7 @@ def _load_complete(directory: Path, key: str) -> PreparedData | None:
     tokenizer = Tokenizer.load(tokenizer_path)
     if tokenizer.sha256() != manifest["tokenizer"]["sha256"]:
         return None
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         path = directory / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["size"]:
             return None

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from longnet.models.config import LongNetConfig
 
-__all__ = ["CheckpointError", "save_model", "load_model", "WEIGHTS_NAME", "CONFIG_NAME"]
+__all__ = ["CheckpointError", "save_model", "read_config", "load_weights", "WEIGHTS_NAME", "CONFIG_NAME"]
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

@@ -263,11 +263,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(vocab_size=8192, embed_dim=384, num_layers=6, num_heads=6, ffn_dim=1536,
                   segment_lengths=(128, 256, 512, 1024, 2048), dilation_rates=(1, 2, 4, 6, 6),
                   max_train_length=2048),  # ~14M with vocab 8192
-    # Prov-GigaPath-like slide encoder: 12 layers, 768 wide, 16 heads, r = 1..16; positions are
-    # expected in the input embeddings (the slide encoder adds 2-D ones), none in attention
+    # Prov-GigaPath-like slide encoder: 12 layers, 768 wide, 16 heads, segments growing
+    # geometrically from 1024 to 2^20 with r = 1..16; positions are expected in the input
+    # embeddings (the slide encoder adds 2-D ones), none in attention
     "gigapath-slide": dict(vocab_size=None, embed_dim=768, num_layers=12, num_heads=16,
-                           ffn_dim=3072, segment_lengths=(1024, 4096, 16384, 65536, 262144),
+                           ffn_dim=3072,
+                           segment_lengths=(1024, 5792, 32768, 185363, 1048576),
                            dilation_rates=(1, 2, 4, 8, 16), position="none",
-                           max_train_length=262144),
+                           max_train_length=1048576),
 }
 """Named presets for :meth:`LongNetConfig.from_preset`: field -> value overrides of the defaults."""

@@ -9,7 +9,7 @@ by ``zeta_i^(p/s)`` and of the key by ``zeta_i^(-p/s)``, with
 ``zeta_i = (2i/D + gamma) / (1 + gamma)`` (``gamma = 0.4``, scale base ``s = 512``), so the score
 carries ``zeta_i^((m - n)/s)``: a decay with distance for causal attention (``m >= n``).
 
-The exponent grows with the absolute position and overflows float32 near position 36K. Only
+The exponent grows with the absolute position and overflows float32 near position 35K. Only
 ``m - n`` matters, so any reference point ``c`` common to query and key may be subtracted. With
 ``block`` set (the models use the largest segment length when every segment length divides it),
 ``c`` is the centre of the ``block``-long block holding the position (blocks counted from the
@@ -34,18 +34,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def _positions(offset: int, length: int, device) -> torch.Tensor:
-    return torch.arange(offset, offset + length, device=device, dtype=torch.float64)
-
-
 class NoPositions(nn.Module):
     """No positional information: queries and keys pass through unchanged."""
 
     def rotate(self, x: torch.Tensor, position_offset: int = 0, *, is_query: bool,
+               positions: torch.Tensor | None = None,
                block_origin: int | None = None) -> torch.Tensor:
         return x
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0, *,
+                positions: torch.Tensor | None = None, block_origin: int | None = None):
         return query, key
 
 
@@ -67,46 +65,72 @@ class RotaryPositions(nn.Module):
         self.theta = float(theta)
 
     def _angles(self, pos: torch.Tensor) -> torch.Tensor:
-        """(N,) float64 positions -> (N, D) float64 angles (rotate-half layout)."""
+        """(..., N) float64 positions -> (..., N, D) float64 angles (rotate-half layout)."""
         i = torch.arange(0, self.head_dim, 2, device=pos.device, dtype=torch.float64)
         inv_freq = self.theta ** (-i / self.head_dim)  # (D/2,)
-        ang = pos[:, None] * inv_freq[None, :]  # (N, D/2)
+        ang = pos[..., None] * inv_freq  # (..., N, D/2)
         return torch.cat((ang, ang), dim=-1)
 
-    def _scale(self, pos: torch.Tensor, offset: int, length: int, dtype: torch.dtype,
-               origin: int) -> torch.Tensor | None:
+    def _scale(self, pos: torch.Tensor, origin: int, span: tuple[int, int] | None,
+               dtype: torch.dtype) -> torch.Tensor | None:
+        """Per-position query scale (..., N, D) (keys use its inverse); ``None``: no scale."""
         return None
 
     def rotate(self, x: torch.Tensor, position_offset: int = 0, *, is_query: bool,
+               positions: torch.Tensor | None = None,
                block_origin: int | None = None) -> torch.Tensor:
-        """Apply positions ``position_offset + arange(N)`` to ``x`` (B, H, N, D).
+        """Apply positions to ``x`` (B, H, N, D).
 
-        ``block_origin`` (XPos only): where the grid of reference blocks starts; default
-        ``position_offset``, matching the operator, whose segments start at the chunk's first
-        position. A cache whose segments are absolute passes ``0``.
+        Args:
+            position_offset: positions are ``position_offset + arange(N)``.
+            is_query: queries and keys differ for XPos (inverse scales).
+            positions: instead, explicit integer positions, (N,) or per sequence (B, N)
+                (a cache decoding sequences of different lengths).
+            block_origin: XPos only, where the grid of reference blocks starts. Default:
+                ``position_offset`` (the operator's segments start at the chunk's first
+                position), or 0 with explicit ``positions`` (absolute segments, as a cache).
         """
-        if x.shape[-1] != self.head_dim:
-            raise ValueError(f"expected head dim {self.head_dim}, got {x.shape[-1]}")
-        if isinstance(position_offset, bool) or int(position_offset) != position_offset \
-                or position_offset < 0:
-            raise ValueError(f"position_offset must be a non-negative int, got {position_offset}")
-        pos = _positions(int(position_offset), x.shape[-2], x.device)
-        ang = self._angles(pos)  # (N, D)
-        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        if x.dim() != 4 or x.shape[-1] != self.head_dim:
+            raise ValueError(f"x must be (batch, heads, length, {self.head_dim}), "
+                             f"got {tuple(x.shape)}")
+        N = x.shape[-2]
+        if positions is None:
+            if isinstance(position_offset, bool) or int(position_offset) != position_offset \
+                    or position_offset < 0:
+                raise ValueError(f"position_offset must be a non-negative int, "
+                                 f"got {position_offset}")
+            offset = int(position_offset)
+            origin = offset if block_origin is None else int(block_origin)
+            pos = torch.arange(offset, offset + N, device=x.device, dtype=torch.float64)
+            span = (offset - origin, offset - origin + N - 1)  # relative to the block grid
+        else:
+            if not isinstance(positions, torch.Tensor) or positions.is_floating_point() or \
+                    positions.dtype == torch.bool or positions.shape not in ((N,), (x.shape[0], N)):
+                raise ValueError(f"positions must be an integer tensor of shape ({N},) or "
+                                 f"({x.shape[0]}, {N}), got {positions!r:.80}")
+            origin = 0 if block_origin is None else int(block_origin)
+            pos = positions.to(device=x.device, dtype=torch.float64)
+            span = None
+        ang = self._angles(pos)  # (N, D) or (B, N, D)
         cos, sin = ang.cos(), ang.sin()
-        origin = int(position_offset) if block_origin is None else int(block_origin)
-        scale = self._scale(pos, int(position_offset) - origin, x.shape[-2], x.dtype, origin)
+        scale = self._scale(pos, origin, span, x.dtype)
         if scale is not None:
             scale = scale if is_query else 1.0 / scale
             cos, sin = cos * scale, sin * scale
+        if pos.dim() == 2:  # per sequence: broadcast over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (B, 1, N, D)
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
         xf = x.to(work)
         out = xf * cos.to(work) + rotate_half(xf) * sin.to(work)
         return out.to(x.dtype)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0):
+    def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0, *,
+                positions: torch.Tensor | None = None, block_origin: int | None = None):
         """``(query, key)`` (B, H, N, D) and (B, Hkv, N, D) with positions applied."""
-        return (self.rotate(query, position_offset, is_query=True),
-                self.rotate(key, position_offset, is_query=False))
+        return (self.rotate(query, position_offset, is_query=True, positions=positions,
+                            block_origin=block_origin),
+                self.rotate(key, position_offset, is_query=False, positions=positions,
+                            block_origin=block_origin))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}"
@@ -150,24 +174,27 @@ class XPosPositions(RotaryPositions):
         start = torch.div(local, self.block, rounding_mode="floor") * self.block
         return local - start - (self.block // 2)
 
-    def max_exponent(self, offset: int, length: int) -> float:
-        """Largest ``|log scale|`` over positions ``[offset, offset + length)`` counted from the
-        block origin (plain arithmetic, no tensor is read)."""
-        if length < 1:
+    def max_exponent(self, first: int, last: int) -> float:
+        """Largest ``|log scale|`` over the positions ``first..last`` counted from the block
+        origin (plain arithmetic, no tensor is read)."""
+        if last < first:
             return 0.0
-        last = offset + length - 1
         if self.block is None:
-            far = last
-        elif offset // self.block != last // self.block:
+            far = max(abs(first), abs(last))
+        elif first // self.block != last // self.block:
             far = self.block // 2
         else:
-            start = offset // self.block * self.block + self.block // 2
-            far = max(abs(offset - start), abs(last - start))
+            centre = first // self.block * self.block + self.block // 2
+            far = max(abs(first - centre), abs(last - centre))
         return far / self.scale_base * -math.log(self.gamma / (1.0 + self.gamma))
 
-    def _scale(self, pos: torch.Tensor, offset: int, length: int, dtype: torch.dtype,
-               origin: int) -> torch.Tensor:
-        worst = self.max_exponent(offset + (origin if self.block is None else 0), length)
+    def _scale(self, pos: torch.Tensor, origin: int, span: tuple[int, int] | None,
+               dtype: torch.dtype) -> torch.Tensor:
+        if span is None:  # explicit positions: read their range (one sync)
+            rel = pos - origin
+            span = (int(rel.min()), int(rel.max())) if rel.numel() else (0, -1)
+        worst = self.max_exponent(*span) if self.block is not None else self.max_exponent(
+            span[0] + origin, span[1] + origin)
         limit = math.log(torch.finfo(dtype).max) - 4.0  # keep e^4 headroom for |q|, |k|
         if worst > limit:
             raise ValueError(
@@ -176,7 +203,7 @@ class XPosPositions(RotaryPositions):
                 f"positions are measured inside blocks), a larger xpos_scale_base, a wider dtype, "
                 f"or position='rope'")
         rel = self.relative(pos, origin)
-        return (rel[:, None] / self.scale_base * self._log_zeta(pos.device)[None, :]).exp()
+        return (rel[..., None] / self.scale_base * self._log_zeta(pos.device)).exp()  # (..., N, D)
 
     def extra_repr(self) -> str:
         return (f"head_dim={self.head_dim}, theta={self.theta}, scale_base={self.scale_base}, "
