@@ -23,26 +23,6 @@ __all__ = ["generate", "cached_forward", "sample_next_token"]
 
 
 # ------------------------------------------------------------------------------------ forward
-def _rotate(attn, x: torch.Tensor, first: torch.Tensor, offsets: torch.Tensor,
-            is_query: bool) -> torch.Tensor:
-    """Positions on x (B, h, n, D): row b's columns ``first[b]:`` get ``offsets[b] + arange``.
-
-    Columns before ``first[b]`` (padding) are left as they are. Segments and XPos blocks are
-    absolute, so the block grid starts at position 0 (``block_origin=0``), as in a forward over
-    the whole sequence.
-    """
-    n = x.shape[2]
-    first_l, off_l = first.tolist(), offsets.tolist()
-    if all(f == 0 for f in first_l) and all(o == off_l[0] for o in off_l):
-        return attn.positions.rotate(x, off_l[0], is_query=is_query, block_origin=0)
-    out = x.clone()
-    for b, (f, o) in enumerate(zip(first_l, off_l)):
-        if f < n:
-            out[b:b + 1, :, f:] = attn.positions.rotate(x[b:b + 1, :, f:], o, is_query=is_query,
-                                                        block_origin=0)
-    return out
-
-
 def _check_suffix(valid: torch.Tensor) -> torch.Tensor:
     """Count of real tokens per row (B,), checking they form a suffix of the row."""
     count = valid.sum(1)  # (B,)
@@ -91,6 +71,7 @@ def cached_forward(model, input_ids: torch.Tensor, cache: DilatedKVCache,
     starts = cache.lengths  # (B,) position of each row's first real token here
     # (B, n): consecutive per row; padding columns get earlier (possibly negative) positions
     positions = (starts - first)[:, None] + torch.arange(n, device=input_ids.device)[None, :]
+    rotary_positions = positions.clamp(min=0)
 
     x = model.embed(input_ids)  # (B, n, E)
     x = torch.where(valid.unsqueeze(-1), x, torch.zeros_like(x))
@@ -99,8 +80,9 @@ def cached_forward(model, input_ids: torch.Tensor, cache: DilatedKVCache,
     for block, layer in zip(model.blocks, cache.layers):
         attn = block.attn
         q, k, v = attn.project(block.attn_norm(x))  # (B, H, n, D), (B, Hkv, n, D) x 2
-        q = _rotate(attn, q, first, starts, is_query=True)
-        k = _rotate(attn, k, first, starts, is_query=False)
+        # per-sequence absolute positions (segments and XPos blocks start at position 0, as in
+        # a forward over the whole sequence); padding columns get 0 (never read)
+        q, k = attn.apply_positions(q, k, positions=rotary_positions)
         a = layer.attend(q, k, v, positions, valid)  # (B, H, n, D)
         x = x + attn.output(a)
         x = x + block.ffn(block.ffn_norm(x))
