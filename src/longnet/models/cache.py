@@ -75,6 +75,10 @@ class SlotLayerCache:
                                     for _ in range(n)], dtype=torch.long, device=device)
         self.slot_r = torch.tensor([r for r, n in zip(pattern.dilation_rates, sizes)
                                     for _ in range(n)], dtype=torch.long, device=device)
+        # per branch: segment length, dilation rate, first slot, (nb,)
+        self.branch_w = torch.tensor(pattern.segment_lengths, dtype=torch.long, device=device)
+        self.branch_r = torch.tensor(pattern.dilation_rates, dtype=torch.long, device=device)
+        self.branch_first = torch.tensor(self.offsets, dtype=torch.long, device=device)
         self.period = math.lcm(*pattern.segment_lengths)  # every segment starts at its multiples
         self.max_chunk = 256  # query rows per unaligned sub-chunk: (B, H, 256, S + 256) scores
 
@@ -98,19 +102,20 @@ class SlotLayerCache:
         """Store the new tokens that later queries can read: those of each row's last segment."""
         B, H, n, _ = k_new.shape
         last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(1)  # (B,)
-        heads = torch.arange(H, device=positions.device).view(1, H, 1)
-        p = positions[:, None, :]  # (B, 1, n)
-        for b, (w, r) in enumerate(self.pattern.branches):
-            write = (valid[:, None, :] & ((p % w) % r == heads % r)
-                     & (torch.div(p, w, rounding_mode="floor")
-                        == torch.div(last, w, rounding_mode="floor")[:, None, None]))
-            bi, hi, ti = write.nonzero(as_tuple=True)
-            if bi.numel() == 0:
-                continue
-            slot = self.offsets[b] + torch.div(positions[bi, ti] % w, r, rounding_mode="floor")
-            self.keys[bi, hi, slot] = k_new[bi, hi, ti]
-            self.values[bi, hi, slot] = v_new[bi, hi, ti]
-            self.positions[bi, hi, slot] = positions[bi, ti]
+        w, r, first = self.branch_w, self.branch_r, self.branch_first  # (nb,) each
+        heads = torch.arange(H, device=positions.device).view(1, H, 1, 1)
+        p = positions[:, None, :, None]  # (B, 1, n, 1)
+        write = (valid[:, None, :, None] & ((p % w) % r == heads % r)
+                 & (torch.div(p, w, rounding_mode="floor")
+                    == torch.div(last.view(B, 1, 1, 1), w, rounding_mode="floor")))  # (B,H,n,nb)
+        bi, hi, ti, br = write.nonzero(as_tuple=True)
+        if bi.numel() == 0:
+            return
+        pos = positions[bi, ti]
+        slot = first[br] + torch.div(pos % w[br], r[br], rounding_mode="floor")
+        self.keys[bi, hi, slot] = k_new[bi, hi, ti]
+        self.values[bi, hi, slot] = v_new[bi, hi, ti]
+        self.positions[bi, hi, slot] = pos
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                positions: torch.Tensor, valid: torch.Tensor | None = None,
