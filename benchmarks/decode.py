@@ -48,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", help="model preset (default: small)")
     p.add_argument("--positions", default=",".join(str(2 ** k) for k in range(10, 21)),
                    help="comma-separated context positions (default: 1K..1M, powers of 2)")
-    p.add_argument("--steps", type=int, default=8,
+    p.add_argument("--steps", type=int, default=4,
                    help="timed single-token steps per position and round")
-    p.add_argument("--rounds", type=int, default=5,
+    p.add_argument("--rounds", type=int, default=10,
                    help="rounds over all positions (interleaved, so that load from other "
                         "processes spreads over all positions alike)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before the rounds")
@@ -236,6 +236,9 @@ def main(argv=None) -> int:
         if flat:
             ms = [f["ms_per_token"] for f in flat]
             summary[f"{key}_latency_spread_from_largest_segment"] = round(max(ms) / min(ms) - 1, 4)
+            mid = statistics.median(ms)
+            summary[f"{key}_latency_max_deviation_from_median"] = round(
+                max(abs(m / mid - 1) for m in ms), 4)
             cpu = [f["cpu_ms_per_token"] for f in flat]
             summary[f"{key}_cpu_latency_spread_from_largest_segment"] = round(
                 max(cpu) / min(cpu) - 1, 4)
