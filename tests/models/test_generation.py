@@ -81,6 +81,8 @@ def test_greedy_generation_picks_the_argmax_of_recomputation(attention):
     logits = full_logits(model, out)  # (2, N + T, V)
     N = prompt.shape[1]
     assert torch.equal(out[:, N:], logits[:, N - 1:-1].argmax(-1))
+    # default chunks (the period, 16): the prompt's last 16-segment runs the operator at once
+    assert torch.equal(model.generate(prompt, 2 * TOP), out)
 
 
 def test_prompt_prefix_before_the_last_top_segment_is_skipped_exactly():
