@@ -9,6 +9,7 @@ import sys
 # subcommand name -> module under longnet.cli (imported only when that subcommand runs)
 SUBCOMMANDS = {
     "bench": ("longnet.cli.bench", "benchmark dilated attention against dense attention"),
+    "generate": ("longnet.cli.generate", "continue a prompt with a trained model (streamed)"),
     "plan": ("longnet.cli.plan", "per-device memory, FLOPs and communication of sequence-parallel LongNet"),
 }
 
