@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     c.add_argument("--no-causal", dest="causal", action="store_const", const="noncausal",
                    help="non-causal only")
     c.add_argument("--both", dest="causal", action="store_const", const="both",
-                   help="causal and non-causal (default)")
+                   help="causal and non-causal")
     parser.set_defaults(causal="both")
     parser.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
                         help="forward only (no_grad), forward+backward, or both")
