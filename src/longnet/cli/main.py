@@ -9,6 +9,8 @@ import sys
 # subcommand name -> module under longnet.cli (imported only when that subcommand runs)
 SUBCOMMANDS = {
     "bench": ("longnet.cli.bench", "benchmark dilated attention against dense attention"),
+    "train": ("longnet.cli.train", "train (or resume) a LongNet language model on a text corpus"),
+    "eval": ("longnet.cli.eval", "perplexity of a trained model at several context lengths"),
 }
 
 
