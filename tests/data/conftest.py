@@ -1,15 +1,10 @@
-"""Shared fixtures for the data tests; makes ``src/`` importable without installing."""
+"""Shared fixtures for the data tests."""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
-
-_SRC = Path(__file__).resolve().parents[2] / "src"
-if str(_SRC) not in sys.path:
-    sys.path.insert(0, str(_SRC))
 
 SAMPLE_TEXT = """\
 def greet(name: str) -> str:
@@ -41,6 +36,12 @@ def text_folder(tmp_path: Path) -> Path:
     (root / "image.bin").write_bytes(bytes(range(256)) * 4)
     (root / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1") * 3)
     return root
+
+
+@pytest.fixture
+def sample_text() -> str:
+    """A short piece of Python with non-ASCII text."""
+    return SAMPLE_TEXT
 
 
 @pytest.fixture(scope="session")

@@ -9,8 +9,6 @@ from hypothesis import strategies as st
 from longnet.data import EOS_TOKEN, Tokenizer, train_tokenizer
 from longnet.data.tokens import encoding_chunks
 
-from conftest import SAMPLE_TEXT
-
 TRICKY = "héllo wörld — 日本語 🚀\n\tx"
 
 
@@ -32,11 +30,11 @@ def test_special_tokens(small_tokenizer):
     assert small_tokenizer.decode([small_tokenizer.eos_id]) == EOS_TOKEN
 
 
-def test_save_load_identical(small_tokenizer, tmp_path):
+def test_save_load_identical(small_tokenizer, tmp_path, sample_text):
     path = small_tokenizer.save(tmp_path / "tok")
     assert path.name == "tokenizer.json"
     loaded = Tokenizer.load(tmp_path / "tok")
-    for text in (TRICKY, SAMPLE_TEXT, f"x{EOS_TOKEN}y"):
+    for text in (TRICKY, sample_text, f"x{EOS_TOKEN}y"):
         assert loaded.encode(text) == small_tokenizer.encode(text)
     assert loaded.sha256() == small_tokenizer.sha256()
     assert loaded.encode_batch([TRICKY, "z"]) == [small_tokenizer.encode(TRICKY), small_tokenizer.encode("z")]
@@ -44,14 +42,14 @@ def test_save_load_identical(small_tokenizer, tmp_path):
         Tokenizer.load(tmp_path / "missing")
 
 
-def test_training_cap_and_errors():
-    capped = train_tokenizer([SAMPLE_TEXT * 50], 400, max_train_bytes=64)
-    full = train_tokenizer([SAMPLE_TEXT * 50], 400)
+def test_training_cap_and_errors(sample_text):
+    capped = train_tokenizer([sample_text * 50], 400, max_train_bytes=64)
+    full = train_tokenizer([sample_text * 50], 400)
     assert capped.vocab_size < full.vocab_size  # 64 bytes cannot fill the vocabulary
     with pytest.raises(ValueError, match="vocab_size"):
-        train_tokenizer([SAMPLE_TEXT], 100)
+        train_tokenizer([sample_text], 100)
     with pytest.raises(TypeError, match="vocab_size"):
-        train_tokenizer([SAMPLE_TEXT], 300.0)
+        train_tokenizer([sample_text], 300.0)
     with pytest.raises(ValueError, match="empty"):
         train_tokenizer([], 300)
     with pytest.raises(TypeError, match="text"):

@@ -113,3 +113,22 @@ def test_prepare_rejects_bad_arguments(tmp_path):
         prepare_data("stdlib", tmp_path, tokenizer="gpt2")
     with pytest.raises(ValueError, match="does not exist"):
         prepare_data(str(tmp_path / "missing"), tmp_path)
+    with pytest.raises(ValueError, match="vocab_size"):
+        prepare_data("stdlib", tmp_path, vocab_size=10)
+    assert not list(tmp_path.iterdir())  # rejected before creating anything
+
+
+def test_empty_training_split_is_a_clear_error(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("a single document\n")
+    corpus = load_corpus(str(path), validation_fraction=0.5, test_fraction=0.49999)
+    assert corpus.split_of("one.txt") != "train"
+    with pytest.raises(ValueError, match="training split .* is empty"):
+        prepare_data(corpus, tmp_path / "cache", vocab_size=300, progress=False)
+
+
+def test_tokenizer_training_is_deterministic(text_folder, tmp_path):
+    first = _prepare(text_folder, tmp_path / "a")
+    second = _prepare(text_folder, tmp_path / "b")
+    assert first.tokenizer.sha256() == second.tokenizer.sha256()
+    assert first.paths["train"].read_bytes() == second.paths["train"].read_bytes()

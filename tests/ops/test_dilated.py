@@ -212,7 +212,7 @@ def test_kernels_never_see_more_rows_than_a_segment(monkeypatch):
     q, k, v, _ = _inputs(1, 4, 4, 200, 4)
     dilated_attention(q, k, v, segment_lengths=[8, 32, 64], dilation_rates=[1, 4, 8],
                       backend="math")
-    assert seen == [8, 8, 8]
+    assert seen and max(seen) == 8  # keys per call: ceil(w / r), never N = 200
 
 
 def test_dropout_is_applied_only_when_asked_and_is_seeded():

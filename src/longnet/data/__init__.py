@@ -9,7 +9,15 @@ Typical use::
         ...
 """
 
-from longnet.data.corpus import SPLITS, Corpus, CorpusSplit, Document, load_corpus, split_of, stdlib_root
+from longnet.data.corpus import (
+    SPLITS,
+    Corpus,
+    CorpusSplit,
+    Document,
+    load_corpus,
+    split_of,
+    stdlib_root,
+)
 from longnet.data.loader import EvalBatches, TokenStream, TrainBatches
 from longnet.data.tokenizer import EOS_TOKEN, PAD_TOKEN, Tokenizer, train_tokenizer
 from longnet.data.tokens import PreparedData, prepare_data, token_dtype, write_token_file

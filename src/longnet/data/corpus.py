@@ -136,6 +136,9 @@ class Corpus:
         self.skipped_files: set[str] = set()
         """Files skipped while reading because they are not valid UTF-8 (filled lazily)."""
 
+    def __repr__(self) -> str:
+        return f"Corpus(spec={self.spec!r}, documents={len(self._sources)}, bytes={self.num_bytes:,})"
+
     @property
     def files(self) -> list[Path]:
         """Every file the corpus reads, sorted, deduplicated."""
@@ -174,7 +177,9 @@ class Corpus:
     def keys(self, split: str | None = None) -> list[str]:
         """Document keys of one split (or of all documents), in iteration order.
 
-        Needs no reading except for JSONL files, whose lines are counted (not parsed).
+        Needs no reading except for JSONL files, whose lines are counted (not parsed). Keys of
+        documents that turn out empty (empty files or ``"text": ""``) are listed here but not
+        yielded by :meth:`split`.
         """
         keys: list[str] = []
         for source in self._sources:
@@ -259,7 +264,9 @@ class Corpus:
                 except (json.JSONDecodeError, UnicodeDecodeError) as error:
                     raise ValueError(f"--data: {where} is not valid JSON: {error}") from error
                 if not isinstance(record, dict) or "text" not in record:
-                    raise ValueError(f'--data: {where} has no "text" field (each JSONL line must be an object with "text")')
+                    raise ValueError(
+                        f'--data: {where} has no "text" field (each JSONL line must be an object with "text")'
+                    )
                 text = record["text"]
                 if not isinstance(text, str):
                     raise ValueError(f'--data: {where}: "text" must be a string, got {type(text).__name__}')

@@ -22,8 +22,8 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 TOKENIZER_FILE = "tokenizer.json"
-DEFAULT_MAX_TRAIN_BYTES = 12 * 1024 * 1024
-"""Tokenizer training reads at most this much text (12 MiB: about 40 s for 8192 on 2 cores)."""
+DEFAULT_MAX_TRAIN_BYTES = 16 * 1024 * 1024
+"""Tokenizer training reads at most this much text (16 MiB: about 9 s for 8192 ids on 2 cores)."""
 
 _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 
@@ -106,10 +106,7 @@ def train_tokenizer(
     have been read the last text is cut and the rest ignored (``None``: no cap). The 256 byte
     symbols and the special tokens are always in the vocabulary.
     """
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
-        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
-    if not _MIN_VOCAB <= vocab_size <= 2**32:
-        raise ValueError(f"vocab_size must be in [{_MIN_VOCAB}, 2**32], got {vocab_size}")
+    check_vocab_size(vocab_size)
     if max_train_bytes is not None and max_train_bytes < 1:
         raise ValueError(f"max_train_bytes must be positive or None, got {max_train_bytes}")
     backend = _HFTokenizer(models.BPE())
@@ -127,6 +124,14 @@ def train_tokenizer(
     if counter.bytes_read == 0:
         raise ValueError("cannot train a tokenizer: the training texts are empty")
     return Tokenizer(backend)
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Raise TypeError/ValueError unless ``vocab_size`` is an int in [258, 2**32]."""
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        raise TypeError(f"vocab_size must be an int, got {type(vocab_size).__name__}")
+    if not _MIN_VOCAB <= vocab_size <= 2**32:
+        raise ValueError(f"vocab_size must be in [{_MIN_VOCAB}, 2**32], got {vocab_size}")
 
 
 class _ByteCounter:

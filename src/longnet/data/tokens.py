@@ -34,7 +34,13 @@ from tqdm import tqdm
 from longnet.data.atomic import atomic_open, atomic_write_text
 from longnet.data.corpus import DEFAULT_MAX_DOCUMENT_BYTES, SPLITS, Corpus, Document, load_corpus
 from longnet.data.loader import TokenStream
-from longnet.data.tokenizer import DEFAULT_MAX_TRAIN_BYTES, TOKENIZER_FILE, Tokenizer, train_tokenizer
+from longnet.data.tokenizer import (
+    DEFAULT_MAX_TRAIN_BYTES,
+    TOKENIZER_FILE,
+    Tokenizer,
+    check_vocab_size,
+    train_tokenizer,
+)
 
 try:  # POSIX advisory locks; elsewhere concurrent builders rely on atomic replaces alone
     import fcntl
@@ -116,6 +122,7 @@ def prepare_data(
     if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
         raise TypeError(f"tokenizer must be a longnet.data.Tokenizer, got {type(tokenizer).__name__}")
     if tokenizer is None:
+        check_vocab_size(vocab_size)
         token_config = {
             "train": {"vocab_size": vocab_size, "max_train_bytes": max_train_bytes},
             "tokenizers": tokenizers.__version__,
@@ -124,7 +131,7 @@ def prepare_data(
         token_config = {"given": tokenizer.sha256()}
     fingerprint = {"version": FORMAT_VERSION, "corpus": corpus.fingerprint(), "tokenizer": token_config}
     key = _sha256_json(fingerprint)[:20]
-    directory = Path(cache_dir) / key
+    directory = Path(cache_dir).expanduser() / key
     directory.mkdir(parents=True, exist_ok=True)
     show = sys.stderr.isatty() if progress is None else bool(progress)
 
@@ -273,10 +280,17 @@ def tokenizer_sample(corpus: Corpus, max_bytes: int | None) -> Iterator[str]:
     """Texts of training documents sampled by key hash at a rate filling about ``max_bytes``."""
     estimate = corpus.estimated_bytes("train")
     rate = 1.0 if max_bytes is None or estimate <= max_bytes else max_bytes / estimate
+    seen = 0
     for document in corpus.split("train"):
+        seen += 1
         digest = hashlib.sha256(f"{_SAMPLE_SALT}\0{document.key}".encode("utf-8")).digest()
         if int.from_bytes(digest[:8], "big") / 2.0**64 < rate:
             yield document.text
+    if seen == 0:
+        raise ValueError(
+            f"the training split of --data {corpus.spec!r} is empty: all its documents fell into "
+            "validation/test (splits are by path); add more files or JSONL lines"
+        )
 
 
 def _load_complete(directory: Path, key: str) -> PreparedData | None:
@@ -296,7 +310,7 @@ def _load_complete(directory: Path, key: str) -> PreparedData | None:
     tokenizer = Tokenizer.load(tokenizer_path)
     if tokenizer.sha256() != manifest["tokenizer"]["sha256"]:
         return None
-    for split, entry in manifest["splits"].items():
+    for entry in manifest["splits"].values():
         path = directory / entry["file"]
         if not path.is_file() or path.stat().st_size != entry["size"]:
             return None

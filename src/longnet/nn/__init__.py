@@ -1,5 +1,8 @@
 """Modules with (or around) parameters: attention modules, norms, positions."""
 
 from longnet.nn.attention import DilatedAttention
+from longnet.nn.multihead import MultiheadDilatedAttention
+from longnet.nn.positions import NoPositions, RotaryPositions, XPosPositions
 
-__all__ = ["DilatedAttention"]
+__all__ = ["DilatedAttention", "MultiheadDilatedAttention", "RotaryPositions", "XPosPositions",
+           "NoPositions"]

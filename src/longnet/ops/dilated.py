@@ -19,7 +19,6 @@ operator.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -105,51 +104,150 @@ def _check_scalar_args(scale, dropout_p, is_causal) -> None:
 
 
 # ------------------------------------------------------------------------------ branch plumbing
-@dataclass
-class _Branch:
-    """One branch at one length: its layout and the masks its kernel needs."""
-
-    layout: BranchLayout
-    mask: torch.Tensor | None  # additive (B or 1, H*S, 1, m) in query dtype
-    empty: torch.Tensor | None  # (B or 1, H, T) bool: rows with no key at all
-    rows: tuple[int, int]  # (H * S, m)
+# A branch runs as one or more kernel calls. Each call sees rows (B, G, m, D): G independent
+# groups of m slots (one head's kept positions of one segment). Aligned branches (N % w == 0 and
+# w % r == 0) use strided views, one call per head, so nothing is copied; other branches gather
+# rows with indices (one call for all heads) and pad short segments with masked slots.
 
 
-def _branch(pattern: DilatedPattern, b: int, query: torch.Tensor, is_causal: bool,
-            key_padding_mask: torch.Tensor | None) -> _Branch:
-    B, H, N, _ = query.shape
-    lay = pattern.layout(b, N, H, device=query.device)
-    S, m = lay.num_segments, lay.slots
-    keyok = None
-    if key_padding_mask is not None:
-        keyok = key_padding_mask[:, lay.index]  # (B, H, T)
-        if lay.valid is not None:
-            keyok = keyok & lay.valid
-    elif lay.valid is not None and not is_causal:
-        # causal needs no mask here: invalid slots sit after every valid one of their segment
-        keyok = lay.valid.unsqueeze(0)
-    mask = empty = None
-    if keyok is not None:
-        ok = keyok.reshape(keyok.shape[0], H * S, 1, m)
-        mask = torch.zeros(ok.shape, dtype=query.dtype, device=query.device)
-        mask.masked_fill_(~ok, _NEG_INF)
+class _ViewCall:
+    """Head ``h`` of an aligned branch: rows are the strided view x[:, h, c::r] per segment."""
+
+    def __init__(self, h, hk, c, B, S, w, r, is_causal, key_padding_mask, dtype):
+        self.h, self.hk, self.c, self.B, self.S, self.w, self.r = h, hk, c, B, S, w, r
+        self.mask = self.empty = None
         if key_padding_mask is not None:
-            if is_causal:
-                none = ok.reshape(-1, H, S, m).cumsum(-1) == 0
-            else:
-                none = ~ok.reshape(-1, H, S, 1, m).any(-1).expand(-1, H, S, m)
-            empty = none.reshape(-1, H, S * m)
-    return _Branch(lay, mask, empty, (H * S, m))
+            ok = key_padding_mask.view(B, S, w)[:, :, c::r]  # (B, S, m)
+            self.mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+            self.mask.masked_fill_(~ok, _NEG_INF)
+            self.mask = self.mask.unsqueeze(2)  # (B, S, 1, m)
+            self.empty = (ok.cumsum(-1) == 0) if is_causal else ~ok.any(-1, keepdim=True).expand_as(ok)
+
+    def _view(self, x, head):  # x (B, Hx, >= N, ...) -> (B, S, m, ...)
+        n = self.S * self.w
+        return x[:, head, :n].unflatten(1, (self.S, self.w))[:, :, self.c::self.r]
+
+    def q_rows(self, x):
+        return self._view(x, self.h)
+
+    def kv_rows(self, x):
+        return self._view(x, self.hk)
+
+    def merge_(self, o_acc, l_acc, ob, lb, first):
+        ov, lv = self.q_rows(o_acc), self.q_rows(l_acc)
+        if first:
+            ov.copy_(ob)
+            lv.copy_(lb)
+        else:
+            ov.copy_(_merge(ov, lv, ob, lb)[0])
+            lv.copy_(torch.logaddexp(lv, lb))
+
+    def add_q_(self, buf, g):
+        self.q_rows(buf).add_(g)
+
+    def add_kv_(self, buf, g):
+        self.kv_rows(buf).add_(g)
 
 
-def _gather_rows(x: torch.Tensor, heads: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x (B, Hx, N, D) -> (B, H, T, D): row t of head h is x[:, heads[h], index[h, t]]."""
-    return x[:, heads.unsqueeze(1), index]
+class _GatherCall:
+    """All heads of an unaligned branch: rows gathered by index, short segments padded."""
+
+    def __init__(self, lay: BranchLayout, q_heads, kv_heads, B, N, is_causal, key_padding_mask,
+                 dtype):
+        self.lay, self.q_heads, self.kv_heads, self.B, self.N = lay, q_heads, kv_heads, B, N
+        H = q_heads.shape[0]
+        S, m = lay.num_segments, lay.slots
+        self.shape = (B, H * S, m)
+        self.T = S * m
+        keyok = None
+        if key_padding_mask is not None:
+            keyok = key_padding_mask[:, lay.index]  # (B, H, T)
+            if lay.valid is not None:
+                keyok = keyok & lay.valid
+        elif lay.valid is not None and not is_causal:
+            # causal needs no mask: padded slots sit after every real slot of their segment
+            keyok = lay.valid.unsqueeze(0)
+        self.mask = self.empty = None
+        if keyok is not None:
+            ok = keyok.reshape(keyok.shape[0], H * S, 1, m)
+            self.mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
+            self.mask.masked_fill_(~ok, _NEG_INF)
+            if key_padding_mask is not None:
+                ok = ok.squeeze(2)
+                none = (ok.cumsum(-1) == 0) if is_causal else ~ok.any(-1, keepdim=True).expand_as(ok)
+                self.empty = none  # (B, H*S, m)
+
+    def _rows(self, x, heads):
+        B, G, m = self.shape
+        return x[:, heads.unsqueeze(1), self.lay.index].reshape(B, G, m, *x.shape[3:])
+
+    def q_rows(self, x):
+        return self._rows(x, self.q_heads)
+
+    def kv_rows(self, x):
+        return self._rows(x, self.kv_heads)
+
+    def q_rows_masked(self, x, fill):
+        """Like q_rows, with slots past a segment's end set to ``fill``."""
+        rows = self.q_rows(x)
+        if self.lay.valid is None:
+            return rows
+        valid = self.lay.valid.reshape(1, *self.shape[1:], *([1] * (rows.dim() - 3)))
+        return rows.masked_fill(~valid, fill)
+
+    def merge_(self, o_acc, l_acc, ob, lb, first):
+        B, G, m = self.shape
+        D = ob.shape[-1]
+        H = self.q_heads.shape[0]
+        idx = self.lay.index if self.lay.valid is None else torch.where(
+            self.lay.valid, self.lay.index, self.N)  # padded slots land on the trash row N
+        idx3 = idx.unsqueeze(0).expand(B, H, self.T)
+        idx4 = idx3.unsqueeze(-1).expand(B, H, self.T, D)
+        ob, lb = ob.reshape(B, H, self.T, D), lb.reshape(B, H, self.T)
+        if not first:
+            og, lg = o_acc.gather(2, idx4), l_acc.gather(2, idx3)
+            ob, lb = _merge(og, lg, ob, lb)[0], torch.logaddexp(lg, lb)
+        o_acc.scatter_(2, idx4, ob)
+        l_acc.scatter_(2, idx3, lb)
+
+    def _add(self, buf, heads, g):  # buf (B, Hx, N, D) += rows g; padded slots carry zeros
+        B, Hx, N, D = buf.shape
+        flat = (heads.unsqueeze(1) * N + self.lay.index).reshape(-1)
+        buf.view(B, Hx * N, D).index_add_(1, flat, g.reshape(B, -1, D).to(buf.dtype))
+
+    def add_q_(self, buf, g):
+        self._add(buf, self.q_heads, g)
+
+    def add_kv_(self, buf, g):
+        self._add(buf, self.kv_heads, g)
 
 
-def _head_maps(H: int, Hkv: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    q_heads = torch.arange(H, device=device)
-    return q_heads, q_heads // (H // Hkv)
+def _merge(o_a, l_a, o_b, l_b):
+    """Log-sum-exp merge of two partial attention results (rows with no key stay 0)."""
+    l_new = torch.logaddexp(l_a, l_b)
+    safe = torch.where(torch.isfinite(l_new), l_new, torch.zeros_like(l_new))
+    o_new = o_a * torch.exp(l_a - safe).unsqueeze(-1) + o_b * torch.exp(l_b - safe).unsqueeze(-1)
+    return o_new, l_new
+
+
+def _is_aligned(pattern: DilatedPattern, b: int, N: int) -> bool:
+    w = pattern.effective_segment(b, N)
+    return N % w == 0 and w % pattern.dilation_rates[b] == 0
+
+
+def _calls(pattern, b, query, key, is_causal, key_padding_mask):
+    """The kernel calls of branch ``b`` (see _ViewCall / _GatherCall)."""
+    B, H, N, _ = query.shape
+    Hkv = key.shape[1]
+    r = pattern.dilation_rates[b]
+    if _is_aligned(pattern, b, N):
+        w = pattern.effective_segment(b, N)
+        return [_ViewCall(h, h // (H // Hkv), h % r, B, N // w, w, r, is_causal,
+                          key_padding_mask, query.dtype) for h in range(H)]
+    lay = pattern.layout(b, N, H, device=query.device)
+    q_heads = torch.arange(H, device=query.device)
+    return [_GatherCall(lay, q_heads, q_heads // (H // Hkv), B, N, is_causal, key_padding_mask,
+                        query.dtype)]
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -159,10 +257,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _needs_mask(pattern: DilatedPattern, N: int, is_causal: bool, has_padding: bool) -> bool:
     if has_padding:
         return True
-    if is_causal:
-        return False
-    return any(N % pattern.effective_segment(b, N) or pattern.effective_segment(b, N) % r
-               for b, r in enumerate(pattern.dilation_rates))
+    return not is_causal and not all(_is_aligned(pattern, b, N) for b in range(len(pattern)))
 
 
 def _resolve_backend(backend, query, pattern, is_causal, key_padding_mask) -> AttentionBackend:
@@ -180,42 +275,32 @@ def dilated_attention_forward(
     """Autograd-free forward: ``(out (B, H, N, D), lse (B, H, N), aux)``.
 
     ``lse`` is float32 (float64 for float64 inputs), ``-inf`` for queries with no key.
-    ``aux`` holds per-branch kernel state that :func:`dilated_attention_backward` takes.
+    ``aux`` holds per-call kernel state that :func:`dilated_attention_backward` takes.
     """
     backend = _resolve_backend(backend, query, pattern, is_causal, key_padding_mask)
     B, H, N, D = query.shape
     acc = _acc_dtype(query.dtype)
-    q_heads, kv_heads = _head_maps(H, key.shape[1], query.device)
-    o_acc = torch.zeros(B, H, N + 1, D, dtype=acc, device=query.device)  # row N: trash
-    l_acc = torch.full((B, H, N + 1), _NEG_INF, dtype=acc, device=query.device)
+    trash = int(not all(_is_aligned(pattern, b, N) for b in range(len(pattern))))
+    o_acc = torch.zeros(B, H, N + trash, D, dtype=acc, device=query.device)
+    l_acc = torch.full((B, H, N + trash), _NEG_INF, dtype=acc, device=query.device)
     aux = []
     for b in range(len(pattern)):
-        br = _branch(pattern, b, query, is_causal, key_padding_mask)
-        lay, (G, m) = br.layout, br.rows
-        T = lay.index.shape[1]
-        qb = _gather_rows(query, q_heads, lay.index).view(B, G, m, D)
-        kb = _gather_rows(key, kv_heads, lay.index).view(B, G, m, D)
-        vb = _gather_rows(value, kv_heads, lay.index).view(B, G, m, D)
-        ob, lb, a = backend.forward(qb, kb, vb, br.mask, is_causal, scale)
-        aux.append(a)
-        ob = ob.reshape(B, H, T, D).to(acc)
-        lb = lb.reshape(B, H, T).to(acc)
-        if br.empty is not None:
-            lb = lb.masked_fill(br.empty, _NEG_INF)
-            ob = ob.masked_fill(br.empty.unsqueeze(-1), 0.0)
-        out_idx = lay.index if lay.valid is None else torch.where(lay.valid, lay.index, N)
-        idx3 = out_idx.unsqueeze(0).expand(B, H, T)
-        idx4 = idx3.unsqueeze(-1).expand(B, H, T, D)
-        if b > 0:
-            og, lg = o_acc.gather(2, idx4), l_acc.gather(2, idx3)
-            new_l = torch.logaddexp(lg, lb)
-            safe = torch.where(torch.isfinite(new_l), new_l, torch.zeros_like(new_l))
-            ob = og * torch.exp(lg - safe).unsqueeze(-1) + ob * torch.exp(lb - safe).unsqueeze(-1)
-            lb = new_l
-        o_acc.scatter_(2, idx4, ob)
-        l_acc.scatter_(2, idx3, lb)
-    out = o_acc[:, :, :N].to(query.dtype, memory_format=torch.contiguous_format)
-    return out, l_acc[:, :, :N].contiguous(), aux
+        calls = _calls(pattern, b, query, key, is_causal, key_padding_mask)
+        for call in calls:
+            ob, lb, a = backend.forward(call.q_rows(query), call.kv_rows(key),
+                                        call.kv_rows(value), call.mask, is_causal, scale)
+            aux.append(a)
+            ob, lb = ob.to(acc), lb.to(acc)
+            if call.empty is not None:
+                lb = lb.masked_fill(call.empty, _NEG_INF)
+                ob = ob.masked_fill(call.empty.unsqueeze(-1), 0.0)
+            call.merge_(o_acc, l_acc, ob, lb, first=b == 0)  # calls of a branch are disjoint
+    out = o_acc[:, :, :N]
+    lse = l_acc[:, :, :N]
+    if trash or out.dtype != query.dtype:
+        out = out.to(query.dtype, memory_format=torch.contiguous_format)
+        lse = lse.contiguous()
+    return out, lse, aux
 
 
 def dilated_attention_backward(
@@ -233,67 +318,57 @@ def dilated_attention_backward(
     B, H, N, D = query.shape
     Hkv = key.shape[1]
     acc = _acc_dtype(query.dtype)
-    q_heads, kv_heads = _head_maps(H, Hkv, query.device)
-    d_q = torch.zeros(B, H * N, D, dtype=acc, device=query.device)
-    d_k = torch.zeros(B, Hkv * N, D, dtype=acc, device=query.device)
-    d_v = torch.zeros(B, Hkv * N, D, dtype=acc, device=query.device)
+    d_q = torch.zeros(B, H, N, D, dtype=acc, device=query.device)
+    d_k = torch.zeros(B, Hkv, N, D, dtype=acc, device=query.device)
+    d_v = torch.zeros(B, Hkv, N, D, dtype=acc, device=query.device)
     # rows with no key at all: lse = +inf makes every probability exp(s - lse) exactly 0
     lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
+    n_call = 0
     for b in range(len(pattern)):
-        br = _branch(pattern, b, query, is_causal, key_padding_mask)
-        lay, (G, m) = br.layout, br.rows
-        T = lay.index.shape[1]
-        qb = _gather_rows(query, q_heads, lay.index).view(B, G, m, D)
-        kb = _gather_rows(key, kv_heads, lay.index).view(B, G, m, D)
-        vb = _gather_rows(value, kv_heads, lay.index).view(B, G, m, D)
-        idx3 = lay.index.unsqueeze(0).expand(B, H, T)
-        idx4 = idx3.unsqueeze(-1).expand(B, H, T, D)
-        ob = out.gather(2, idx4)
-        dob = grad_out.gather(2, idx4)
-        lb = lse.gather(2, idx3)
-        if lay.valid is not None:  # slots past a segment's end carry no gradient
-            dob = dob * lay.valid.unsqueeze(-1).to(dob.dtype)
-            lb = lb.masked_fill(~lay.valid, float("inf"))
-        ob, dob, lb = ob.view(B, G, m, D), dob.view(B, G, m, D), lb.view(B, G, m)
-        a = None if aux is None else aux[b]
-        if a is None and backend.name.startswith("cuda"):
-            _, _, a = backend.forward(qb, kb, vb, br.mask, is_causal, scale)
-        dqb, dkb, dvb = backend.backward(dob, qb, kb, vb, ob, lb, a, br.mask, is_causal, scale)
-        dqb, dkb = dqb.to(acc), dkb.to(acc)
-        if grad_lse is not None:
-            dqx, dkx = _lse_grad_terms(grad_lse, lay, br, qb, kb, lb, backend, is_causal, scale)
-            dqb, dkb = dqb + dqx, dkb + dkx
-        q_flat = (q_heads.unsqueeze(1) * N + lay.index).reshape(-1)
-        kv_flat = (kv_heads.unsqueeze(1) * N + lay.index).reshape(-1)
-        d_q.index_add_(1, q_flat, dqb.reshape(B, H * T, D))
-        d_k.index_add_(1, kv_flat, dkb.reshape(B, H * T, D))
-        d_v.index_add_(1, kv_flat, dvb.reshape(B, H * T, D).to(acc))
-    return (d_q.view(B, H, N, D).to(query.dtype), d_k.view(B, Hkv, N, D).to(key.dtype),
-            d_v.view(B, Hkv, N, D).to(value.dtype))
+        for call in _calls(pattern, b, query, key, is_causal, key_padding_mask):
+            qb, kb, vb = call.q_rows(query), call.kv_rows(key), call.kv_rows(value)
+            if isinstance(call, _GatherCall):  # padded slots: no gradient, no probability
+                dob = call.q_rows_masked(grad_out, 0.0)
+                lb = call.q_rows_masked(lse, float("inf"))
+            else:
+                dob, lb = call.q_rows(grad_out), call.q_rows(lse)
+            ob = call.q_rows(out)
+            a = None if aux is None else aux[n_call]
+            n_call += 1
+            if a is None and backend.name.startswith("cuda"):
+                _, _, a = backend.forward(qb, kb, vb, call.mask, is_causal, scale)
+            dqb, dkb, dvb = backend.backward(dob, qb, kb, vb, ob, lb, a, call.mask, is_causal,
+                                             scale)
+            if grad_lse is not None:
+                g = call.q_rows(grad_lse)
+                if isinstance(call, _GatherCall):
+                    g = call.q_rows_masked(grad_lse, 0.0)
+                dqx, dkx = _lse_grad_terms(g, call, qb, kb, lb, backend, is_causal, scale)
+                dqb, dkb = dqb.to(acc) + dqx, dkb.to(acc) + dkx
+            call.add_q_(d_q, dqb)
+            call.add_kv_(d_k, dkb)
+            call.add_kv_(d_v, dvb)
+    return d_q.to(query.dtype), d_k.to(key.dtype), d_v.to(value.dtype)
 
 
-def _lse_grad_terms(grad_lse, lay, br, qb, kb, lb, backend, is_causal, scale):
-    """Extra (dq, dk) of one branch from a gradient on the merged log-sum-exp.
+def _lse_grad_terms(g, call, qb, kb, lb, backend, is_causal, scale):
+    """Extra (dq, dk) rows of one kernel call from a gradient ``g`` on the merged log-sum-exp.
 
-    dL/ds_qk = P_qk (the merged probability), so dq += scale * dL_q * sum_k P_qk k_k and
-    dk += scale * sum_q P_qk dL_q q_q. The first is a forward with value = key (rescaled from the
-    branch's own normaliser to the merged one), the second the value-gradient of a backward.
+    dL/ds_qk = P_qk (the merged probability), so dq += scale * g_q * sum_k P_qk k_k and
+    dk += scale * sum_q P_qk g_q q_q. The first is a forward with value = key (rescaled from the
+    call's own normaliser to the merged one), the second the value-gradient of a backward.
     """
-    B, G, m, D = qb.shape
     acc = _acc_dtype(qb.dtype)
-    g = grad_lse.gather(2, lay.index.unsqueeze(0).expand(B, -1, -1))
-    if lay.valid is not None:
-        g = g * lay.valid.to(g.dtype)
-    g = g.reshape(B, G, m, 1).to(acc)
-    a_k, l_i, aux = backend.forward(qb, kb, kb, br.mask, is_causal, scale)
-    l_i = l_i.reshape(B, G, m).to(acc)
-    if br.empty is not None:
-        l_i = l_i.masked_fill(br.empty.reshape(-1, G, m), _NEG_INF)
-    weight = torch.exp(l_i - lb.to(acc)).unsqueeze(-1)  # P_merged / P_branch, 0 where no key
+    g = g.to(acc).unsqueeze(-1)  # (B, G, m, 1)
+    a_k, l_i, aux = backend.forward(qb, kb, kb, call.mask, is_causal, scale)
+    l_i = l_i.to(acc)
+    if call.empty is not None:
+        l_i = l_i.masked_fill(call.empty, _NEG_INF)
+    weight = torch.exp(l_i - lb.to(acc)).unsqueeze(-1)  # P_merged / P_call, 0 where no key
     d_q = scale * g * weight * a_k.to(acc)
     zeros = torch.zeros_like(qb)
     _, _, d_k = backend.backward((g * qb.to(acc)).to(qb.dtype), qb, kb, kb, zeros, lb, aux,
-                                 br.mask, is_causal, scale)
+                                 call.mask, is_causal, scale)
     return d_q, scale * d_k.to(acc)
 
 
@@ -327,44 +402,43 @@ def _dropout_dilated_attention(query, key, value, pattern, is_causal, scale, key
     """Plain-autograd dilated attention with dropout on the mixed attention weights."""
     B, H, N, D = query.shape
     acc = _acc_dtype(query.dtype)
-    q_heads, kv_heads = _head_maps(H, key.shape[1], query.device)
+    q_heads = torch.arange(H, device=query.device)
+    kv_heads = q_heads // (H // key.shape[1])
     parts = []
     for b in range(len(pattern)):
-        br = _branch(pattern, b, query, is_causal, key_padding_mask)
-        lay, (G, m) = br.layout, br.rows
-        T = lay.index.shape[1]
-        qb = _gather_rows(query, q_heads, lay.index).view(B, G, m, D).to(acc)
-        kb = _gather_rows(key, kv_heads, lay.index).view(B, G, m, D).to(acc)
-        vb = _gather_rows(value, kv_heads, lay.index).view(B, G, m, D).to(acc)
-        s = torch.matmul(qb, kb.transpose(-1, -2)) * scale
-        if br.mask is not None:
-            s = s + br.mask.to(acc)
+        lay = pattern.layout(b, N, H, device=query.device)
+        call = _GatherCall(lay, q_heads, kv_heads, B, N, is_causal, key_padding_mask, acc)
+        qb, kb, vb = (x.to(acc) for x in (call.q_rows(query), call.kv_rows(key),
+                                           call.kv_rows(value)))
+        s = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (B, G, m, m)
+        if call.mask is not None:
+            s = s + call.mask
+        m = s.shape[-1]
         if is_causal:
             s = s.masked_fill(~torch.ones(m, m, dtype=torch.bool, device=s.device).tril(),
                               _NEG_INF)
-        lb = torch.logsumexp(s.masked_fill(~torch.isfinite(s).any(-1, keepdim=True), 0.0), -1)
-        lb = lb.reshape(B, H, T)
-        if br.empty is not None:
-            lb = lb.masked_fill(br.empty, _NEG_INF)
-        p = torch.exp(s - torch.where(torch.isfinite(lb), lb, 0.0).reshape(B, G, m, 1))
-        ob = torch.matmul(F.dropout(p, dropout_p, training=True), vb).reshape(B, H, T, D)
+        none = ~torch.isfinite(s).any(-1, keepdim=True)  # rows with no key: NaN-free grads
+        lb = torch.logsumexp(s.masked_fill(none, 0.0), -1).masked_fill(none.squeeze(-1), _NEG_INF)
+        p = torch.exp(s - torch.where(torch.isfinite(lb), lb, 0.0).unsqueeze(-1))
+        ob = torch.matmul(F.dropout(p, dropout_p, training=True), vb).reshape(B, H, -1, D)
+        lb = lb.reshape(B, H, -1)
         if lay.valid is not None:
             lb = lb.masked_fill(~lay.valid, _NEG_INF)
-        parts.append((lay.index, ob, lb))
+        parts.append((lay.index.expand(B, -1, -1), ob, lb))
     with torch.no_grad():
         top = torch.full((B, H, N), _NEG_INF, dtype=acc, device=query.device)
         for idx, _, lb in parts:
-            top.scatter_reduce_(2, idx.expand(B, -1, -1), lb, "amax")
+            top.scatter_reduce_(2, idx, lb, "amax")
         top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     denom = torch.zeros(B, H, N, dtype=acc, device=query.device)
     for idx, _, lb in parts:
-        denom = denom.scatter_add(2, idx.expand(B, -1, -1), torch.exp(lb - top.gather(2, idx.expand(B, -1, -1))))
+        denom = denom.scatter_add(2, idx, torch.exp(lb - top.gather(2, idx)))
     lse = torch.where(denom > 0, top + torch.log(denom), torch.full_like(denom, _NEG_INF))
     safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     out = torch.zeros(B, H, N, D, dtype=acc, device=query.device)
     for idx, ob, lb in parts:
-        w = torch.exp(lb - safe.gather(2, idx.expand(B, -1, -1))).unsqueeze(-1)
-        out = out.scatter_add(2, idx.expand(B, -1, -1).unsqueeze(-1).expand(-1, -1, -1, D), w * ob)
+        w = torch.exp(lb - safe.gather(2, idx)).unsqueeze(-1)
+        out = out.scatter_add(2, idx.unsqueeze(-1).expand(-1, -1, -1, D), w * ob)
     return out.to(query.dtype), lse
 
 

@@ -13,7 +13,6 @@ and the generation cache (how many positions a head must keep).
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Sequence

@@ -41,5 +41,6 @@ class CpuFlashBackend:
         if mask is not None:
             mask = mask.to(query.dtype)
         lse = lse.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
-        return bwd(grad_out.contiguous(), query, key, value, out.contiguous(), lse.contiguous(),
-                   0.0, is_causal, attn_mask=mask, scale=scale)
+        # the kernel takes strided views (the operator passes them) as they are
+        return bwd(grad_out, query, key, value, out, lse, 0.0, is_causal, attn_mask=mask,
+                   scale=scale)
