@@ -1,1 +1,26 @@
-"""longnet.parallel."""
+"""longnet.parallel: everything that communicates.
+
+* :func:`dilated_attention`: sequence-parallel dilated attention (paper section 3), exact, with
+  communication per rank that does not grow with the sequence length;
+* :class:`CommCounter`: bytes each collective moved, per branch and phase;
+* :func:`plan_bytes`: the same bytes predicted from shapes alone (used by ``longnet plan``);
+* :func:`sequence_parallel`, :func:`attention_function`, :func:`position_offset`: the hook that
+  lets single-device model code run sequence parallel;
+* :func:`init_distributed` (under torchrun), :func:`run_workers` (local spawning launcher that
+  stops every rank when one fails), :func:`shard_sequence`;
+* :mod:`longnet.parallel.mesh`: data x sequence parallel grid (``build_mesh``) and the loss and
+  gradient reductions of an exact 2-D training step.
+"""
+
+from longnet.parallel.attention import dilated_attention
+from longnet.parallel.comm import CommCounter, CommRecord
+from longnet.parallel.dispatch import attention_function, position_offset, sequence_parallel
+from longnet.parallel.launch import WorkerError, init_distributed, run_workers
+from longnet.parallel.layout import BranchComm, CommPlan, place_branches, plan_bytes
+from longnet.parallel.shard import shard_sequence
+
+__all__ = [
+    "dilated_attention", "CommCounter", "CommRecord", "plan_bytes", "CommPlan", "BranchComm",
+    "place_branches", "sequence_parallel", "attention_function", "position_offset",
+    "init_distributed", "run_workers", "WorkerError", "shard_sequence",
+]

@@ -1,0 +1,190 @@
+"""``longnet plan``: per-device memory, FLOPs and communication of sequence-parallel LongNet.
+
+Communication comes from :func:`longnet.parallel.plan_bytes`, the code the run-time byte counter
+is checked against; FLOPs from :meth:`DilatedPattern.flops` for the branches a device runs alone
+and from the gathered-row shapes for the ones it shares. Memory is an estimate (stated below).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from longnet.ops.pattern import DilatedPattern
+from longnet.parallel.layout import kv_pairs, place_branches, plan_bytes, residue_slots
+
+PAPER_PATTERN = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
+# the paper's model sizes (LongNet section 4 / appendix); head dim = width / heads
+PRESETS = {
+    "base": dict(layers=12, embed_dim=768, heads=12, ffn_dim=3072),
+    "2.7b": dict(layers=32, embed_dim=2560, heads=32, ffn_dim=10240),
+}
+GPT2_VOCAB = 50257
+
+# values a layer keeps per token for backward (bf16 training, attention by fused kernels):
+# norm input, q, k, v, attention output, output-projection input, residual, second norm input,
+# FFN input (9 * d) and the FFN hidden before and after the activation (2 * f)
+_ACT_D, _ACT_F = 9, 2
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq-len", type=int, required=True, help="tokens per sequence N")
+    parser.add_argument("--gpus", type=int, required=True,
+                        help="devices sharing one sequence (sequence parallel size)")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="base",
+                        help="paper model size; the flags below override it")
+    parser.add_argument("--layers", type=int, help="transformer layers")
+    parser.add_argument("--embed-dim", type=int, help="model width d")
+    parser.add_argument("--heads", type=int, help="query heads")
+    parser.add_argument("--kv-heads", type=int, help="key/value heads (GQA), default = heads")
+    parser.add_argument("--ffn-dim", type=int, help="FFN hidden width")
+    parser.add_argument("--vocab-size", type=int, default=GPT2_VOCAB, help="vocabulary")
+    parser.add_argument("--segment-lengths", type=_int_list,
+                        default=list(PAPER_PATTERN[0]), help="w_i, comma-separated")
+    parser.add_argument("--dilation-rates", type=_int_list,
+                        default=list(PAPER_PATTERN[1]), help="r_i, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=1, help="sequences per step")
+    parser.add_argument("--dtype-bytes", type=int, default=2,
+                        help="bytes per activation element (2 = bf16)")
+    parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
+                        help="causal LM (halves attention FLOPs)")
+
+
+def _valid_length(pattern: DilatedPattern, seq_len: int, gpus: int) -> int:
+    """Smallest N' >= N that splits evenly and fits the pattern (segments inside or over chunks)."""
+    n = -(-seq_len // gpus)
+    for _ in range(10_000_000):
+        try:
+            place_branches(pattern, n * gpus, gpus)
+            return n * gpus
+        except ValueError:
+            n += 1
+    raise ValueError(f"no sequence length near {seq_len} splits over {gpus} devices for {pattern}")
+
+
+def plan_model(*, seq_len: int, gpus: int, layers: int, embed_dim: int, heads: int,
+               ffn_dim: int, segment_lengths, dilation_rates, kv_heads: int | None = None,
+               vocab_size: int = GPT2_VOCAB, batch_size: int = 1, dtype_bytes: int = 2,
+               causal: bool = True) -> dict:
+    """Per-device numbers of one training step (the busiest device), as a flat dict."""
+    pattern = DilatedPattern(segment_lengths, dilation_rates)
+    if embed_dim % heads:
+        raise ValueError(f"embed_dim {embed_dim} must be a multiple of heads {heads}")
+    kv_heads = heads if kv_heads is None else kv_heads
+    D = embed_dim // heads
+    N = _valid_length(pattern, seq_len, gpus)
+    n = N // gpus
+    comm = plan_bytes(pattern, N, gpus, heads, D, dtype_bytes, kv_heads=kv_heads,
+                      batch_size=batch_size)
+    # attention FLOPs on the busiest device: local branches as on one device, shared branches
+    # as m local queries against the gathered rows (causal: the ranks up to this one)
+    attn = 0.0
+    local = [pl for pl in place_branches(pattern, N, gpus) if pl.local]
+    if local:
+        attn += DilatedPattern([p.segment for p in local], [p.dilation for p in local]).flops(
+            n, D, heads, is_causal=causal, batch_size=batch_size)
+    for pl, bc in zip(place_branches(pattern, N, gpus), comm.branches):
+        if not pl.local:
+            m = residue_slots(n, pl.dilation)
+            attn += batch_size * heads * 4.0 * m * (bc.group_size * m) * D
+    kv_bytes = (heads + 2 * kv_heads) * D
+    params_layer = embed_dim * kv_bytes + heads * D * embed_dim + 2 * embed_dim * ffn_dim
+    params = layers * params_layer + vocab_size * embed_dim
+    tokens = batch_size * n
+    dense_fwd = 2.0 * tokens * params_layer
+    layer_fwd = dense_fwd + attn
+    layer_train = 3.0 * dense_fwd + 3.5 * attn
+    head_train = 3.0 * 2.0 * tokens * vocab_size * embed_dim
+    act_layer = tokens * (_ACT_D * embed_dim + _ACT_F * ffn_dim) * dtype_bytes \
+        + sum(b.gathered_bytes for b in comm.branches)
+    comm_layer = comm.forward_bytes + comm.backward_bytes
+    grad_allreduce = 2 * (gpus - 1) / gpus * params * 4
+    return {
+        "seq_len": N, "requested_seq_len": seq_len, "gpus": gpus, "tokens_per_device": n,
+        "layers": layers, "embed_dim": embed_dim, "heads": heads, "kv_heads": kv_heads,
+        "head_dim": D, "ffn_dim": ffn_dim, "pattern": [list(pattern.segment_lengths),
+                                                       list(pattern.dilation_rates)],
+        "branches": [{"segment": pl.segment, "dilation": pl.dilation, "local": pl.local,
+                      "ranks_per_segment": bc.group_size, "pairs": len(
+                          kv_pairs(heads, kv_heads, pl.dilation)[0]),
+                      "forward_bytes": bc.forward_sent, "backward_bytes": bc.backward_sent}
+                     for pl, bc in zip(place_branches(pattern, N, gpus), comm.branches)],
+        "params": params,
+        "attention_flops_per_layer_fwd": attn,
+        "flops_per_layer_fwd": layer_fwd,
+        "flops_per_step_train": layers * layer_train + head_train,
+        "comm_bytes_per_layer_fwd": comm.forward_bytes,
+        "comm_bytes_per_layer_bwd": comm.backward_bytes,
+        "comm_bytes_per_step_attention": layers * comm_layer,
+        "comm_bytes_per_step_grad_allreduce": int(grad_allreduce),
+        "memory_bytes_states": params * 16,
+        "memory_bytes_activations_per_layer": act_layer,
+        "memory_bytes_activations": layers * act_layer,
+        "memory_bytes_total": params * 16 + layers * act_layer,
+        # per-layer activation checkpointing: keep each layer's input, recompute one at a time
+        "memory_bytes_total_checkpointed": params * 16 + layers * tokens * embed_dim * dtype_bytes
+        + act_layer,
+    }
+
+
+def _fmt_bytes(x: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(x) < 1024 or unit == "TiB":
+            return f"{x:,.1f} {unit}" if unit != "B" else f"{int(x):,} B"
+        x /= 1024
+    return str(x)
+
+
+def _fmt_flops(x: float) -> str:
+    if x == 0:
+        return "0"
+    e = min(int(math.log10(abs(x)) // 3), 5)
+    return f"{x / 10 ** (3 * e):,.2f} {['', 'K', 'M', 'G', 'T', 'P'][e]}FLOP"
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = dict(PRESETS[args.preset])
+    for key in ("layers", "embed_dim", "heads", "ffn_dim"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    r = plan_model(seq_len=args.seq_len, gpus=args.gpus, kv_heads=args.kv_heads,
+                   vocab_size=args.vocab_size, segment_lengths=args.segment_lengths,
+                   dilation_rates=args.dilation_rates, batch_size=args.batch_size,
+                   dtype_bytes=args.dtype_bytes, causal=args.causal, **cfg)
+    if r["seq_len"] != r["requested_seq_len"]:
+        print(f"note: N rounded up from {r['requested_seq_len']:,} to {r['seq_len']:,} so that it "
+              f"splits into {args.gpus} equal chunks that fit the pattern")
+    print(f"LongNet {cfg['layers']} layers x {cfg['embed_dim']} wide, {cfg['heads']} heads x "
+          f"{r['head_dim']}, FFN {cfg['ffn_dim']}; N = {r['seq_len']:,} on {args.gpus} devices "
+          f"({r['tokens_per_device']:,} tokens each), {r['params'] / 1e6:,.1f}M parameters")
+    print(f"{'branch (w, r)':>18} {'where':>10} {'ranks':>6} {'fwd bytes':>14} {'bwd bytes':>14}")
+    for b in r["branches"]:
+        where = "local" if b["local"] else "shared"
+        print(f"{str((b['segment'], b['dilation'])):>18} {where:>10} {b['ranks_per_segment']:>6} "
+              f"{_fmt_bytes(b['forward_bytes']):>14} {_fmt_bytes(b['backward_bytes']):>14}")
+    rows = [
+        ("attention comm / layer (fwd + bwd)", _fmt_bytes(r["comm_bytes_per_layer_fwd"]
+                                                          + r["comm_bytes_per_layer_bwd"])),
+        ("attention comm / step", _fmt_bytes(r["comm_bytes_per_step_attention"])),
+        ("gradient all-reduce / step (fp32)", _fmt_bytes(r["comm_bytes_per_step_grad_allreduce"])),
+        ("FLOPs / layer (forward)", _fmt_flops(r["flops_per_layer_fwd"])),
+        ("  of which attention", _fmt_flops(r["attention_flops_per_layer_fwd"])),
+        ("FLOPs / step (train)", _fmt_flops(r["flops_per_step_train"])),
+        ("memory: weights+grads+AdamW (fp32)", _fmt_bytes(r["memory_bytes_states"])),
+        ("memory: activations / layer (est.)", _fmt_bytes(r["memory_bytes_activations_per_layer"])),
+        ("memory: total (est., no checkpointing)", _fmt_bytes(r["memory_bytes_total"])),
+        ("memory: total (est., per-layer checkpoint)",
+         _fmt_bytes(r["memory_bytes_total_checkpointed"])),
+    ]
+    for name, value in rows:
+        print(f"{name:<42} {value:>16}")
+    print(json.dumps(r))
+    return 0

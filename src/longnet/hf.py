@@ -1,0 +1,44 @@
+"""Dilated attention as a Hugging Face transformers attention implementation.
+
+Usage::
+
+    import longnet.hf
+    longnet.hf.register()                   # once per process; returns "dilated"
+    config.segment_lengths = [2048, 4096]   # any transformers config (Llama, Mistral, Qwen2, ...)
+    config.dilation_rates = [1, 2]
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="dilated")
+    # or: model.set_attn_implementation("dilated") on a loaded model
+
+Needs the optional dependency: ``pip install 'longnet-torch[hf]'``. The code lives in
+:mod:`longnet.integrations.transformers`.
+"""
+
+try:
+    import transformers  # noqa: F401
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "longnet.hf needs Hugging Face transformers (>= 5): pip install 'longnet-torch[hf]'"
+    ) from exc
+if int(transformers.__version__.split(".")[0]) < 5:
+    raise ImportError(
+        f"longnet.hf needs transformers >= 5 (found {transformers.__version__}): "
+        "pip install -U 'longnet-torch[hf]'"
+    )
+
+from longnet.integrations.transformers import (  # noqa: E402
+    dilated_attention_forward,
+    dilated_attention_mask,
+    pattern_from_config,
+    register,
+    registered_names,
+    unregister,
+)
+
+__all__ = [
+    "register",
+    "unregister",
+    "registered_names",
+    "pattern_from_config",
+    "dilated_attention_forward",
+    "dilated_attention_mask",
+]
