@@ -127,3 +127,23 @@ def test_resume_refuses_corrupt_checkpoint_and_keeps_it(tmp_path, trained_run, m
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and "optimizer.safetensors" in err[-1] and "Traceback" not in "".join(err)
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
+
+
+def test_dense_beyond_training_length_is_blockwise():
+    from longnet.models import LongNetConfig
+    from longnet.train import model_for_length
+
+    config = LongNetConfig.from_preset("tiny", **(MICRO_MODEL | {"vocab_size": 50, "attention": "dense",
+                                                                "max_train_length": 16}))
+    model = LongNetLM(config).eval()
+    assert model_for_length(model, 16) is model
+    long = model_for_length(model, 48)
+    assert long.config.attention == "dilated" and long.config.segment_lengths == (16,)
+    ids = torch.randint(0, 50, (1, 48))
+    with torch.no_grad():
+        whole = long(ids).logits  # (1, 48, V)
+        for start in (0, 16, 32):  # each block of the training length sees only itself
+            block = model(ids[:, start:start + 16]).logits
+            torch.testing.assert_close(whole[:, start:start + 16], block, rtol=1e-4, atol=1e-5)
+    dilated = LongNetLM(LongNetConfig.from_preset("tiny", **(MICRO_MODEL | {"vocab_size": 50})))
+    assert model_for_length(dilated, 4096) is dilated  # LongNet keeps its pattern at any length

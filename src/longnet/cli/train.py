@@ -10,7 +10,7 @@ DESCRIPTION = """\
 Train a LongNet language model on a text corpus, with the paper's recipe: AdamW (betas 0.9/0.98,
 weight decay 0.01 on the weight matrices only: not on biases, norms or embeddings), peak learning
 rate 6e-4 (the tiny preset uses 2e-3 and 8,192-token steps so a few hundred CPU steps learn
-something), linear warmup (750 steps, at most 10%% of the schedule) then cosine decay to 10%% of
+something), linear warmup (750 steps, at most 10% of the schedule) then cosine decay to 10% of
 the peak, gradient clipping at 2.0, dropout 0. Each step uses --batch-tokens / --seq-len
 sequences, run as micro-batches with gradient accumulation; bfloat16 autocast on GPUs.
 
