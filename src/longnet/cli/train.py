@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR",
                         help="run folder: new or empty, or an existing run with --resume")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in --out from its latest checkpoint")
+                        help="continue the run in --out from its latest checkpoint (a new run when --out holds none)")
     model = parser.add_argument_group("model")
     _flag(model, "--preset", metavar="NAME",
           help="[run] model preset: tiny (CPU minutes), small, base (125M), 350m, 760m, 2.7b (default: tiny)")

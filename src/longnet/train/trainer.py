@@ -158,8 +158,11 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
         trainer_ckpt = None
     model.to(device)
     model.train()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs (--dtype float32) use TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
     optimizer = build_optimizer(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
-                                weight_decay=settings.weight_decay)
+                                weight_decay=settings.weight_decay, fused=device.type == "cuda")
     start_step, tokens_seen, elapsed = 0, 0, 0.0
     if trainer_ckpt is not None:
         try:
