@@ -9,7 +9,7 @@ import sys
 DESCRIPTION = """\
 Train a LongNet language model on a text corpus, with the paper's recipe: AdamW (betas 0.9/0.98,
 weight decay 0.01 on the weight matrices only: not on biases, norms or embeddings), peak learning
-rate 6e-4 (the tiny preset uses 2e-3 and 8,192-token steps so a few hundred CPU steps learn
+rate 6e-4 (the tiny preset uses 2e-3 and 4,096-token steps so a few hundred CPU steps learn
 something), linear warmup (750 steps, at most 10% of the schedule) then cosine decay to 10% of
 the peak, gradient clipping at 2.0, dropout 0. Each step uses --batch-tokens / --seq-len
 sequences, run as micro-batches with gradient accumulation; bfloat16 autocast on GPUs.
@@ -73,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(data, "--cache-dir", metavar="DIR", help="token-file cache (default: $LONGNET_CACHE or ~/.cache/longnet)")
     opt = parser.add_argument_group("optimization")
     _flag(opt, "--batch-tokens", type=int, metavar="N",
-          help="[run] tokens per optimizer step (default: 524288 as the paper; tiny 8192, small 65536)")
+          help="[run] tokens per optimizer step (default: 524288 as the paper; tiny 4096, small 65536)")
     _flag(opt, "--micro-batch", type=int, metavar="SEQS",
           help="sequences per forward/backward, dividing the step's (default: as many as fit in 16384 tokens)")
     _flag(opt, "--max-steps", type=int, metavar="N", help="stop after this many optimizer steps (default: 1000)")

@@ -23,7 +23,7 @@ MICRO_BATCH_TOKENS = 16_384
 
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     # CPU-sized: a small token batch and a higher peak rate so a few hundred steps learn something
-    "tiny": {"lr": 2e-3, "batch_tokens": 8192},
+    "tiny": {"lr": 2e-3, "batch_tokens": 4096},
     "small": {"lr": 1e-3, "batch_tokens": 65_536},
 }
 """Per-preset defaults that differ from the paper's recipe (lr 6e-4, 0.5M-token batches)."""
