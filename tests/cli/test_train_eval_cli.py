@@ -165,3 +165,15 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path, micro, corpus, cache):
     assert state.step >= 3
     model = LongNetLM.from_pretrained(run)
     assert model.config.embed_dim == 32
+
+
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    doc = json.loads((run / "run.json").read_text())
+    doc["settings"]["model_overrides"]["ffn_dim"] = 128  # the run now asks for another model
+    (run / "run.json").write_text(json.dumps(doc))
+    before = _snapshot(run)
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "20", "--no-progress"]) == 2
+    _one_line_error(capsys, "another model config")
+    assert _snapshot(run) == before

@@ -26,7 +26,7 @@ they default to the run's values and may not change."""
 EPILOG = """\
 examples:
   # a tiny LongNet on the Python standard library, on CPU, then its perplexity at 2K/8K/32K
-  longnet train --preset tiny --seq-len 2048 --max-steps 200 --out runs/tiny
+  longnet train --preset tiny --seq-len 2048 --max-steps 150 --out runs/tiny
   longnet eval --checkpoint runs/tiny
 
   # continue after an interruption, or train further (keep --decay-steps for a longer run)
