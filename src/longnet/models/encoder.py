@@ -42,6 +42,8 @@ class LongNetEncoder(LongNetBase):
         self.input_proj = (nn.Linear(self.input_dim, config.embed_dim)
                            if self.input_dim != config.embed_dim else None)
         self._init_weights()
+        if self.input_proj is not None:
+            torch.nn.init.xavier_uniform_(self.input_proj.weight)
 
     def _extra(self) -> dict[str, Any]:
         return {"input_dim": self.input_dim}

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longnet.nn.positions import build_positions
-from longnet.ops.dilated import dilated_attention
+from longnet.parallel.dispatch import attention_function, current
+from longnet.parallel.dispatch import position_offset as sequence_parallel_offset
 from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["MultiheadDilatedAttention"]
@@ -106,20 +107,24 @@ class MultiheadDilatedAttention(nn.Module):
         return q, k, v
 
     def apply_positions(self, q: torch.Tensor, k: torch.Tensor, position_offset: int = 0, *,
-                        positions: torch.Tensor | None = None):
+                        positions: torch.Tensor | None = None, block_origin: int | None = None):
         """Positions ``position_offset + arange(N)`` (or explicit ``positions``, (N,) or (B, N))
         applied to q and k (B, *, N, D); see :meth:`RotaryPositions.rotate`."""
-        return self.positions(q, k, position_offset, positions=positions)
+        return self.positions(q, k, position_offset, positions=positions,
+                              block_origin=block_origin)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, is_causal: bool,
                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over (B, H, N, D) q and (B, Hkv, N, D) k, v -> (B, H, N, D)."""
         gqa = self.num_kv_heads < self.num_heads
         p = self.dropout if self.training else 0.0
-        if not self.dense:
-            return dilated_attention(q, k, v, segment_lengths=self.pattern, is_causal=is_causal,
-                                     key_padding_mask=key_padding_mask, dropout_p=p,
-                                     enable_gqa=gqa, backend=self.backend)
+        if not self.dense:  # under longnet.parallel.sequence_parallel: the distributed operator
+            return attention_function()(q, k, v, segment_lengths=self.pattern,
+                                        is_causal=is_causal, key_padding_mask=key_padding_mask,
+                                        dropout_p=p, enable_gqa=gqa, backend=self.backend)
+        if current() is not None:
+            raise ValueError("dense attention cannot run sequence-parallel; use attention='dilated' "
+                             "(a single branch (N, 1) is dense attention)")
         if key_padding_mask is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=is_causal,
                                                   enable_gqa=gqa)
@@ -155,7 +160,11 @@ class MultiheadDilatedAttention(nn.Module):
             raise ValueError(f"x must be (batch, length, {self.embed_dim}), got {tuple(x.shape)}")
         causal = self.is_causal if is_causal is None else bool(is_causal)
         q, k, v = self.project(x)
-        q, k = self.apply_positions(q, k, position_offset)
+        # under sequence parallelism this rank's tokens start at rank * N of the full sequence;
+        # XPos blocks stay anchored at the sequence start, like the operator's segments
+        sp_offset = sequence_parallel_offset(x.shape[1])
+        q, k = self.apply_positions(q, k, position_offset + sp_offset,
+                                    block_origin=position_offset if sp_offset else None)
         attn = self.attend(q, k, v, is_causal=causal, key_padding_mask=key_padding_mask)
         return self.output(attn)
 

@@ -9,7 +9,7 @@ by ``zeta_i^(p/s)`` and of the key by ``zeta_i^(-p/s)``, with
 ``zeta_i = (2i/D + gamma) / (1 + gamma)`` (``gamma = 0.4``, scale base ``s = 512``), so the score
 carries ``zeta_i^((m - n)/s)``: a decay with distance for causal attention (``m >= n``).
 
-The exponent grows with the absolute position and overflows float32 near position 36K. Only
+The exponent grows with the absolute position and overflows float32 near position 35K. Only
 ``m - n`` matters, so any reference point ``c`` common to query and key may be subtracted. With
 ``block`` set (the models use the largest segment length when every segment length divides it),
 ``c`` is the centre of the ``block``-long block holding the position (blocks counted from the
@@ -43,7 +43,7 @@ class NoPositions(nn.Module):
         return x
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0, *,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, block_origin: int | None = None):
         return query, key
 
 
@@ -125,10 +125,12 @@ class RotaryPositions(nn.Module):
         return out.to(x.dtype)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, position_offset: int = 0, *,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, block_origin: int | None = None):
         """``(query, key)`` (B, H, N, D) and (B, Hkv, N, D) with positions applied."""
-        return (self.rotate(query, position_offset, is_query=True, positions=positions),
-                self.rotate(key, position_offset, is_query=False, positions=positions))
+        return (self.rotate(query, position_offset, is_query=True, positions=positions,
+                            block_origin=block_origin),
+                self.rotate(key, position_offset, is_query=False, positions=positions,
+                            block_origin=block_origin))
 
     def extra_repr(self) -> str:
         return f"head_dim={self.head_dim}, theta={self.theta}"
