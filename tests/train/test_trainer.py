@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -147,3 +148,10 @@ def test_dense_beyond_training_length_is_blockwise():
             torch.testing.assert_close(whole[:, start:start + 16], block, rtol=1e-4, atol=1e-5)
     dilated = LongNetLM(LongNetConfig.from_preset("tiny", **(MICRO_MODEL | {"vocab_size": 50})))
     assert model_for_length(dilated, 4096) is dilated  # LongNet keeps its pattern at any length
+
+
+def test_bfloat16_autocast_on_cpu_trains(tmp_path, corpus, cache):
+    result = train(_settings(corpus, cache, max_steps=4, dtype="bfloat16"), tmp_path / "run", log=lambda m: None)
+    assert result.step == 4 and math.isfinite(result.train_loss)
+    weights = _weights(tmp_path / "run")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay float32
