@@ -47,6 +47,9 @@ def test_eval_table_and_json_last_line(trained_run, corpus, cache, capsys):
     assert set(k for k in figures if "perplexity" in k) == {"perplexity@32", "perplexity@64"}
     assert "100000" in figures["skipped"] and any("skipped" in line for line in out[:-1])
     assert figures["tokens@32"] == 512 and figures["tokens@64"] == 512  # 16 and 8 windows, same text
+    # segments (8, 16) divide both lengths: a 64-window is two 32-windows, so the losses agree
+    assert figures["loss@32"] == pytest.approx(figures["loss@64"], rel=1e-5)
+    assert any(line.startswith("training curves:") for line in out[:-1])
     # recompute @64 independently: mean loss over every position of non-overlapping windows
     model = LongNetLM.from_pretrained(trained_run).eval()
     prepared = prepare_data(str(corpus), cache, tokenizer=Tokenizer.load(trained_run))
@@ -60,6 +63,12 @@ def test_eval_table_and_json_last_line(trained_run, corpus, cache, capsys):
             count += 64
     assert figures["perplexity@64"] == pytest.approx(math.exp(total / count), rel=1e-5)
     assert figures["step"] == 12
+
+
+def test_eval_lengths_score_the_same_tokens(trained_run, capsys):
+    assert main(["eval", "--checkpoint", str(trained_run), "--seq-len", "32", "64", "--max-tokens", "500"]) == 0
+    figures = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert figures["tokens@32"] == figures["tokens@64"] == 448  # 500 rounded down to a multiple of 64
 
 
 def test_eval_of_a_checkpoint_subfolder(trained_run, capsys):

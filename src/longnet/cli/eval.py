@@ -13,9 +13,10 @@ from longnet.cli.train import report_error
 DESCRIPTION = """\
 Perplexity of a trained LongNet on a held-out split at several context lengths, as in the paper
 (2K, 8K and 32K tokens). The split is cut into non-overlapping windows of each length; every
-position of a window is scored and the loss is averaged over all scored tokens. With
---max-tokens, every length reads the same first tokens of the split, so the figures compare the
-same text. Lengths the split cannot fill are skipped with a note.
+position of a window is scored and the loss is averaged over all scored tokens. Every length
+scores the same first tokens of the split (--max-tokens, rounded down to a multiple of the
+longest length), so the figures compare the same text. Lengths the split cannot fill are skipped
+with a note.
 
 Beyond the training length LongNet keeps its dilated pattern (it runs at any length); a dense
 baseline (--attention dense) switches to blockwise causal attention over windows of its
@@ -41,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", choices=("validation", "test"), default="validation",
                         help="held-out split (default: validation)")
     parser.add_argument("--max-tokens", type=int, default=131072, metavar="N",
-                        help="tokens scored per length, 0 = the whole split (default: 131072)")
+                        help="tokens scored per length (rounded down to a multiple of the longest length), "
+                             "0 = the whole split (default: 131072)")
     parser.add_argument("--batch-size", type=int, default=1, metavar="WINDOWS",
                         help="windows per forward pass (default: 1)")
     parser.add_argument("--data", metavar="SPEC", default=None,
@@ -137,6 +139,10 @@ def _run(args: argparse.Namespace) -> int:
         summary[f"tokens@{r.seq_len}"] = r.tokens
     if skipped:
         summary["skipped"] = skipped
+    for run_folder in (folder, folder.parent.parent):
+        if (run_folder / "loss.png").is_file():
+            print(f"training curves: {run_folder / 'loss.png'}")
+            break
     sys.stdout.flush()
     print(json.dumps(summary), flush=True)
     return 0

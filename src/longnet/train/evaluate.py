@@ -3,7 +3,7 @@
 Window i of length L reads tokens ``[i*L, (i+1)*L + 1)``: every position of the window is scored
 (its label is the next token), windows do not overlap, so ``max_tokens`` tokens give
 ``max_tokens // L`` windows over the *same* text for every L. Perplexity is ``exp`` of the mean
-loss over all scored tokens.
+loss over all scored tokens. All lengths score the same tokens (see :func:`perplexities`).
 
 Beyond the training length the model keeps its attention kind: LongNet keeps its dilated pattern
 (it runs at any length), the dense baseline switches to blockwise causal attention of its training
@@ -95,16 +95,24 @@ def perplexities(
     """Perplexity of ``model`` on ``tokens`` at each context length in ``seq_lens``.
 
     Lengths the split cannot fill (fewer than L + 1 tokens) are returned with ``skipped`` set.
-    ``max_tokens`` bounds the tokens scored per length (None: the whole split).
+    Every other length scores the same first ``T`` tokens of the split: ``T`` is ``max_tokens``
+    (None: the whole split) rounded down to a multiple of the longest such length (at least one
+    window of it), so the figures compare the same text. Lengths that do not divide ``T`` score
+    the ``T // L`` whole windows that fit.
     """
+    fillable = [n for n in seq_lens if len(tokens) >= n + 1]
+    budget = 0
+    if fillable:
+        longest = max(fillable)
+        available = len(tokens) - 1 if max_tokens is None else min(max_tokens, len(tokens) - 1)
+        budget = max(longest, available // longest * longest)
     results = []
     for seq_len in seq_lens:
-        if len(tokens) < seq_len + 1:
+        if seq_len not in fillable:
             results.append(PerplexityResult(seq_len, skipped=(
                 f"the {tokens.name} split has {len(tokens):,} tokens, fewer than {seq_len + 1:,}")))
             continue
-        windows = None if max_tokens is None else max(1, max_tokens // seq_len)
-        batches = EvalBatches(tokens, seq_len, max_sequences=windows)
+        batches = EvalBatches(tokens, seq_len, max_sequences=budget // seq_len)
         runner = model_for_length(model, seq_len)
         loss, count = mean_loss(runner, batches, device, dtype, batch_size, progress, desc=f"eval @{seq_len}")
         results.append(PerplexityResult(seq_len, windows=len(batches), tokens=count, loss=loss))
