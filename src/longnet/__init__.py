@@ -6,6 +6,7 @@ and the tools to train, evaluate, generate and benchmark with them.
 
 __version__ = "0.1.0"
 
+from longnet.models import DilatedKVCache
 from longnet.models import CheckpointError, LMOutput, LongNetConfig, LongNetEncoder, LongNetLM
 from longnet.nn.attention import DilatedAttention
 from longnet.nn.multihead import MultiheadDilatedAttention
@@ -15,3 +16,4 @@ from longnet.ops.pattern import DilatedPattern
 __all__ = ["__version__", "DilatedPattern", "dilated_attention", "DilatedAttention"]
 __all__ += ["MultiheadDilatedAttention", "LongNetConfig", "LongNetLM", "LMOutput",
             "LongNetEncoder", "CheckpointError"]
+__all__ += ["DilatedKVCache"]

@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "bench": ("longnet.cli.bench", "benchmark dilated attention against dense attention"),
     "train": ("longnet.cli.train", "train (or resume) a LongNet language model on a text corpus"),
     "eval": ("longnet.cli.eval", "perplexity of a trained model at several context lengths"),
+    "generate": ("longnet.cli.generate", "continue a prompt with a trained model (streamed)"),
     "plan": ("longnet.cli.plan", "per-device memory, FLOPs and communication of sequence-parallel LongNet"),
 }
 

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from longnet.models.base import LongNetBase
+from longnet.models.cache import make_cache as _make_cache
 from longnet.models.config import LongNetConfig
+from longnet.models.generation import generate as _generate
 
 __all__ = ["LongNetLM", "LMOutput"]
 
@@ -55,6 +57,10 @@ class LongNetLM(LongNetBase):
     @property
     def tied_keys(self) -> tuple[str, ...]:
         return ("lm_head.weight",) if self.config.tie_embeddings else ()
+
+    # generation (longnet.models.generation / .cache): a bounded dilated KV cache, decoding
+    make_cache = _make_cache
+    generate = _generate
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 key_padding_mask: torch.Tensor | None = None,
