@@ -175,11 +175,17 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
         elapsed = float(trainer_ckpt.state.get("elapsed_s", 0.0))
         publish_top_level(run_dir, ckpt_dir)
 
+    batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
+    if trainer_ckpt is not None and "data" in trainer_ckpt.state:
+        try:  # same windows as before the interruption: same sizes and the same token stream
+            batches.load_state_dict(trainer_ckpt.state["data"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{ckpt_dir}: cannot continue on this data ({err}); "
+                                  "resume with the data the run started with, or start a new --out") from err
     write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
                    num_parameters=model.num_parameters(), data={
                        "cache_entry": str(prepared.directory), "num_tokens": prepared.num_tokens,
                        "tokenizer_sha256": tokenizer.sha256()})
-    batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
     val_tokens = prepared.tokens("validation")
     val_batches = None
     if len(val_tokens) >= settings.seq_len + 1:
