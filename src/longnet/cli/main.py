@@ -10,6 +10,8 @@ import sys
 SUBCOMMANDS = {
     "bench": ("longnet.cli.bench", "benchmark dilated attention against dense attention"),
     "generate": ("longnet.cli.generate", "continue a prompt with a trained model (streamed)"),
+    "train": ("longnet.cli.train", "train (or resume) a LongNet language model on a text corpus"),
+    "eval": ("longnet.cli.eval", "perplexity of a trained model at several context lengths"),
     "plan": ("longnet.cli.plan", "per-device memory, FLOPs and communication of sequence-parallel LongNet"),
 }
 
@@ -19,7 +21,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="longnet",
         description="LongNet (Ding et al., 2023): train, evaluate, generate and benchmark "
                     "models built on exact dilated attention.",
-        epilog="Run 'longnet COMMAND --help' for the options of one command.",
+        epilog="Run 'longnet COMMAND --help' for the options of one command. Example (CPU, "
+               "minutes): longnet train --preset tiny --seq-len 2048 --max-steps 150 --out runs/tiny "
+               "&& longnet eval --checkpoint runs/tiny",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_text) in SUBCOMMANDS.items():

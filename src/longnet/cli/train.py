@@ -1,0 +1,143 @@
+"""``longnet train``: train (or resume) a LongNet language model on a text corpus."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+DESCRIPTION = """\
+Train a LongNet language model on a text corpus, with the paper's recipe: AdamW (betas 0.9/0.98,
+weight decay 0.01 on the weight matrices only: not on biases, norms or embeddings), peak learning
+rate 6e-4 (the tiny preset uses 2e-3 and 4,096-token steps so a few hundred CPU steps learn
+something), linear warmup (750 steps, at most 10% of the schedule) then cosine decay to 10% of
+the peak, gradient clipping at 2.0, dropout 0. Each step uses --batch-tokens / --seq-len
+sequences, run as micro-batches with gradient accumulation; bfloat16 autocast on GPUs.
+
+The run folder (--out) receives: run.json (settings), metrics.jsonl (loss, lr, tokens/s per step,
+validation loss per evaluation), loss.png (training and validation loss, refreshed at each
+evaluation), tensorboard/ (when tensorboard is installed), checkpoints/ (model, optimizer, RNG
+and data position, written atomically: a crash never leaves a torn checkpoint), and at its top
+model.safetensors + config.json + tokenizer.json, so LongNetLM.from_pretrained(RUN) loads it.
+Ctrl-C or SIGTERM saves a checkpoint before exiting; --resume continues exactly where the run
+stopped (bit for bit on CPU). Options marked [run] are fixed when a run starts: with --resume
+they default to the run's values and may not change."""
+
+EPILOG = """\
+examples:
+  # a tiny LongNet on the Python standard library, on CPU, then its perplexity at 2K/8K/32K
+  longnet train --preset tiny --seq-len 2048 --max-steps 150 --out runs/tiny
+  longnet eval --checkpoint runs/tiny
+
+  # continue after an interruption, or train further (keep --decay-steps for a longer run)
+  longnet train --out runs/tiny --resume
+
+  # your own data (files, folders, globs, JSONL with a "text" field), dense baseline, on a GPU
+  longnet train --preset base --data 'code/**/*.py' --attention dense --seq-len 8192 \\
+      --device cuda --out runs/dense-8k"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _flag(parser: argparse.ArgumentParser, *names: str, **kwargs) -> None:
+    parser.add_argument(*names, default=argparse.SUPPRESS, **kwargs)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``longnet train`` (defaults are resolved in ``longnet.train.TrainSettings``)."""
+    parser.description = DESCRIPTION
+    parser.epilog = EPILOG
+    parser.formatter_class = _Formatter
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="run folder: new or empty, or an existing run with --resume")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its latest checkpoint (a new run when --out holds none)")
+    model = parser.add_argument_group("model")
+    _flag(model, "--preset", metavar="NAME",
+          help="[run] model preset: tiny (CPU minutes), small, base (125M), 350m, 760m, 2.7b (default: tiny)")
+    _flag(model, "--attention", choices=("dilated", "dense", "sparse"),
+          help="[run] attention kind: dilated (LongNet), dense (Transformer baseline), sparse (default: the preset's, dilated)")
+    _flag(model, "--model-overrides", metavar="JSON", type=_json_object,
+          help='[run] LongNetConfig fields overriding the preset, e.g. \'{"num_layers": 2}\'')
+    _flag(model, "--grad-checkpointing", action=argparse.BooleanOptionalAction,
+          help="recompute each block in backward to save memory (default: off)")
+    data = parser.add_argument_group("data")
+    _flag(data, "--data", metavar="SPEC",
+          help="[run] corpus: 'stdlib' (the Python standard library), files, folders, globs or .jsonl, "
+               "comma-separated (default: stdlib)")
+    _flag(data, "--vocab-size", type=int, metavar="N", help="[run] BPE vocabulary to train (default: the preset's)")
+    _flag(data, "--seq-len", type=int, metavar="N",
+          help="[run] training sequence length (default: the preset's max_train_length)")
+    _flag(data, "--cache-dir", metavar="DIR", help="token-file cache (default: $LONGNET_CACHE or ~/.cache/longnet)")
+    opt = parser.add_argument_group("optimization")
+    _flag(opt, "--batch-tokens", type=int, metavar="N",
+          help="[run] tokens per optimizer step (default: 524288 as the paper; tiny 4096, small 65536)")
+    _flag(opt, "--micro-batch", type=int, metavar="SEQS",
+          help="sequences per forward/backward, dividing the step's (default: as many as fit in 16384 tokens)")
+    _flag(opt, "--max-steps", type=int, metavar="N", help="stop after this many optimizer steps (default: 1000)")
+    _flag(opt, "--lr", type=float, help="[run] peak learning rate (default: 6e-4; tiny 2e-3, small 1e-3)")
+    _flag(opt, "--warmup-steps", type=int, metavar="N",
+          help="[run] linear warmup steps (default: 750, at most 10%% of --decay-steps)")
+    _flag(opt, "--decay", choices=("cosine", "linear", "constant"), help="[run] decay after warmup (default: cosine)")
+    _flag(opt, "--decay-steps", type=int, metavar="N",
+          help="[run] step where the decay reaches 10%% of the peak (default: --max-steps); set it to the final "
+               "length when training in several pieces")
+    _flag(opt, "--min-lr-ratio", type=float, metavar="R", help="[run] final rate / peak rate (default: 0.1)")
+    _flag(opt, "--weight-decay", type=float, help="[run] AdamW weight decay on weight matrices (default: 0.01)")
+    _flag(opt, "--grad-clip", type=float, help="[run] gradient-norm clipping (default: 2.0)")
+    _flag(opt, "--seed", type=int, help="[run] seed of initialization and data order (default: 0)")
+    run = parser.add_argument_group("running")
+    _flag(run, "--device", help="auto (CUDA if available), cpu, cuda, cuda:1 ... (default: auto)")
+    _flag(run, "--dtype", choices=("auto", "float32", "bfloat16"),
+          help="compute precision: auto = bfloat16 autocast on GPU, float32 on CPU (default: auto)")
+    _flag(run, "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: off)")
+    _flag(run, "--eval-every", type=int, metavar="N", help="validate every N steps and at the end (default: 100)")
+    _flag(run, "--eval-tokens", type=int, metavar="N", help="validation tokens per evaluation (default: 65536)")
+    _flag(run, "--save-every", type=int, metavar="N", help="checkpoint every N steps and at the end (default: 500)")
+    _flag(run, "--progress", action=argparse.BooleanOptionalAction,
+          help="show progress bars (default: when stderr is a terminal)")
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err})") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
+
+
+SETTING_ARGS = ("preset", "model_overrides", "grad_checkpointing", "data", "vocab_size", "seq_len", "cache_dir",
+                "batch_tokens", "micro_batch", "max_steps", "lr", "warmup_steps", "decay", "decay_steps",
+                "min_lr_ratio", "weight_decay", "grad_clip", "seed", "device", "dtype", "compile", "eval_every",
+                "eval_tokens", "save_every", "progress")
+
+
+def report_error(message: object) -> None:
+    """Print ``error: MESSAGE`` on one line of stderr."""
+    text = " ".join(str(message).split())
+    print(f"error: {text}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train; 0 when done, 2 on bad input, 1 on divergence, 128 + signal when interrupted."""
+    from longnet.train import TrainingDiverged, TrainingInterrupted, train  # deferred: fast --help
+
+    given = {name: getattr(args, name) for name in SETTING_ARGS if hasattr(args, name)}
+    if hasattr(args, "attention"):
+        given["model_overrides"] = {**given.get("model_overrides", {}), "attention": args.attention}
+    try:
+        train(given, args.out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except TrainingInterrupted as err:
+        report_error(err)
+        return 128 + err.signum
+    except TrainingDiverged as err:
+        report_error(err)
+        return 1
+    except (ValueError, OSError) as err:  # bad input: data, options, folder, checkpoint
+        report_error(err)
+        return 2
+    return 0

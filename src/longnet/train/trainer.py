@@ -1,0 +1,294 @@
+"""The training loop of ``longnet train``: data, model, AdamW, schedule, checkpoints, metrics.
+
+One optimizer step = ``batch_size = batch_tokens // seq_len`` sequences drawn by
+``TrainBatches.get(step)`` (a pure function of seed and step), run as micro-batches whose
+gradients accumulate (each micro-batch loss is divided by their number, so the step minimizes
+the mean loss of the whole batch). Then the gradient norm is clipped, the learning rate of the
+step is set from the schedule, and AdamW steps. On CPU the run is deterministic: a run resumed
+from a checkpoint ends with the same weights, bit for bit, as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from longnet.data import EvalBatches, PreparedData, TrainBatches, prepare_data
+from longnet.models import CheckpointError, LongNetConfig, LongNetLM
+from longnet.train.checkpoint import (
+    latest_checkpoint,
+    load_trainer_checkpoint,
+    publish_top_level,
+    restore_rng_states,
+    save_trainer_checkpoint,
+)
+from longnet.train.evaluate import mean_loss
+from longnet.train.metrics import MetricsLog, plot_losses
+from longnet.train.optim import build_optimizer
+from longnet.train.rundir import open_run_dir, write_run_file
+from longnet.train.runtime import autocast, resolve_device, resolve_dtype
+from longnet.train.schedule import learning_rate
+from longnet.train.settings import TrainSettings
+
+RUNTIME_FIELDS = ("grad_checkpointing", "backend")
+"""Config fields that may differ between a checkpoint and the resumed run (they change no math)."""
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training after a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, run_dir: Path) -> None:
+        self.signum, self.step, self.run_dir = signum, step, run_dir
+        name = signal.Signals(signum).name
+        super().__init__(f"interrupted by {name} at step {step}: checkpoint saved in {run_dir}; "
+                         f"continue with: longnet train --out {run_dir} --resume")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns."""
+
+    run_dir: Path
+    step: int
+    tokens: int
+    train_loss: float
+    val_loss: float | None
+    checkpoint: Path | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _StopFlag:
+    """Records SIGINT/SIGTERM during training; a second SIGINT interrupts at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+
+def build_config(settings: TrainSettings, vocab_size: int) -> LongNetConfig:
+    """The model configuration of a run: preset + overrides, the tokenizer's vocabulary size,
+    ``max_train_length = seq_len`` and the runtime flags."""
+    overrides = dict(settings.model_overrides)
+    overrides.update(vocab_size=vocab_size, max_train_length=settings.seq_len,
+                     grad_checkpointing=settings.grad_checkpointing)
+    return LongNetConfig.from_preset(settings.preset, **overrides)
+
+
+def _check_same_config(saved: LongNetConfig, expected: LongNetConfig, where: Path) -> None:
+    a, b = saved.to_dict(), expected.to_dict()
+    diff = [k for k in a if k not in RUNTIME_FIELDS and a[k] != b.get(k)]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(f"{where}: checkpoint is of another model config ({k}={a[k]!r}, this run "
+                              f"needs {b.get(k)!r}); use the run's own settings or a new --out")
+
+
+def _prepare(settings: TrainSettings) -> PreparedData:
+    prepared = prepare_data(settings.data, settings.cache_dir, settings.vocab_size, progress=settings.progress)
+    if prepared.num_tokens["train"] < settings.seq_len + 1:
+        raise ValueError(
+            f"the training split of --data {settings.data!r} has {prepared.num_tokens['train']:,} tokens, fewer "
+            f"than --seq-len {settings.seq_len} + 1; use a shorter --seq-len or more data")
+    return prepared
+
+
+def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
+          log=print) -> TrainResult:
+    """Train (or resume) the run in ``out``; see ``longnet train --help`` for the settings.
+
+    Args:
+        settings_given: :class:`TrainSettings` fields given explicitly (None = not given).
+        out: the run folder.
+        resume: continue the run in ``out`` from its latest checkpoint.
+        log: where one-line notes go (``print`` by default).
+
+    Raises:
+        ValueError (and :class:`CheckpointError`): bad settings, data, folder or checkpoint.
+        TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
+        TrainingDiverged: the loss became NaN/inf (the last checkpoint is kept).
+    """
+    run_dir, stored = open_run_dir(out, resume)
+    settings = TrainSettings.resolve(settings_given, stored["settings"] if stored else None)
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device)
+    prepared = _prepare(settings)
+    tokenizer = prepared.tokenizer
+    config = build_config(settings, tokenizer.vocab_size)
+
+    ckpt_dir = latest_checkpoint(run_dir) if stored else None
+    torch.manual_seed(settings.seed)
+    if ckpt_dir is not None:
+        model = LongNetLM.from_pretrained(ckpt_dir)
+        _check_same_config(model.config, config, ckpt_dir)
+        model.config.grad_checkpointing = settings.grad_checkpointing
+        trainer_ckpt = load_trainer_checkpoint(ckpt_dir, device)
+        if trainer_ckpt.state.get("tokenizer_sha256") != tokenizer.sha256():
+            raise CheckpointError(f"{ckpt_dir}: checkpoint was trained with another tokenizer than the one "
+                                  f"--data {settings.data!r} gives now; the data or its cache changed")
+    else:
+        model = LongNetLM(config)
+        trainer_ckpt = None
+    model.to(device)
+    model.train()
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs (--dtype float32) use TF32 matmuls
+        torch.backends.cudnn.allow_tf32 = True
+    optimizer = build_optimizer(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                                weight_decay=settings.weight_decay, fused=device.type == "cuda")
+    start_step, tokens_seen, elapsed = 0, 0, 0.0
+    if trainer_ckpt is not None:
+        try:
+            optimizer.load_state_dict(trainer_ckpt.optimizer)
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise CheckpointError(f"{ckpt_dir}: optimizer state does not fit the model ({err})") from err
+        restore_rng_states(trainer_ckpt.rng)
+        start_step = trainer_ckpt.step
+        tokens_seen = int(trainer_ckpt.state.get("tokens", 0))
+        elapsed = float(trainer_ckpt.state.get("elapsed_s", 0.0))
+        publish_top_level(run_dir, ckpt_dir)
+
+    write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
+                   num_parameters=model.num_parameters(), data={
+                       "cache_entry": str(prepared.directory), "num_tokens": prepared.num_tokens,
+                       "tokenizer_sha256": tokenizer.sha256()})
+    batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
+    val_tokens = prepared.tokens("validation")
+    val_batches = None
+    if len(val_tokens) >= settings.seq_len + 1:
+        val_batches = EvalBatches(val_tokens, settings.seq_len,
+                                  max_sequences=max(1, settings.eval_tokens // settings.seq_len))
+    else:
+        log(f"note: the validation split has {len(val_tokens):,} tokens, fewer than --seq-len "
+            f"{settings.seq_len} + 1: no validation loss")
+    forward = torch.compile(model) if settings.compile else model
+
+    micro = settings.micro_batch_size
+    n_micro = settings.batch_size // micro
+    step_tokens = settings.batch_size * settings.seq_len
+    log(f"run {run_dir}: {settings.preset} LongNet ({model.config.attention}), "
+        f"{model.num_parameters():,} parameters, vocab {tokenizer.vocab_size}, on {device} ({str(dtype)[6:]})")
+    log(f"data {settings.data!r}: " + ", ".join(f"{k} {v:,}" for k, v in prepared.num_tokens.items())
+        + f" tokens; step = {settings.batch_size} x {settings.seq_len} tokens ({n_micro} micro-batch(es) of "
+        f"{micro}); lr {settings.lr:g}, warmup {settings.warmup_steps}, {settings.decay} decay to "
+        f"step {settings.decay_steps}")
+    if start_step:
+        log(f"resuming from {ckpt_dir} at step {start_step}")
+    if start_step >= settings.max_steps:
+        log(f"nothing to do: the run is at step {start_step} >= --max-steps {settings.max_steps}")
+
+    metrics = MetricsLog(run_dir, resume_step=start_step if stored else None)
+    history: list[dict[str, Any]] = []
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    schedule = dict(peak_lr=settings.lr, warmup_steps=settings.warmup_steps,
+                    decay_steps=settings.decay_steps, decay=settings.decay,
+                    min_lr_ratio=settings.min_lr_ratio)
+    step, last_loss, val_loss, saved_step = start_step, math.nan, None, start_step
+    last_path: Path | None = ckpt_dir
+
+    def save() -> Path:
+        nonlocal saved_step, last_path
+        state = {"tokens": tokens_seen, "elapsed_s": elapsed, "data": batches.state_dict() | {"step": step},
+                 "tokenizer_sha256": tokenizer.sha256(), "schedule": schedule, "train_loss": last_loss,
+                 "val_loss": val_loss}
+        last_path = save_trainer_checkpoint(
+            run_dir, step=step, write_model=model.save_pretrained, write_tokenizer=tokenizer.save,
+            optimizer_state=optimizer.state_dict(), trainer_state=state)
+        saved_step = step
+        return last_path
+
+    bar = tqdm(total=settings.max_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,
+               disable=None if settings.progress is None else not settings.progress, file=sys.stderr)
+    try:
+        with _StopFlag() as stop:
+            while step < settings.max_steps and stop.signum is None:
+                t0 = time.perf_counter()
+                lr = learning_rate(step, **schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                input_ids, labels = batches.get(step)  # (batch_size, seq_len) each
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                for i in range(n_micro):
+                    x = input_ids[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, N)
+                    y = labels[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, N)
+                    with autocast(device, dtype):
+                        out = forward(x, labels=y)
+                    (out.loss / n_micro).backward()
+                    loss_sum += out.loss.detach().double()
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                tokens_seen += step_tokens
+                last_loss = float(loss_sum) / n_micro
+                dt = time.perf_counter() - t0
+                elapsed += dt
+                if not math.isfinite(last_loss):
+                    raise TrainingDiverged(
+                        f"the training loss is {last_loss} at step {step}; lower --lr (now {settings.lr:g}) "
+                        f"and resume from the last checkpoint ({last_path or 'none yet'}) with a new --out")
+                record = {"kind": "train", "step": step, "loss": last_loss, "lr": lr,
+                          "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                          "tokens_per_s": step_tokens / dt, "time": elapsed}
+                metrics.log(record)
+                history.append(record)
+                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:,.0f}",
+                                refresh=False)
+                bar.update(1)
+                if val_batches is not None and (step % settings.eval_every == 0 or step == settings.max_steps):
+                    val_loss, _ = mean_loss(model, val_batches, device, dtype)
+                    record = {"kind": "eval", "step": step, "val_loss": val_loss,
+                              "val_perplexity": math.exp(min(val_loss, 700.0)), "tokens": tokens_seen}
+                    metrics.log(record)
+                    history.append(record)
+                    tqdm.write(f"step {step}: train loss {last_loss:.4f}, validation loss {val_loss:.4f} "
+                               f"(perplexity {record['val_perplexity']:.2f})", file=sys.stderr)
+                    plot_losses(run_dir)
+                if step % settings.save_every == 0 or step == settings.max_steps:
+                    save()
+            if stop.signum is not None:
+                bar.close()
+                if step > saved_step or last_path is None:
+                    save()
+                plot_losses(run_dir)
+                raise TrainingInterrupted(stop.signum, step, run_dir)
+    finally:
+        bar.close()
+        metrics.close()
+    if step > saved_step or last_path is None:
+        save()
+    png = plot_losses(run_dir)
+    if png is None:
+        log("note: matplotlib is not installed, so no loss plot; pip install matplotlib")
+    log(f"done: step {step}, {tokens_seen:,} tokens, train loss {last_loss:.4f}"
+        + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")
+        + f"; checkpoint {last_path}" + (f"; plot {png}" if png else ""))
+    return TrainResult(run_dir=run_dir, step=step, tokens=tokens_seen, train_loss=last_loss, val_loss=val_loss,
+                       checkpoint=last_path, history=history)
