@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MICRO_MODEL
 from safetensors.torch import load_file
 
 from longnet.cli.main import main
@@ -29,8 +30,6 @@ from longnet.train.distributed import (
     setup_parallel,
 )
 from longnet.train.step import compute_gradients, train_step
-
-from conftest import MICRO_MODEL
 
 SP_MODEL = MICRO_MODEL | {"segment_lengths": [8, 32], "dilation_rates": [1, 2]}
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -132,7 +131,8 @@ def test_trainer_dp_sp_with_resume_matches_one_process(tmp_path, corpus, cache):
             assert abs(r["loss"] - ref[r["step"] - 1]) < 1e-5
     logged = [r["loss"] for r in read_metrics(tmp_path / "mesh" / "metrics.jsonl") if r["kind"] == "train"]
     assert len(logged) == 4 and max(abs(a - b) for a, b in zip(logged, ref)) < 1e-5
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "mesh" / "model.safetensors"))
+    a = load_file(str(tmp_path / "one" / "model.safetensors"))
+    b = load_file(str(tmp_path / "mesh" / "model.safetensors"))
     # float32 gradients summed in another order, amplified by AdamW's normalization where a
     # gradient is near its epsilon: 4 steps of lr 2e-3 move weights by up to 8e-3, these by < 1e-4
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

@@ -143,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(given, args.out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except TrainingInterrupted as err:
-        report_error(err)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 tells
+            report_error(err)
         return 128 + err.signum
     except TrainingDiverged as err:
         report_error(err)

@@ -4,8 +4,10 @@ One optimizer step = ``batch_size = batch_tokens // seq_len`` sequences drawn by
 ``TrainBatches.get(step)`` (a pure function of seed and step), run as micro-batches whose
 gradients accumulate (each micro-batch loss is divided by their number, so the step minimizes
 the mean loss of the whole batch). Then the gradient norm is clipped, the learning rate of the
-step is set from the schedule, and AdamW steps. On CPU the run is deterministic: a run resumed
-from a checkpoint ends with the same weights, bit for bit, as one that never stopped.
+step is set from the schedule, and AdamW steps (:mod:`longnet.train.step`). On CPU the run is
+deterministic: a run resumed from a checkpoint ends with the same weights, bit for bit, as one
+that never stopped. Under torchrun the same loop runs on a data x sequence parallel mesh
+(:mod:`longnet.train.distributed`) and matches one process up to float32 summation order.
 """
 
 from __future__ import annotations
@@ -32,12 +34,6 @@ from longnet.train.checkpoint import (
     restore_rng_states,
     save_trainer_checkpoint,
 )
-from longnet.train.evaluate import mean_loss
-from longnet.train.metrics import MetricsLog, plot_losses
-from longnet.train.optim import build_optimizer
-from longnet.train.rundir import open_run_dir, write_run_file
-from longnet.train.runtime import autocast, resolve_device, resolve_dtype
-from longnet.train.schedule import learning_rate
 from longnet.train.distributed import (
     Parallel,
     check_in_sync,
@@ -49,6 +45,12 @@ from longnet.train.distributed import (
     setup_parallel,
     torchrun_world_size,
 )
+from longnet.train.evaluate import mean_loss
+from longnet.train.metrics import MetricsLog, plot_losses
+from longnet.train.optim import build_optimizer
+from longnet.train.rundir import open_run_dir, write_run_file
+from longnet.train.runtime import resolve_device, resolve_dtype
+from longnet.train.schedule import learning_rate
 from longnet.train.settings import MICRO_BATCH_TOKENS, TrainSettings
 from longnet.train.step import train_step
 
