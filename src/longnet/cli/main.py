@@ -9,9 +9,9 @@ import sys
 # subcommand name -> module under longnet.cli (imported only when that subcommand runs)
 SUBCOMMANDS = {
     "bench": ("longnet.cli.bench", "benchmark dilated attention against dense attention"),
-    "generate": ("longnet.cli.generate", "continue a prompt with a trained model (streamed)"),
     "train": ("longnet.cli.train", "train (or resume) a LongNet language model on a text corpus"),
     "eval": ("longnet.cli.eval", "perplexity of a trained model at several context lengths"),
+    "generate": ("longnet.cli.generate", "continue a prompt with a trained model (streamed)"),
     "plan": ("longnet.cli.plan", "per-device memory, FLOPs and communication of sequence-parallel LongNet"),
 }
 

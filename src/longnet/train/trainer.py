@@ -225,6 +225,13 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
         if main:
             publish_top_level(run_dir, ckpt_dir)
 
+    batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
+    if trainer_ckpt is not None and "data" in trainer_ckpt.state:
+        try:  # same windows as before the interruption: same sizes and the same token stream
+            batches.load_state_dict(trainer_ckpt.state["data"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{ckpt_dir}: cannot continue on this data ({err}); "
+                                  "resume with the data the run started with, or start a new --out") from err
     if main:
         write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
                        num_parameters=model.num_parameters(), data={
@@ -232,7 +239,6 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
                            "tokenizer_sha256": tokenizer.sha256()},
                        **({"parallel": {"world": parallel.world, "data_parallel": dp, "sequence_parallel": sp}}
                           if parallel is not None else {}))
-    batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
     val_tokens = prepared.tokens("validation")
     val_batches = None
     if len(val_tokens) >= settings.seq_len + 1:
