@@ -1,0 +1,109 @@
+"""Device names, the results table and the plot of the attention benchmark."""
+
+from __future__ import annotations
+
+import platform
+import re
+from pathlib import Path
+
+import torch
+
+__all__ = ["device_name", "device_slug", "format_table", "plot_attention"]
+
+
+def device_name(device: torch.device) -> str:
+    """A human name: the GPU's name, or the CPU model from ``/proc/cpuinfo``."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    fallback = platform.processor() or platform.machine() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux
+        return fallback
+    return fallback
+
+
+def device_slug(device: torch.device) -> str:
+    """``cpu-amd-epyc``, ``cuda-nvidia-h100-80gb-hbm3``: safe for file names."""
+    name = re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or "unknown"
+    return f"{device.type}-{name}"
+
+
+def _fmt(v, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+_COLUMNS = (  # header, key, format
+    ("N", "n", "d"), ("causal", "causal", ""), ("mode", "mode", ""),
+    ("dilated ms", "dilated_ms", ".1f"), ("dense ms", "dense_ms", ".1f"),
+    ("speedup", "speedup", ".2f"), ("FLOP ratio", "flop_ratio", ".2f"),
+    ("dil TFLOP/s", "dilated_tflops", ".3f"), ("dense TFLOP/s", "dense_tflops", ".3f"),
+    ("dil MB", "dilated_mb", ".0f"), ("dense MB", "dense_mb", ".0f"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    """Right-aligned columns, one line per (N, causal, mode)."""
+    cells = [[h for h, _, _ in _COLUMNS]]
+    for row in rows:
+        line = []
+        for _, key, spec in _COLUMNS:
+            v = row[key]
+            line.append(("yes" if v else "no") if key == "causal" else _fmt(v, spec))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def plot_attention(doc: dict, path: Path) -> None:
+    """Time and peak memory against N (log-log), dense vs dilated; fwd and fwd+bwd columns.
+
+    Rows: wall time, process CPU time (CPU runs), peak extra memory. Raises ``ImportError``
+    when matplotlib is missing (the caller reports it).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in doc["cases"] if r.get("status") == "ok"]
+    modes = [m for m in ("fwd", "fwdbwd") if any(r["mode"] == m for r in records)] or ["fwd"]
+    panels = [("median_ms", "wall time (median)", "ms")]
+    if any(r.get("cpu_median_ms") is not None for r in records):
+        panels.append(("cpu_median_ms", "process CPU time (median)", "ms"))
+    panels.append(("peak_mb", "peak extra memory", "MiB"))
+    fig, axes = plt.subplots(len(panels), len(modes), figsize=(6.5 * len(modes), 3.6 * len(panels)),
+                             squeeze=False)
+    styles = {("dilated", True): ("C0", "-"), ("dilated", False): ("C0", "--"),
+              ("dense", True): ("C3", "-"), ("dense", False): ("C3", "--")}
+    for col, mode in enumerate(modes):
+        title = {"fwd": "forward", "fwdbwd": "forward + backward"}[mode]
+        for row, (key, what, unit) in enumerate(panels):
+            ax = axes[row][col]
+            for (impl, causal), (color, ls) in styles.items():
+                pts = sorted((r["n"], r[key]) for r in records
+                             if r["impl"] == impl and r["causal"] == causal and r["mode"] == mode
+                             and r.get(key) is not None and r[key] > 0)
+                if pts:
+                    ax.plot(*zip(*pts), color=color, ls=ls, marker="o",
+                            label=f"{impl} {'causal' if causal else 'non-causal'}")
+            ax.set_title(f"{title}: {what}", fontsize=10)
+            ax.set_ylabel(unit)
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("sequence length N")
+            ax.grid(True, which="both", alpha=0.3)
+            if ax.has_data():
+                ax.legend(fontsize=8)
+    cfg = doc["config"]
+    threads = doc["device"].get("torch_threads")
+    fig.suptitle(f"dilated vs dense attention, {doc['device']['name']}"
+                 f"{f', {threads} thread(s)' if threads else ''}\n{cfg['dtype']}, "
+                 f"B={cfg['batch_size']} H={cfg['heads']} D={cfg['head_dim']}, "
+                 f"torch {doc['torch_version']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

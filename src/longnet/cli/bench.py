@@ -1,0 +1,292 @@
+"""``longnet bench attention``: time dilated attention against dense SDPA.
+
+Prints a table (stdout), progress (stderr), and, last on stdout, one JSON line with every figure;
+writes the same JSON to ``OUT/attention_<device>.json`` (rewritten after each case, so a long
+run that is stopped keeps what it measured) and a plot beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["add_arguments", "run"]
+
+WHAT = ("attention",)  # later: "decode"
+
+# --quick: a smoke run of a second or two (used by the tests)
+_QUICK = dict(seq_lens=(128, 256), segment_lengths=(64, 128), dilation_rates=(1, 2), heads=2,
+              head_dim=16, repeats=1, warmup=0)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.replace(",", " ").split())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not values or any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
+    return values
+
+
+def _positive(text: str) -> int:
+    v = _int_list(text)
+    if len(v) != 1:
+        raise argparse.ArgumentTypeError(f"expected one positive int, got {text!r}")
+    return v[0]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("what", choices=WHAT, help="what to benchmark")
+    g = parser.add_argument_group("lengths")
+    g.add_argument("--seq-lens", type=_int_list, default=None,
+                   help="comma-separated N to run (default: powers of two from 2048 to "
+                        "--max-seq-len)")
+    g.add_argument("--max-seq-len", type=_positive, default=None,
+                   help="longest N (default 131072 on CPU, 1048576 on CUDA)")
+    g.add_argument("--dense-max-seq-len", type=_positive, default=None,
+                   help="dense SDPA is quadratic: run it only up to this N "
+                        "(default 32768 on CPU, 262144 on CUDA)")
+    c = parser.add_mutually_exclusive_group()
+    c.add_argument("--causal", dest="causal", action="store_const", const="causal",
+                   help="causal only")
+    c.add_argument("--no-causal", dest="causal", action="store_const", const="noncausal",
+                   help="non-causal only")
+    c.add_argument("--both", dest="causal", action="store_const", const="both",
+                   help="causal and non-causal")
+    parser.set_defaults(causal="both")
+    parser.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
+                        help="forward only (no_grad), forward+backward, or both")
+    s = parser.add_argument_group("shape and pattern")
+    s.add_argument("--heads", type=_positive, default=12)
+    s.add_argument("--head-dim", type=_positive, default=64)
+    s.add_argument("--batch-size", type=_positive, default=1)
+    s.add_argument("--segment-lengths", type=_int_list, default=None,
+                   help="default: the paper's 2048,4096,8192,16384,32768")
+    s.add_argument("--dilation-rates", type=_int_list, default=None,
+                   help="default: the paper's 1,2,4,6,12")
+    s.add_argument("--backend", default="auto", help="dilated attention backend")
+    r = parser.add_argument_group("running")
+    r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    r.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
+                   default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    r.add_argument("--repeats", type=_positive, default=3,
+                   help="timed calls per case; the median is reported")
+    r.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
+    r.add_argument("--warmup-skip-s", type=float, default=10.0,
+                   help="skip the warmup of a case when the previous N of its series took "
+                        "longer than this per call")
+    r.add_argument("--threads", type=_positive, default=None,
+                   help="torch CPU threads (default: torch's choice); 1 gives steadier CPU "
+                        "times on a machine shared with other jobs")
+    r.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                   help="results directory")
+    r.add_argument("--quick", action="store_true",
+                   help="tiny shapes and pattern for a smoke run (seconds)")
+    r.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
+    r.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                   help="redraw the PNG of an earlier results JSON (beside it) and exit")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _config(args: argparse.Namespace):
+    from longnet.bench.attention import (PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS,
+                                         AttentionBenchConfig, paper_seq_lens)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but CUDA is not available")
+    on_gpu = device.type == "cuda"
+    dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    quick = _QUICK if args.quick else {}
+    max_n = args.max_seq_len or (1 << 20 if on_gpu else 1 << 17)
+    seq_lens = args.seq_lens or quick.get("seq_lens") or paper_seq_lens(max_n)
+    seq_lens = tuple(n for n in seq_lens if n <= max_n)
+    if not seq_lens:
+        raise ValueError(f"no sequence length <= --max-seq-len {max_n}")
+    dense_max = args.dense_max_seq_len or (1 << 18 if on_gpu else 1 << 15)
+    causal = {"causal": (True,), "noncausal": (False,), "both": (True, False)}[args.causal]
+    modes = ("fwd", "fwdbwd") if args.mode == "both" else (args.mode,)
+    seg = args.segment_lengths or quick.get("segment_lengths") or PAPER_SEGMENT_LENGTHS
+    rates = args.dilation_rates or quick.get("dilation_rates") or PAPER_DILATION_RATES
+    explicit = lambda name, default: getattr(args, name) if getattr(args, name) != default \
+        else quick.get(name, default)  # noqa: E731
+    return AttentionBenchConfig(
+        seq_lens=seq_lens, dense_max_seq_len=dense_max, causal=causal, modes=modes,
+        device=device, dtype=dtype, repeats=explicit("repeats", 3),
+        warmup=explicit("warmup", 1), warmup_skip_s=args.warmup_skip_s,
+        heads=explicit("heads", 12), head_dim=explicit("head_dim", 64),
+        batch_size=args.batch_size, segment_lengths=tuple(seg), dilation_rates=tuple(rates),
+        backend=args.backend,
+    )
+
+
+_TIMING = ("median of the timed calls after the warmup calls; CUDA events after a synchronize "
+           "on GPU, time.perf_counter on CPU. On CPU also the process CPU time "
+           "(time.process_time, all threads) of each call: comparisons_cpu_time and "
+           "targets_cpu_time use it; with one thread on a busy machine it is the steadier "
+           "figure, as wall time then includes time spent waiting for a core")
+_MEMORY = {
+    "cpu": "peak growth of the process RSS over its value before one call, sampled every 1 ms "
+           "from /proc/self/statm after malloc_trim(0); an estimate of the extra memory the "
+           "call needs (outputs, saved tensors, workspaces, gradients for fwdbwd), inputs "
+           "excluded",
+    "cuda": "torch.cuda.max_memory_allocated() minus memory_allocated() before one call: the "
+            "extra memory the call needs, inputs excluded",
+}
+
+
+def _document(cfg, records, started: str, complete: bool, note: str | None = None,
+              commit: str | None = None) -> dict:
+    from longnet import __version__
+    from longnet.bench.attention import comparison_rows, target_checks
+    from longnet.bench.report import device_name
+
+    on_cpu = cfg.device.type == "cpu"
+    return {
+        "benchmark": "attention",
+        "complete": complete,
+        "note": note,
+        "date": started,
+        "device": {"type": cfg.device.type, "name": device_name(cfg.device),
+                   "torch_threads": torch.get_num_threads() if cfg.device.type == "cpu" else None},
+        "torch_version": torch.__version__,
+        "longnet_version": __version__,
+        "git_commit": commit,
+        "config": cfg.describe(),
+        "timing_method": _TIMING,
+        "memory_method": _MEMORY[cfg.device.type],
+        "flops_method": "matmul FLOPs, FlashAttention convention (fwd+bwd = 3.5 x fwd): "
+                        "DilatedPattern.flops / DilatedPattern.dense_flops",
+        "comparisons": comparison_rows(records),
+        "targets": target_checks(records, cfg),
+        "comparisons_cpu_time": comparison_rows(records, "cpu_median_ms") if on_cpu else None,
+        "targets_cpu_time": target_checks(records, cfg, "cpu_median_ms") if on_cpu else None,
+        "loadavg_1m_range": _load_range(records),
+        "cases": records,
+    }
+
+
+def _git_commit() -> str | None:
+    """The commit of the longnet checkout being measured, when it is a git checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True,
+                             text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git, or it hung
+        return None
+    if out.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", str(here.parent)], cwd=here,
+                           capture_output=True, text=True, timeout=10).stdout.strip()
+    return out.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _load_range(records) -> list[float] | None:
+    loads = [r["loadavg_1m"] for r in records if r.get("loadavg_1m") is not None]
+    return [min(loads), max(loads)] if loads else None
+
+
+def _print_targets(targets: dict, label: str) -> None:
+    for key, entries in targets.items():
+        for e in entries if isinstance(entries, list) else [entries]:
+            shown = {k: v for k, v in e.items() if v is not None}
+            print(f"target ({label}) {key}: {shown}")
+
+
+def _write(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def _replot(path: Path) -> int:
+    from longnet.bench.report import plot_attention
+
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        print(f"longnet bench: error: cannot read --replot {path}: {err}", file=sys.stderr)
+        return 2
+    plot_attention(doc, path.with_suffix(".png"))
+    print(f"wrote {path.with_suffix('.png')}")
+    return 0
+
+
+def _run_attention(args: argparse.Namespace) -> int:
+    from longnet.bench.attention import comparison_rows, run_attention_bench
+    from longnet.bench.report import device_slug, format_table, plot_attention
+
+    if args.replot is not None:
+        return _replot(args.replot)
+
+    try:
+        cfg = _config(args)
+    except ValueError as err:
+        print(f"longnet bench: error: {err}", file=sys.stderr)
+        return 2
+    commit = _git_commit()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"attention_{device_slug(cfg.device)}"
+    json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    print(f"dilated {cfg.pattern} vs dense SDPA: {cfg.device} {cfg.describe()['dtype']}, "
+          f"B={cfg.batch_size} H={cfg.heads} D={cfg.head_dim}, N={list(cfg.seq_lens)}, "
+          f"dense up to {cfg.dense_max_seq_len}, repeats={cfg.repeats}", file=sys.stderr)
+
+    def progress(cases):
+        if args.no_progress:
+            return cases
+        from tqdm import tqdm
+        return tqdm(cases, desc="bench attention", unit="case", file=sys.stderr)
+
+    records: list[dict] = []
+    note = None
+    try:
+        run_attention_bench(
+            cfg, progress=progress, records=records,
+            on_case=lambda recs: _write(json_path, _document(cfg, recs, started, False,
+                                                            commit=commit)))
+    except KeyboardInterrupt:  # keep what was measured, say so, and report it
+        note = f"interrupted after {len(records)} of {len(cfg.cases())} cases"
+        print(f"\n{note}", file=sys.stderr)
+    doc = _document(cfg, records, started, note is None, note, commit)
+    doc["files"] = {"json": str(json_path), "png": None}
+    if args.no_plot:
+        doc["plot_note"] = "skipped (--no-plot)"
+    else:
+        try:
+            plot_attention(doc, png_path)
+            doc["files"]["png"] = str(png_path)
+        except ImportError as err:
+            doc["plot_note"] = f"skipped: matplotlib is not installed ({err})"
+            print(f"note: plot {doc['plot_note']}", file=sys.stderr)
+    _write(json_path, doc)
+    print("wall time (median ms):")
+    print(format_table(comparison_rows(records)))
+    _print_targets(doc["targets"], "wall time")
+    if doc["comparisons_cpu_time"] is not None:
+        print("process CPU time (median ms):")
+        print(format_table(doc["comparisons_cpu_time"]))
+        _print_targets(doc["targets_cpu_time"], "CPU time")
+    print(f"wrote {json_path}" + (f" and {png_path}" if doc["files"]["png"] else ""))
+    print(json.dumps(doc, separators=(",", ":")))
+    return 0 if note is None else 130
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.what == "attention":
+        return _run_attention(args)
+    raise ValueError(f"unknown benchmark {args.what!r}")  # argparse choices prevent this

@@ -1,0 +1,174 @@
+"""``longnet bench attention``: the smoke run, the JSON it writes, and the target arithmetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from longnet.bench.attention import AttentionBenchConfig, comparison_rows, target_checks
+from longnet.bench.measure import measure
+from longnet.bench.report import format_table
+from longnet.cli.main import main
+
+EXPECTED_KEYS = {"benchmark", "complete", "date", "device", "torch_version", "config",
+                 "timing_method", "memory_method", "flops_method", "comparisons", "targets",
+                 "comparisons_cpu_time", "targets_cpu_time", "cases", "files", "git_commit"}
+TARGET_KEYS = {"cpu_fp32_causal_fwdbwd_speedup_vs_flop_ratio", "linear_growth_128k_over_32k",
+               "gpu_bf16_fwdbwd_tflops_fraction_of_dense", "longest_seq_len"}
+
+
+def _run_quick(capsys, tmp_path, *extra):
+    rc = main(["bench", "attention", "--quick", "--no-plot", "--no-progress",
+               "--out", str(tmp_path), *extra])
+    out = capsys.readouterr().out
+    return rc, out, json.loads(out.strip().splitlines()[-1])
+
+
+def test_quick_run_prints_table_and_last_json_line(capsys, tmp_path):
+    rc, out, doc = _run_quick(capsys, tmp_path)
+    assert rc == 0
+    assert EXPECTED_KEYS <= doc.keys()
+    assert doc["complete"] is True and doc["device"]["type"] == "cpu"
+    assert doc["torch_version"] == torch.__version__
+    assert out.splitlines()[0] == "wall time (median ms):"
+    header = out.splitlines()[1].split()
+    assert header[:3] == ["N", "causal", "mode"] and "speedup" in header
+    # 2 lengths x 2 causal settings x 2 modes, each with dilated and dense
+    assert len(doc["cases"]) == 16
+    assert all(c["status"] == "ok" and c["median_ms"] > 0 and c["cpu_median_ms"] >= 0
+               for c in doc["cases"])
+    assert doc["targets"].keys() == doc["targets_cpu_time"].keys() == TARGET_KEYS
+    # the target series (causal fwd+bwd) runs first
+    assert [(c["causal"], c["mode"]) for c in doc["cases"][:4]] == [(True, "fwdbwd")] * 4
+    assert len(doc["comparisons"]) == 8
+    for row in doc["comparisons"]:
+        assert row["speedup"] == pytest.approx(row["dense_ms"] / row["dilated_ms"])
+        assert row["flop_ratio"] > 1
+    # the file holds the same document
+    files = list(tmp_path.glob("attention_cpu-*.json"))
+    assert len(files) == 1 and str(files[0]) == doc["files"]["json"]
+    saved = json.loads(files[0].read_text())
+    assert saved["cases"] == doc["cases"] and saved["targets"] == doc["targets"]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_quick_run_respects_causal_mode_and_dense_limit(capsys, tmp_path):
+    rc, _, doc = _run_quick(capsys, tmp_path, "--causal", "--mode", "fwd",
+                            "--dense-max-seq-len", "128")
+    assert rc == 0
+    cases = {(c["impl"], c["n"]) for c in doc["cases"]}
+    assert cases == {("dilated", 128), ("dense", 128), ("dilated", 256)}
+    assert all(c["causal"] and c["mode"] == "fwd" for c in doc["cases"])
+    row256 = next(r for r in doc["comparisons"] if r["n"] == 256)
+    assert row256["dense_ms"] is None and row256["speedup"] is None
+
+
+def test_quick_run_draws_plot(capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    rc = main(["bench", "attention", "--quick", "--no-progress", "--mode", "fwd", "--causal",
+               "--out", str(tmp_path)])
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0
+    png = tmp_path / doc["files"]["png"].rsplit("/", 1)[-1]
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    png.unlink()
+    assert main(["bench", "attention", "--replot", doc["files"]["json"]]) == 0
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_run_keeps_what_it_measured(capsys, tmp_path, monkeypatch):
+    import longnet.bench.attention as attention
+
+    real, calls = attention.measure, []
+
+    def stop_on_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "measure", stop_on_third)
+    rc, _, doc = _run_quick(capsys, tmp_path)
+    assert rc == 130
+    assert doc["complete"] is False and doc["note"] == "interrupted after 2 of 16 cases"
+    assert len(doc["cases"]) == 2
+    saved = json.loads(next(tmp_path.glob("attention_*.json")).read_text())
+    assert saved["complete"] is False and len(saved["cases"]) == 2
+
+
+@pytest.mark.parametrize("argv", [
+    ["--seq-lens", "0,128"], ["--seq-lens", "a"], ["--heads", "-1"], ["--mode", "bwd"],
+    ["--causal", "--no-causal"],
+])
+def test_bad_arguments_are_rejected(argv, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", "attention", "--quick", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+
+
+def test_max_seq_len_below_every_length_is_an_error(capsys, tmp_path):
+    rc = main(["bench", "attention", "--quick", "--no-plot", "--max-seq-len", "64",
+               "--out", str(tmp_path)])
+    assert rc == 2
+    assert "--max-seq-len" in capsys.readouterr().err
+
+
+def _records(cfg, times):
+    """Synthetic ok records: ``times[(impl, n, causal, mode)] = seconds``."""
+    recs = []
+    for (impl, n, causal, mode), t in times.items():
+        flops = cfg.flops(impl, n, causal, mode)
+        recs.append({"impl": impl, "n": n, "causal": causal, "mode": mode, "status": "ok",
+                     "flops": flops, "median_ms": t * 1e3, "peak_mb": 1.0,
+                     "tflops": flops / t / 1e12})
+    return recs
+
+
+def test_target_checks_arithmetic():
+    cfg = AttentionBenchConfig(seq_lens=(16384, 32768, 131072), dense_max_seq_len=32768,
+                               causal=(True,), modes=("fwdbwd",))
+    ratio16 = cfg.flops("dense", 16384, True, "fwdbwd") / cfg.flops("dilated", 16384, True,
+                                                                     "fwdbwd")
+    assert ratio16 == pytest.approx(3.9, abs=0.05)  # the paper pattern's ratio at 16K
+    times = {("dilated", 16384, True, "fwdbwd"): 1.0,
+             ("dense", 16384, True, "fwdbwd"): 0.95 * ratio16,  # passes (>= 0.9 x ratio)
+             ("dilated", 32768, True, "fwdbwd"): 2.0,
+             ("dense", 32768, True, "fwdbwd"): 2.0 * 3.0,  # 3x, far under 0.9 x 7.7
+             ("dilated", 131072, True, "fwdbwd"): 2.0 * 4.5}  # 12.5% over linear: fails
+    t = target_checks(_records(cfg, times), cfg)
+    s16, s32 = t["cpu_fp32_causal_fwdbwd_speedup_vs_flop_ratio"]
+    assert s16["pass"] is True and s16["speedup"] == pytest.approx(0.95 * ratio16, rel=1e-3)
+    assert s32["pass"] is False and s32["speedup"] == pytest.approx(3.0)
+    (g,) = t["linear_growth_128k_over_32k"]
+    assert g["flop_growth"] == pytest.approx(4.0)
+    assert g["time_growth"] == pytest.approx(4.5) and g["pass"] is False
+    assert g["relative_error"] == pytest.approx(0.125)
+    assert all(e["pass"] is None for e in t["gpu_bf16_fwdbwd_tflops_fraction_of_dense"])
+    assert t["longest_seq_len"]["dilated_fwdbwd"]["longest_n"] == 131072
+    assert t["longest_seq_len"]["dense_fwdbwd"]["longest_n"] == 32768
+    rows = comparison_rows(_records(cfg, times))
+    assert [r["n"] for r in rows] == [16384, 32768, 131072]
+    table = format_table(rows).splitlines()
+    assert len(table) == 4 and len({len(line) for line in table}) == 1  # aligned
+
+
+def test_measure_counts_calls_and_rejects_bad_counts():
+    calls = []
+    m = measure(lambda: calls.append(1), device="cpu", repeats=3, warmup=2)
+    assert len(calls) == 5 and len(m.times_s) == 3 and m.median_s >= 0
+    with pytest.raises(ValueError, match="repeats"):
+        measure(lambda: None, device="cpu", repeats=0, warmup=0)
+    with pytest.raises(ValueError, match="warmup"):
+        measure(lambda: None, device="cpu", repeats=1, warmup=-1)
+
+
+def test_measure_sees_cpu_memory_growth():
+    def alloc():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        return x.sum()
+    m = measure(alloc, device="cpu", repeats=1, warmup=0)
+    if m.peak_bytes is None:
+        pytest.skip("no /proc/self/statm on this platform")
+    assert m.peak_bytes >= 32 * 2**20
