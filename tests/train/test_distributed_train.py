@@ -195,3 +195,14 @@ def test_parallel_settings_are_validated():
         local_micro_batch(8, 2, 16, 3, 64)
     with pytest.raises(ValueError, match="cannot be split over 3 data-parallel ranks"):
         local_micro_batch(8, 3, 16, None, 64)
+
+
+def test_bad_parallel_settings_are_reported_by_rank_0_only(tmp_path, corpus, cache, micro, monkeypatch, capsys):
+    # every rank raises the same error before any process group starts: rank 0 alone prints it
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, lines in (("0", 1), ("1", 0)):
+        monkeypatch.setenv("RANK", rank)
+        assert main(micro(corpus, cache, tmp_path / "run", "--sequence-parallel", "3")) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == lines
+        assert all(e.startswith("error: --sequence-parallel 3 does not divide the 2 processes") for e in err)

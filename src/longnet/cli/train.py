@@ -150,6 +150,9 @@ def run(args: argparse.Namespace) -> int:
         report_error(err)
         return 1
     except (ValueError, OSError) as err:  # bad input: data, options, folder, checkpoint
-        report_error(err)
+        from longnet.train.distributed import ParallelSettingsError
+
+        if not isinstance(err, ParallelSettingsError) or os.environ.get("RANK", "0") == "0":
+            report_error(err)  # every rank raises the same ParallelSettingsError: rank 0 tells
         return 2
     return 0

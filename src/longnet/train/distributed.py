@@ -28,8 +28,12 @@ from longnet.data import EvalBatches
 from longnet.models import LongNetConfig
 from longnet.train.runtime import autocast
 
-__all__ = ["Parallel", "setup_parallel", "check_sequence_parallel", "check_in_sync", "parallel_mean_loss",
-           "local_micro_batch", "torchrun_world_size"]
+__all__ = ["ParallelSettingsError", "Parallel", "setup_parallel", "check_sequence_parallel", "check_pattern_split",
+           "check_in_sync", "parallel_mean_loss", "local_micro_batch", "torchrun_world_size"]
+
+
+class ParallelSettingsError(ValueError):
+    """Bad parallel settings; every rank raises the same one (ranks > 0 need not print it)."""
 
 
 def torchrun_world_size() -> int | None:
@@ -50,38 +54,38 @@ def check_sequence_parallel(sequence_parallel: int, world: int | None) -> None:
     """``ValueError`` unless ``--sequence-parallel`` fits the launch (before any process group)."""
     sp = sequence_parallel
     if isinstance(sp, bool) or not isinstance(sp, int) or sp < 1:
-        raise ValueError(f"--sequence-parallel must be a positive integer, got {sp!r}")
+        raise ParallelSettingsError(f"--sequence-parallel must be a positive integer, got {sp!r}")
     if world is None:
         if sp > 1:
-            raise ValueError(f"--sequence-parallel {sp} needs {sp} (or a multiple of {sp}) processes: launch "
-                             f"with torchrun, e.g. torchrun --nproc-per-node {sp} -m longnet train "
-                             f"--sequence-parallel {sp} ...")
+            raise ParallelSettingsError(
+                f"--sequence-parallel {sp} needs {sp} (or a multiple of {sp}) processes: launch with torchrun"
+                f", e.g. torchrun --nproc-per-node {sp} -m longnet train --sequence-parallel {sp} ...")
         return
     if world % sp:
-        raise ValueError(f"--sequence-parallel {sp} does not divide the {world} processes torchrun started; "
-                         f"use --nproc-per-node (times nodes) = a multiple of {sp}")
+        raise ParallelSettingsError(f"--sequence-parallel {sp} does not divide the {world} processes torchrun "
+                                    f"started; use --nproc-per-node (times nodes) = a multiple of {sp}")
 
 
 def check_pattern_split(config: LongNetConfig, seq_len: int, sp: int, *, compile: bool = False) -> None:
-    """``ValueError`` when ``seq_len`` cannot be split over ``sp`` ranks for this model."""
+    """:class:`ParallelSettingsError` when ``seq_len`` cannot be split over ``sp`` ranks for this model."""
     if sp == 1:
         return
     from longnet.parallel.layout import place_branches
 
     if compile:
-        raise ValueError("--compile is not supported with --sequence-parallel > 1; drop --compile")
+        raise ParallelSettingsError("--compile is not supported with --sequence-parallel > 1; drop --compile")
     if seq_len % sp:
-        raise ValueError(f"--seq-len {seq_len} is not divisible by --sequence-parallel {sp}; every rank "
-                         f"holds an equal chunk (use a multiple of {sp})")
+        raise ParallelSettingsError(f"--seq-len {seq_len} is not divisible by --sequence-parallel {sp}; every "
+                                    f"rank holds an equal chunk (use a multiple of {sp})")
     pattern = config.pattern()
     if pattern is None:
-        raise ValueError(f"--sequence-parallel {sp} needs dilated attention (the model's attention is "
-                         f"{config.attention!r}); a single branch (N, 1) is dense attention")
+        raise ParallelSettingsError(f"--sequence-parallel {sp} needs dilated attention (the model's attention "
+                                    f"is {config.attention!r}); a single branch (N, 1) is dense attention")
     try:
         place_branches(pattern, seq_len, sp)
     except ValueError as err:
-        raise ValueError(f"--seq-len {seq_len} cannot be split over --sequence-parallel {sp} for the "
-                         f"pattern segment_lengths={list(pattern.segment_lengths)}: {err}") from err
+        raise ParallelSettingsError(f"--seq-len {seq_len} cannot be split over --sequence-parallel {sp} for the "
+                                    f"pattern segment_lengths={list(pattern.segment_lengths)}: {err}") from err
 
 
 def local_micro_batch(batch_size: int, dp: int, chunk_len: int, given: int | None, default_tokens: int) -> int:
@@ -91,14 +95,14 @@ def local_micro_batch(batch_size: int, dp: int, chunk_len: int, given: int | Non
     most rows whose ``chunk_len``-token chunks fit in ``default_tokens`` (at least one).
     """
     if batch_size % dp:
-        raise ValueError(f"the {batch_size} sequences of a step (--batch-tokens / --seq-len) cannot be split "
-                         f"over {dp} data-parallel ranks (processes / --sequence-parallel); use a multiple "
-                         f"of {dp} sequences")
+        raise ParallelSettingsError(f"the {batch_size} sequences of a step (--batch-tokens / --seq-len) cannot "
+                                    f"be split over {dp} data-parallel ranks (processes / --sequence-parallel); "
+                                    f"use a multiple of {dp} sequences")
     rows = batch_size // dp
     if given is not None:
         if rows % given:
-            raise ValueError(f"--micro-batch {given} does not divide the {rows} sequences each data-parallel "
-                             f"rank runs per step ({batch_size} / {dp})")
+            raise ParallelSettingsError(f"--micro-batch {given} does not divide the {rows} sequences each "
+                                        f"data-parallel rank runs per step ({batch_size} / {dp})")
         return given
     fit = max(1, default_tokens // chunk_len)
     return max(d for d in range(1, min(fit, rows) + 1) if rows % d == 0)

@@ -176,6 +176,9 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
         device = local_device(device)
         parallel.barrier()  # every rank has read the run folder before rank 0 writes to it
     dtype = resolve_dtype(settings.dtype, device)
+    sp, dp = (parallel.sp, parallel.dp) if parallel is not None else (1, 1)
+    # the pattern does not depend on the vocabulary: check the split before any data work
+    check_pattern_split(build_config(settings, settings.vocab_size), settings.seq_len, sp, compile=settings.compile)
     if main:
         prepared = _prepare(settings)  # rank 0 first: it may train the tokenizer and fill the cache
     if parallel is not None:
@@ -184,8 +187,6 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
             prepared = _prepare(dataclasses.replace(settings, progress=False))  # reads rank 0's cache
     tokenizer = prepared.tokenizer
     config = build_config(settings, tokenizer.vocab_size)
-    sp, dp = (parallel.sp, parallel.dp) if parallel is not None else (1, 1)
-    check_pattern_split(config, settings.seq_len, sp, compile=settings.compile)
     if parallel is None:
         micro = settings.micro_batch_size
     else:
