@@ -76,7 +76,7 @@ def _step_worker(rank, world, sp):
     return abs(loss - ref_loss), grad_err, param_err
 
 
-@pytest.mark.parametrize("world,sp", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("world,sp", [(2, 1), (2, 2), (4, 2)])
 def test_step_matches_one_process(world, sp):
     for loss_err, grad_err, param_err in run_workers(_step_worker, world, sp, timeout_s=120,
                                                      start_method="fork"):

@@ -179,6 +179,11 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
     sp, dp = (parallel.sp, parallel.dp) if parallel is not None else (1, 1)
     # the pattern does not depend on the vocabulary: check the split before any data work
     check_pattern_split(build_config(settings, settings.vocab_size), settings.seq_len, sp, compile=settings.compile)
+    if parallel is None:
+        micro = settings.micro_batch_size
+    else:
+        micro = local_micro_batch(settings.batch_size, dp, settings.seq_len // sp, settings.micro_batch,
+                                  MICRO_BATCH_TOKENS)
     if main:
         prepared = _prepare(settings)  # rank 0 first: it may train the tokenizer and fill the cache
     if parallel is not None:
@@ -187,11 +192,6 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
             prepared = _prepare(dataclasses.replace(settings, progress=False))  # reads rank 0's cache
     tokenizer = prepared.tokenizer
     config = build_config(settings, tokenizer.vocab_size)
-    if parallel is None:
-        micro = settings.micro_batch_size
-    else:
-        micro = local_micro_batch(settings.batch_size, dp, settings.seq_len // sp, settings.micro_batch,
-                                  MICRO_BATCH_TOKENS)
 
     ckpt_dir = latest_checkpoint(run_dir) if stored else None
     torch.manual_seed(settings.seed)
