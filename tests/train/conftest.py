@@ -81,6 +81,12 @@ def trained_run(tmp_path_factory, corpus, cache) -> Path:
     return out
 
 
+@pytest.fixture
+def micro_model() -> dict:
+    """A fresh copy of :data:`MICRO_MODEL` (test modules cannot import conftest reliably)."""
+    return dict(MICRO_MODEL)
+
+
 @pytest.fixture(scope="session")
 def micro():
     """The :func:`micro_args` builder (fixtures carry it to tests/cli as well)."""

@@ -34,12 +34,10 @@ def test_schedule_rejects(bad):
         learning_rate(step, **kw)
 
 
-def test_no_decay_on_norms_biases_embeddings():
+def test_no_decay_on_norms_biases_embeddings(micro_model):
     from longnet.models import LongNetConfig, LongNetLM
 
-    from conftest import MICRO_MODEL
-
-    model = LongNetLM(LongNetConfig.from_preset("tiny", **(MICRO_MODEL | {"vocab_size": 50})))
+    model = LongNetLM(LongNetConfig.from_preset("tiny", **(micro_model | {"vocab_size": 50})))
     decay, no_decay = parameter_groups(model, 0.01)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

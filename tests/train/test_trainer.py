@@ -15,22 +15,24 @@ from longnet.models import LongNetLM
 from longnet.train import checkpoint as ckpt_mod
 from longnet.train import latest_checkpoint, load_trainer_checkpoint, read_metrics, train
 
-from conftest import MICRO_MODEL
 
-
-def _settings(corpus, cache, **kw):
-    base = dict(data=str(corpus), cache_dir=str(cache), vocab_size=300, seq_len=32, batch_tokens=128,
-                micro_batch=2, eval_every=6, eval_tokens=256, save_every=6, progress=False,
-                model_overrides=dict(MICRO_MODEL))
-    return base | kw
+@pytest.fixture
+def settings(corpus, cache, micro_model):
+    """``settings(**changes)``: train() settings of the micro model on the synthetic corpus."""
+    def make(**kw):
+        base = dict(data=str(corpus), cache_dir=str(cache), vocab_size=300, seq_len=32, batch_tokens=128,
+                    micro_batch=2, eval_every=6, eval_tokens=256, save_every=6, progress=False,
+                    model_overrides=dict(micro_model))
+        return base | kw
+    return make
 
 
 def _weights(folder):
     return load_file(str(folder / "model.safetensors"))
 
 
-def test_a_few_steps_lower_the_loss(tmp_path, corpus, cache):
-    result = train(_settings(corpus, cache, max_steps=30, eval_every=10), tmp_path / "run", log=lambda m: None)
+def test_a_few_steps_lower_the_loss(tmp_path, settings):
+    result = train(settings(max_steps=30, eval_every=10), tmp_path / "run", log=lambda m: None)
     train_losses = [r["loss"] for r in result.history if r["kind"] == "train"]
     val_losses = [r["val_loss"] for r in result.history if r["kind"] == "eval"]
     assert len(train_losses) == 30 and len(val_losses) == 3
@@ -47,11 +49,11 @@ def test_a_few_steps_lower_the_loss(tmp_path, corpus, cache):
     assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 31))
 
 
-def test_resume_is_bit_exact(tmp_path, corpus, cache):
+def test_resume_is_bit_exact(tmp_path, settings, micro_model):
     # dropout > 0 checks that RNG states are restored too; 2 micro-batches check accumulation
-    kw = dict(model_overrides=MICRO_MODEL | {"dropout": 0.1}, decay_steps=12, save_every=100)
-    straight = train(_settings(corpus, cache, max_steps=12, **kw), tmp_path / "straight", log=lambda m: None)
-    first = train(_settings(corpus, cache, max_steps=6, **kw), tmp_path / "pieces", log=lambda m: None)
+    kw = dict(model_overrides=micro_model | {"dropout": 0.1}, decay_steps=12, save_every=100)
+    straight = train(settings(max_steps=12, **kw), tmp_path / "straight", log=lambda m: None)
+    first = train(settings(max_steps=6, **kw), tmp_path / "pieces", log=lambda m: None)
     assert first.step == 6
     resumed = train({"max_steps": 12, "progress": False}, tmp_path / "pieces", resume=True, log=lambda m: None)
     assert resumed.step == 12 and straight.step == 12
@@ -70,9 +72,9 @@ def test_resume_is_bit_exact(tmp_path, corpus, cache):
     assert la == lb and len(la) == 12
 
 
-def test_crash_during_checkpoint_save_keeps_previous(tmp_path, corpus, cache, monkeypatch):
+def test_crash_during_checkpoint_save_keeps_previous(tmp_path, settings, monkeypatch):
     run = tmp_path / "run"
-    train(_settings(corpus, cache, max_steps=6), run, log=lambda m: None)
+    train(settings(max_steps=6), run, log=lambda m: None)
     before = _weights(run)
     pointer = (run / "latest.json").read_text()
 
@@ -99,9 +101,9 @@ def test_crash_during_checkpoint_save_keeps_previous(tmp_path, corpus, cache, mo
     assert resumed.step == 12
 
 
-def test_crash_before_pointer_update_keeps_previous(tmp_path, corpus, cache, monkeypatch):
+def test_crash_before_pointer_update_keeps_previous(tmp_path, settings, monkeypatch):
     run = tmp_path / "run"
-    train(_settings(corpus, cache, max_steps=6), run, log=lambda m: None)
+    train(settings(max_steps=6), run, log=lambda m: None)
 
     def dying_pointer(path, value):
         raise KeyboardInterrupt  # killed between the folder rename and the pointer update
@@ -130,11 +132,11 @@ def test_resume_refuses_corrupt_checkpoint_and_keeps_it(tmp_path, trained_run, m
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == snapshot
 
 
-def test_dense_beyond_training_length_is_blockwise():
+def test_dense_beyond_training_length_is_blockwise(micro_model):
     from longnet.models import LongNetConfig
     from longnet.train import model_for_length
 
-    config = LongNetConfig.from_preset("tiny", **(MICRO_MODEL | {"vocab_size": 50, "attention": "dense",
+    config = LongNetConfig.from_preset("tiny", **(micro_model | {"vocab_size": 50, "attention": "dense",
                                                                 "max_train_length": 16}))
     model = LongNetLM(config).eval()
     assert model_for_length(model, 16) is model
@@ -146,12 +148,12 @@ def test_dense_beyond_training_length_is_blockwise():
         for start in (0, 16, 32):  # each block of the training length sees only itself
             block = model(ids[:, start:start + 16]).logits
             torch.testing.assert_close(whole[:, start:start + 16], block, rtol=1e-4, atol=1e-5)
-    dilated = LongNetLM(LongNetConfig.from_preset("tiny", **(MICRO_MODEL | {"vocab_size": 50})))
+    dilated = LongNetLM(LongNetConfig.from_preset("tiny", **(micro_model | {"vocab_size": 50})))
     assert model_for_length(dilated, 4096) is dilated  # LongNet keeps its pattern at any length
 
 
-def test_bfloat16_autocast_on_cpu_trains(tmp_path, corpus, cache):
-    result = train(_settings(corpus, cache, max_steps=4, dtype="bfloat16"), tmp_path / "run", log=lambda m: None)
+def test_bfloat16_autocast_on_cpu_trains(tmp_path, settings):
+    result = train(settings(max_steps=4, dtype="bfloat16"), tmp_path / "run", log=lambda m: None)
     assert result.step == 4 and math.isfinite(result.train_loss)
     weights = _weights(tmp_path / "run")
     assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay float32

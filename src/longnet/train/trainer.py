@@ -274,6 +274,9 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
                     decay_steps=settings.decay_steps, decay=settings.decay,
                     min_lr_ratio=settings.min_lr_ratio)
     step, last_loss, val_loss, saved_step = start_step, math.nan, None, start_step
+    if trainer_ckpt is not None:  # figures of the checkpoint, until new steps replace them
+        last_loss = float(trainer_ckpt.state.get("train_loss") or math.nan)
+        val_loss = trainer_ckpt.state.get("val_loss")
     last_path: Path | None = ckpt_dir
 
     def save() -> Path | None:
