@@ -1,15 +1,16 @@
-"""Dilated attention: gather each branch's rows, run a dense kernel on them, merge by log-sum-exp.
+"""Dilated attention: view each branch's rows, run a dense kernel on them, merge by log-sum-exp.
 
-Forward, per branch ``(w, r)``: gather the positions every head keeps into rows
-(B, H * segments, slots, D), run the backend's attention on them (a mask only where padding or
-uneven segments need one), and merge the result into the running output with the log-sum-exp
-rule ``L = logaddexp(L, L_i)``, ``O = exp(L_old - L) O + exp(L_i - L) O_i``. Memory is
-O(B * H * N * D) whatever the number of branches: branches run one after the other.
+Forward, per branch ``(w, r)`` and head ``h``: the positions the head keeps form a strided view
+(B, segments, slots, D) of the input (``x[:, h, seg_start + h % r :: r]`` per segment; the short
+tail segment is a second view), so nothing is copied. The backend's attention runs on it (a mask
+only for key padding) and the result merges into the running output in place with the
+log-sum-exp rule ``L = logaddexp(L, L_i)``, ``O = exp(L_old - L) O + exp(L_i - L) O_i``.
+Memory is O(B * H * N * D) whatever the number of branches: branches run one after the other.
 
 Backward: with the merged ``O`` and ``L``, each branch's gradient is the ordinary attention
 backward evaluated with ``O`` and ``L`` in place of its own (see ../shared/DESIGN.md), so the
 gradients are exact, mixing weights included. Only the inputs, the output and the log-sum-exp are
-saved; gathers are redone in backward.
+saved; the views are rebuilt in backward.
 
 :func:`dilated_attention_forward` and :func:`dilated_attention_backward` are autograd-free building
 blocks (sequence parallelism reuses them); :func:`dilated_attention` is the public, differentiable
@@ -104,28 +105,30 @@ def _check_scalar_args(scale, dropout_p, is_causal) -> None:
 
 
 # ------------------------------------------------------------------------------ branch plumbing
-# A branch runs as one or more kernel calls. Each call sees rows (B, G, m, D): G independent
-# groups of m slots (one head's kept positions of one segment). Aligned branches (N % w == 0 and
-# w % r == 0) use strided views, one call per head, so nothing is copied; other branches gather
-# rows with indices (one call for all heads) and pad short segments with masked slots.
+# A branch runs as kernel calls on rows (B, G, m, D): G independent groups of m slots (one head's
+# kept positions of one segment). The operator uses strided views, one call per head for the full
+# segments and one for the short tail segment, so nothing is gathered, copied or masked (but for
+# padding). _GatherCall (rows gathered by index, short segments padded and masked) serves the
+# plain-autograd dropout path.
 
 
 class _ViewCall:
-    """Head ``h`` of an aligned branch: rows are the strided view x[:, h, c::r] per segment."""
+    """Head ``h``, residue ``c``: positions start + s*w + c + j*r of the segments s < S."""
 
-    def __init__(self, h, hk, c, B, S, w, r, is_causal, key_padding_mask, dtype):
-        self.h, self.hk, self.c, self.B, self.S, self.w, self.r = h, hk, c, B, S, w, r
+    def __init__(self, h, hk, c, B, start, S, w, r, is_causal, key_padding_mask, dtype):
+        self.h, self.hk, self.c, self.B, self.start, self.S, self.w, self.r = (
+            h, hk, c, B, start, S, w, r)
         self.mask = self.empty = None
         if key_padding_mask is not None:
-            ok = key_padding_mask.view(B, S, w)[:, :, c::r]  # (B, S, m)
+            ok = self._view(key_padding_mask.unsqueeze(1), 0)  # (B, S, m)
             self.mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
             self.mask.masked_fill_(~ok, _NEG_INF)
             self.mask = self.mask.unsqueeze(2)  # (B, S, 1, m)
             self.empty = (ok.cumsum(-1) == 0) if is_causal else ~ok.any(-1, keepdim=True).expand_as(ok)
 
     def _view(self, x, head):  # x (B, Hx, >= N, ...) -> (B, S, m, ...)
-        n = self.S * self.w
-        return x[:, head, :n].unflatten(1, (self.S, self.w))[:, :, self.c::self.r]
+        span = x[:, head, self.start:self.start + self.S * self.w]
+        return span.unflatten(1, (self.S, self.w))[:, :, self.c::self.r]
 
     def q_rows(self, x):
         return self._view(x, self.h)
@@ -150,15 +153,14 @@ class _ViewCall:
 
 
 class _GatherCall:
-    """All heads of an unaligned branch: rows gathered by index, short segments padded."""
+    """All heads of a branch, rows gathered by index; short segments padded with masked slots."""
 
-    def __init__(self, lay: BranchLayout, q_heads, kv_heads, B, N, is_causal, key_padding_mask,
+    def __init__(self, lay: BranchLayout, q_heads, kv_heads, B, is_causal, key_padding_mask,
                  dtype):
-        self.lay, self.q_heads, self.kv_heads, self.B, self.N = lay, q_heads, kv_heads, B, N
+        self.lay, self.q_heads, self.kv_heads = lay, q_heads, kv_heads
         H = q_heads.shape[0]
         S, m = lay.num_segments, lay.slots
         self.shape = (B, H * S, m)
-        self.T = S * m
         keyok = None
         if key_padding_mask is not None:
             keyok = key_padding_mask[:, lay.index]  # (B, H, T)
@@ -167,15 +169,11 @@ class _GatherCall:
         elif lay.valid is not None and not is_causal:
             # causal needs no mask: padded slots sit after every real slot of their segment
             keyok = lay.valid.unsqueeze(0)
-        self.mask = self.empty = None
+        self.mask = None
         if keyok is not None:
             ok = keyok.reshape(keyok.shape[0], H * S, 1, m)
             self.mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
             self.mask.masked_fill_(~ok, _NEG_INF)
-            if key_padding_mask is not None:
-                ok = ok.squeeze(2)
-                none = (ok.cumsum(-1) == 0) if is_causal else ~ok.any(-1, keepdim=True).expand_as(ok)
-                self.empty = none  # (B, H*S, m)
 
     def _rows(self, x, heads):
         B, G, m = self.shape
@@ -187,40 +185,6 @@ class _GatherCall:
     def kv_rows(self, x):
         return self._rows(x, self.kv_heads)
 
-    def q_rows_masked(self, x, fill):
-        """Like q_rows, with slots past a segment's end set to ``fill``."""
-        rows = self.q_rows(x)
-        if self.lay.valid is None:
-            return rows
-        valid = self.lay.valid.reshape(1, *self.shape[1:], *([1] * (rows.dim() - 3)))
-        return rows.masked_fill(~valid, fill)
-
-    def merge_(self, o_acc, l_acc, ob, lb, first):
-        B, G, m = self.shape
-        D = ob.shape[-1]
-        H = self.q_heads.shape[0]
-        idx = self.lay.index if self.lay.valid is None else torch.where(
-            self.lay.valid, self.lay.index, self.N)  # padded slots land on the trash row N
-        idx3 = idx.unsqueeze(0).expand(B, H, self.T)
-        idx4 = idx3.unsqueeze(-1).expand(B, H, self.T, D)
-        ob, lb = ob.reshape(B, H, self.T, D), lb.reshape(B, H, self.T)
-        if not first:
-            og, lg = o_acc.gather(2, idx4), l_acc.gather(2, idx3)
-            ob, lb = _merge(og, lg, ob, lb)[0], torch.logaddexp(lg, lb)
-        o_acc.scatter_(2, idx4, ob)
-        l_acc.scatter_(2, idx3, lb)
-
-    def _add(self, buf, heads, g):  # buf (B, Hx, N, D) += rows g; padded slots carry zeros
-        B, Hx, N, D = buf.shape
-        flat = (heads.unsqueeze(1) * N + self.lay.index).reshape(-1)
-        buf.view(B, Hx * N, D).index_add_(1, flat, g.reshape(B, -1, D).to(buf.dtype))
-
-    def add_q_(self, buf, g):
-        self._add(buf, self.q_heads, g)
-
-    def add_kv_(self, buf, g):
-        self._add(buf, self.kv_heads, g)
-
 
 def _merge(o_a, l_a, o_b, l_b):
     """Log-sum-exp merge of two partial attention results (rows with no key stay 0)."""
@@ -230,41 +194,31 @@ def _merge(o_a, l_a, o_b, l_b):
     return o_new, l_new
 
 
-def _is_aligned(pattern: DilatedPattern, b: int, N: int) -> bool:
-    w = pattern.effective_segment(b, N)
-    return N % w == 0 and w % pattern.dilation_rates[b] == 0
-
-
 def _calls(pattern, b, query, key, is_causal, key_padding_mask):
-    """The kernel calls of branch ``b`` (see _ViewCall / _GatherCall)."""
+    """The kernel calls of branch ``b``: per head, the full segments and the short tail."""
     B, H, N, _ = query.shape
-    Hkv = key.shape[1]
+    group = H // key.shape[1]
     r = pattern.dilation_rates[b]
-    if _is_aligned(pattern, b, N):
-        w = pattern.effective_segment(b, N)
-        return [_ViewCall(h, h // (H // Hkv), h % r, B, N // w, w, r, is_causal,
-                          key_padding_mask, query.dtype) for h in range(H)]
-    lay = pattern.layout(b, N, H, device=query.device)
-    q_heads = torch.arange(H, device=query.device)
-    return [_GatherCall(lay, q_heads, q_heads // (H // Hkv), B, N, is_causal, key_padding_mask,
-                        query.dtype)]
+    w = pattern.effective_segment(b, N)
+    full, tail = divmod(N, w)
+    calls = []
+    for h in range(H):
+        c = h % r
+        for start, S, seg in ((0, full, w), (full * w, 1, tail)):
+            if S and seg > c:  # the head keeps at least one position of these segments
+                calls.append(_ViewCall(h, h // group, c, B, start, S, seg, r, is_causal,
+                                       key_padding_mask, query.dtype))
+    return calls
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _needs_mask(pattern: DilatedPattern, N: int, is_causal: bool, has_padding: bool) -> bool:
-    if has_padding:
-        return True
-    return not is_causal and not all(_is_aligned(pattern, b, N) for b in range(len(pattern)))
-
-
-def _resolve_backend(backend, query, pattern, is_causal, key_padding_mask) -> AttentionBackend:
+def _resolve_backend(backend, query, key_padding_mask) -> AttentionBackend:
     if not isinstance(backend, str):
         return backend
-    has_mask = _needs_mask(pattern, query.shape[2], is_causal, key_padding_mask is not None)
-    return get_backend(backend, query, has_mask=has_mask)
+    return get_backend(backend, query, has_mask=key_padding_mask is not None)
 
 
 # ---------------------------------------------------------------------------- forward / backward
@@ -277,12 +231,11 @@ def dilated_attention_forward(
     ``lse`` is float32 (float64 for float64 inputs), ``-inf`` for queries with no key.
     ``aux`` holds per-call kernel state that :func:`dilated_attention_backward` takes.
     """
-    backend = _resolve_backend(backend, query, pattern, is_causal, key_padding_mask)
+    backend = _resolve_backend(backend, query, key_padding_mask)
     B, H, N, D = query.shape
     acc = _acc_dtype(query.dtype)
-    trash = int(not all(_is_aligned(pattern, b, N) for b in range(len(pattern))))
-    o_acc = torch.zeros(B, H, N + trash, D, dtype=acc, device=query.device)
-    l_acc = torch.full((B, H, N + trash), _NEG_INF, dtype=acc, device=query.device)
+    o_acc = torch.zeros(B, H, N, D, dtype=acc, device=query.device)
+    l_acc = torch.full((B, H, N), _NEG_INF, dtype=acc, device=query.device)
     aux = []
     for b in range(len(pattern)):
         calls = _calls(pattern, b, query, key, is_causal, key_padding_mask)
@@ -295,12 +248,7 @@ def dilated_attention_forward(
                 lb = lb.masked_fill(call.empty, _NEG_INF)
                 ob = ob.masked_fill(call.empty.unsqueeze(-1), 0.0)
             call.merge_(o_acc, l_acc, ob, lb, first=b == 0)  # calls of a branch are disjoint
-    out = o_acc[:, :, :N]
-    lse = l_acc[:, :, :N]
-    if trash or out.dtype != query.dtype:
-        out = out.to(query.dtype, memory_format=torch.contiguous_format)
-        lse = lse.contiguous()
-    return out, lse, aux
+    return o_acc.to(query.dtype), l_acc, aux
 
 
 def dilated_attention_backward(
@@ -314,7 +262,7 @@ def dilated_attention_backward(
     backward is evaluated with them. ``grad_lse`` (B, H, N), if given, adds the gradient flowing
     into the returned log-sum-exp.
     """
-    backend = _resolve_backend(backend, query, pattern, is_causal, key_padding_mask)
+    backend = _resolve_backend(backend, query, key_padding_mask)
     B, H, N, D = query.shape
     Hkv = key.shape[1]
     acc = _acc_dtype(query.dtype)
@@ -327,12 +275,7 @@ def dilated_attention_backward(
     for b in range(len(pattern)):
         for call in _calls(pattern, b, query, key, is_causal, key_padding_mask):
             qb, kb, vb = call.q_rows(query), call.kv_rows(key), call.kv_rows(value)
-            if isinstance(call, _GatherCall):  # padded slots: no gradient, no probability
-                dob = call.q_rows_masked(grad_out, 0.0)
-                lb = call.q_rows_masked(lse, float("inf"))
-            else:
-                dob, lb = call.q_rows(grad_out), call.q_rows(lse)
-            ob = call.q_rows(out)
+            ob, dob, lb = call.q_rows(out), call.q_rows(grad_out), call.q_rows(lse)
             a = None if aux is None else aux[n_call]
             n_call += 1
             if a is None and backend.name.startswith("cuda"):
@@ -341,8 +284,6 @@ def dilated_attention_backward(
                                              scale)
             if grad_lse is not None:
                 g = call.q_rows(grad_lse)
-                if isinstance(call, _GatherCall):
-                    g = call.q_rows_masked(grad_lse, 0.0)
                 dqx, dkx = _lse_grad_terms(g, call, qb, kb, lb, backend, is_causal, scale)
                 dqb, dkb = dqb.to(acc) + dqx, dkb.to(acc) + dkx
             call.add_q_(d_q, dqb)
@@ -407,7 +348,7 @@ def _dropout_dilated_attention(query, key, value, pattern, is_causal, scale, key
     parts = []
     for b in range(len(pattern)):
         lay = pattern.layout(b, N, H, device=query.device)
-        call = _GatherCall(lay, q_heads, kv_heads, B, N, is_causal, key_padding_mask, acc)
+        call = _GatherCall(lay, q_heads, kv_heads, B, is_causal, key_padding_mask, acc)
         qb, kb, vb = (x.to(acc) for x in (call.q_rows(query), call.kv_rows(key),
                                            call.kv_rows(value)))
         s = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (B, G, m, m)
@@ -485,7 +426,7 @@ def dilated_attention(
         out, lse = _dropout_dilated_attention(query, key, value, pattern, is_causal, scale,
                                               key_padding_mask, float(dropout_p))
     else:
-        be = _resolve_backend(backend, query, pattern, is_causal, key_padding_mask)
+        be = _resolve_backend(backend, query, key_padding_mask)
         out, lse = _DilatedAttentionFunction.apply(query, key, value, key_padding_mask, pattern,
                                                    is_causal, scale, be)
     return (out, lse) if return_lse else out
