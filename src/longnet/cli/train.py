@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 DESCRIPTION = """\
@@ -34,7 +35,12 @@ examples:
 
   # your own data (files, folders, globs, JSONL with a "text" field), dense baseline, on a GPU
   longnet train --preset base --data 'code/**/*.py' --attention dense --seq-len 8192 \\
-      --device cuda --out runs/dense-8k"""
+      --device cuda --out runs/dense-8k
+
+  # 4 processes = 2 data parallel x 2 sequence parallel (each holds half of every sequence;
+  # gloo on CPU, NCCL with one GPU per process); rank 0 writes the run folder
+  torchrun --nproc-per-node 4 -m longnet train --sequence-parallel 2 --preset tiny \\
+      --seq-len 4096 --batch-tokens 8192 --out runs/tiny-sp"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -96,6 +102,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(run, "--eval-every", type=int, metavar="N", help="validate every N steps and at the end (default: 100)")
     _flag(run, "--eval-tokens", type=int, metavar="N", help="validation tokens per evaluation (default: 65536)")
     _flag(run, "--save-every", type=int, metavar="N", help="checkpoint every N steps and at the end (default: 500)")
+    _flag(run, "--sequence-parallel", type=int, metavar="P",
+          help="under torchrun: P processes share each sequence (each holds seq-len / P tokens), the "
+               "others split the batch (data parallel = processes / P); e.g. torchrun --nproc-per-node 4 "
+               "-m longnet train --sequence-parallel 2 ... (default: 1)")
     _flag(run, "--progress", action=argparse.BooleanOptionalAction,
           help="show progress bars (default: when stderr is a terminal)")
 
@@ -113,13 +123,14 @@ def _json_object(text: str) -> dict:
 SETTING_ARGS = ("preset", "model_overrides", "grad_checkpointing", "data", "vocab_size", "seq_len", "cache_dir",
                 "batch_tokens", "micro_batch", "max_steps", "lr", "warmup_steps", "decay", "decay_steps",
                 "min_lr_ratio", "weight_decay", "grad_clip", "seed", "device", "dtype", "compile", "eval_every",
-                "eval_tokens", "save_every", "progress")
+                "eval_tokens", "save_every", "progress", "sequence_parallel")
 
 
 def report_error(message: object) -> None:
-    """Print ``error: MESSAGE`` on one line of stderr."""
+    """Print ``error: MESSAGE`` on one line of stderr (``error: rank R: ...`` on torchrun ranks > 0)."""
     text = " ".join(str(message).split())
-    print(f"error: {text}", file=sys.stderr)
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    print(f"error: {text}" if rank == "0" else f"error: rank {rank}: {text}", file=sys.stderr)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,12 +143,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(given, args.out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except TrainingInterrupted as err:
-        report_error(err)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 tells
+            report_error(err)
         return 128 + err.signum
     except TrainingDiverged as err:
         report_error(err)
         return 1
     except (ValueError, OSError) as err:  # bad input: data, options, folder, checkpoint
-        report_error(err)
+        from longnet.train.distributed import ParallelSettingsError
+
+        if not isinstance(err, ParallelSettingsError) or os.environ.get("RANK", "0") == "0":
+            report_error(err)  # every rank raises the same ParallelSettingsError: rank 0 tells
         return 2
     return 0

@@ -87,6 +87,8 @@ class TrainSettings:
     cache_dir: str = field(default_factory=default_cache_dir)
     progress: bool | None = None
     """tqdm progress bar: None = only when stderr is a terminal."""
+    sequence_parallel: int = 1
+    """Ranks sharing one sequence under torchrun (``longnet.train.distributed``); not inherited on resume."""
 
     @property
     def batch_size(self) -> int:
@@ -124,7 +126,7 @@ class TrainSettings:
                     )
                 values[name] = stored[name]
             for name in names - set(IDENTITY):
-                if name in stored and name not in given and name not in ("device", "progress"):
+                if name in stored and name not in given and name not in ("device", "progress", "sequence_parallel"):
                     values[name] = stored[name]
         values.update({k: v for k, v in given.items() if stored is None or k not in IDENTITY})
         settings = cls(**values)
@@ -164,6 +166,7 @@ class TrainSettings:
             positive(name)
         if self.micro_batch is not None:
             positive("micro_batch")
+        positive("sequence_parallel")
         if self.batch_tokens < self.seq_len:
             raise ValueError(f"--batch-tokens {self.batch_tokens} is smaller than --seq-len {self.seq_len}: "
                              "a step needs at least one sequence")

@@ -4,12 +4,15 @@ One optimizer step = ``batch_size = batch_tokens // seq_len`` sequences drawn by
 ``TrainBatches.get(step)`` (a pure function of seed and step), run as micro-batches whose
 gradients accumulate (each micro-batch loss is divided by their number, so the step minimizes
 the mean loss of the whole batch). Then the gradient norm is clipped, the learning rate of the
-step is set from the schedule, and AdamW steps. On CPU the run is deterministic: a run resumed
-from a checkpoint ends with the same weights, bit for bit, as one that never stopped.
+step is set from the schedule, and AdamW steps (:mod:`longnet.train.step`). On CPU the run is
+deterministic: a run resumed from a checkpoint ends with the same weights, bit for bit, as one
+that never stopped. Under torchrun the same loop runs on a data x sequence parallel mesh
+(:mod:`longnet.train.distributed`) and matches one process up to float32 summation order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import sys
@@ -31,13 +34,25 @@ from longnet.train.checkpoint import (
     restore_rng_states,
     save_trainer_checkpoint,
 )
+from longnet.train.distributed import (
+    Parallel,
+    check_in_sync,
+    check_pattern_split,
+    check_sequence_parallel,
+    local_device,
+    local_micro_batch,
+    parallel_mean_loss,
+    setup_parallel,
+    torchrun_world_size,
+)
 from longnet.train.evaluate import mean_loss
 from longnet.train.metrics import MetricsLog, plot_losses
 from longnet.train.optim import build_optimizer
 from longnet.train.rundir import open_run_dir, write_run_file
-from longnet.train.runtime import autocast, resolve_device, resolve_dtype
+from longnet.train.runtime import resolve_device, resolve_dtype
 from longnet.train.schedule import learning_rate
-from longnet.train.settings import TrainSettings
+from longnet.train.settings import MICRO_BATCH_TOKENS, TrainSettings
+from longnet.train.step import train_step
 
 RUNTIME_FIELDS = ("grad_checkpointing", "backend")
 """Config fields that may differ between a checkpoint and the resumed run (they change no math)."""
@@ -124,22 +139,57 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
           log=print) -> TrainResult:
     """Train (or resume) the run in ``out``; see ``longnet train --help`` for the settings.
 
+    Under torchrun (``WORLD_SIZE`` set) every process calls this: the processes form a data x
+    sequence parallel mesh (``sequence_parallel`` ranks per sequence, see
+    :mod:`longnet.train.distributed`) and rank 0 alone logs, writes metrics and checkpoints.
+
     Args:
         settings_given: :class:`TrainSettings` fields given explicitly (None = not given).
         out: the run folder.
         resume: continue the run in ``out`` from its latest checkpoint.
-        log: where one-line notes go (``print`` by default).
+        log: where one-line notes go (``print`` by default; rank 0 only under torchrun).
 
     Raises:
         ValueError (and :class:`CheckpointError`): bad settings, data, folder or checkpoint.
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
         TrainingDiverged: the loss became NaN/inf (the last checkpoint is kept).
     """
+    sp = settings_given.get("sequence_parallel") or 1
+    check_sequence_parallel(sp, torchrun_world_size())  # before any process group: one clear error
+    device_name = settings_given.get("device") or "auto"
+    parallel = setup_parallel(sp, resolve_device(device_name)) if torchrun_world_size() is not None else None
+    result = _train(settings_given, out, resume, log, parallel)
+    if parallel is not None:  # on errors the process exits and torchrun ends the others
+        parallel.close()
+    return result
+
+
+def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, parallel: Parallel | None
+           ) -> TrainResult:
+    main = parallel is None or parallel.is_main
+    if not main:
+        log = _quiet
     run_dir, stored = open_run_dir(out, resume)
     settings = TrainSettings.resolve(settings_given, stored["settings"] if stored else None)
     device = resolve_device(settings.device)
+    if parallel is not None:
+        device = local_device(device)
+        parallel.barrier()  # every rank has read the run folder before rank 0 writes to it
     dtype = resolve_dtype(settings.dtype, device)
-    prepared = _prepare(settings)
+    sp, dp = (parallel.sp, parallel.dp) if parallel is not None else (1, 1)
+    # the pattern does not depend on the vocabulary: check the split before any data work
+    check_pattern_split(build_config(settings, settings.vocab_size), settings.seq_len, sp, compile=settings.compile)
+    if parallel is None:
+        micro = settings.micro_batch_size
+    else:
+        micro = local_micro_batch(settings.batch_size, dp, settings.seq_len // sp, settings.micro_batch,
+                                  MICRO_BATCH_TOKENS)
+    if main:
+        prepared = _prepare(settings)  # rank 0 first: it may train the tokenizer and fill the cache
+    if parallel is not None:
+        parallel.barrier()
+        if not main:
+            prepared = _prepare(dataclasses.replace(settings, progress=False))  # reads rank 0's cache
     tokenizer = prepared.tokenizer
     config = build_config(settings, tokenizer.vocab_size)
 
@@ -173,7 +223,8 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
         start_step = trainer_ckpt.step
         tokens_seen = int(trainer_ckpt.state.get("tokens", 0))
         elapsed = float(trainer_ckpt.state.get("elapsed_s", 0.0))
-        publish_top_level(run_dir, ckpt_dir)
+        if main:
+            publish_top_level(run_dir, ckpt_dir)
 
     batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
     if trainer_ckpt is not None and "data" in trainer_ckpt.state:
@@ -182,10 +233,13 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
         except (ValueError, KeyError) as err:
             raise CheckpointError(f"{ckpt_dir}: cannot continue on this data ({err}); "
                                   "resume with the data the run started with, or start a new --out") from err
-    write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
-                   num_parameters=model.num_parameters(), data={
-                       "cache_entry": str(prepared.directory), "num_tokens": prepared.num_tokens,
-                       "tokenizer_sha256": tokenizer.sha256()})
+    if main:
+        write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
+                       num_parameters=model.num_parameters(), data={
+                           "cache_entry": str(prepared.directory), "num_tokens": prepared.num_tokens,
+                           "tokenizer_sha256": tokenizer.sha256()},
+                       **({"parallel": {"world": parallel.world, "data_parallel": dp, "sequence_parallel": sp}}
+                          if parallel is not None else {}))
     val_tokens = prepared.tokens("validation")
     val_batches = None
     if len(val_tokens) >= settings.seq_len + 1:
@@ -196,21 +250,24 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
             f"{settings.seq_len} + 1: no validation loss")
     forward = torch.compile(model) if settings.compile else model
 
-    micro = settings.micro_batch_size
-    n_micro = settings.batch_size // micro
+    cols = parallel.columns(settings.seq_len) if parallel is not None else (0, settings.seq_len)
     step_tokens = settings.batch_size * settings.seq_len
+    n_micro = settings.batch_size // dp // micro
     log(f"run {run_dir}: {settings.preset} LongNet ({model.config.attention}), "
         f"{model.num_parameters():,} parameters, vocab {tokenizer.vocab_size}, on {device} ({str(dtype)[6:]})")
+    if parallel is not None:
+        log(f"torchrun: {parallel.world} processes = {dp} data parallel x {sp} sequence parallel; each rank "
+            f"runs {settings.batch_size // dp} sequence(s) x {settings.seq_len // sp} tokens per step")
     log(f"data {settings.data!r}: " + ", ".join(f"{k} {v:,}" for k, v in prepared.num_tokens.items())
         + f" tokens; step = {settings.batch_size} x {settings.seq_len} tokens ({n_micro} micro-batch(es) of "
-        f"{micro}); lr {settings.lr:g}, warmup {settings.warmup_steps}, {settings.decay} decay to "
-        f"step {settings.decay_steps}")
+        f"{micro}{' per rank' if parallel is not None else ''}); lr {settings.lr:g}, warmup "
+        f"{settings.warmup_steps}, {settings.decay} decay to step {settings.decay_steps}")
     if start_step:
         log(f"resuming from {ckpt_dir} at step {start_step}")
     if start_step >= settings.max_steps:
         log(f"nothing to do: the run is at step {start_step} >= --max-steps {settings.max_steps}")
 
-    metrics = MetricsLog(run_dir, resume_step=start_step if stored else None)
+    metrics = MetricsLog(run_dir, resume_step=start_step if stored else None) if main else None
     history: list[dict[str, Any]] = []
     params = [p for g in optimizer.param_groups for p in g["params"]]
     schedule = dict(peak_lr=settings.lr, warmup_steps=settings.warmup_steps,
@@ -222,41 +279,46 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
         val_loss = trainer_ckpt.state.get("val_loss")
     last_path: Path | None = ckpt_dir
 
-    def save() -> Path:
+    def save() -> Path | None:
         nonlocal saved_step, last_path
-        state = {"tokens": tokens_seen, "elapsed_s": elapsed, "data": batches.state_dict() | {"step": step},
-                 "tokenizer_sha256": tokenizer.sha256(), "schedule": schedule, "train_loss": last_loss,
-                 "val_loss": val_loss}
-        last_path = save_trainer_checkpoint(
-            run_dir, step=step, write_model=model.save_pretrained, write_tokenizer=tokenizer.save,
-            optimizer_state=optimizer.state_dict(), trainer_state=state)
+        if parallel is not None:
+            check_in_sync(params, parallel)  # every replica took the same steps
         saved_step = step
+        if main:
+            state = {"tokens": tokens_seen, "elapsed_s": elapsed, "data": batches.state_dict() | {"step": step},
+                     "tokenizer_sha256": tokenizer.sha256(), "schedule": schedule, "train_loss": last_loss,
+                     "val_loss": val_loss}
+            last_path = save_trainer_checkpoint(
+                run_dir, step=step, write_model=model.save_pretrained, write_tokenizer=tokenizer.save,
+                optimizer_state=optimizer.state_dict(), trainer_state=state)
+        if parallel is not None:
+            parallel.barrier()  # the checkpoint is complete before any rank moves on (or exits)
+            if not main:
+                last_path = latest_checkpoint(run_dir)
         return last_path
 
+    def stopping(stop: _StopFlag) -> bool:
+        if parallel is None:
+            return stop.signum is not None
+        return parallel.any(stop.signum is not None, device)  # every rank stops at the same step
+
     bar = tqdm(total=settings.max_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,
-               disable=None if settings.progress is None else not settings.progress, file=sys.stderr)
+               disable=(not main) or (None if settings.progress is None else not settings.progress),
+               file=sys.stderr)
     try:
         with _StopFlag() as stop:
-            while step < settings.max_steps and stop.signum is None:
+            while step < settings.max_steps and not stopping(stop):
                 t0 = time.perf_counter()
                 lr = learning_rate(step, **schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                input_ids, labels = batches.get(step)  # (batch_size, seq_len) each
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                for i in range(n_micro):
-                    x = input_ids[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, N)
-                    y = labels[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, N)
-                    with autocast(device, dtype):
-                        out = forward(x, labels=y)
-                    (out.loss / n_micro).backward()
-                    loss_sum += out.loss.detach().double()
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if parallel is None:
+                    input_ids, labels = batches.get(step)  # (batch_size, seq_len) each
+                else:  # this rank's rows and sequence chunk: (batch_size / dp, seq_len / sp)
+                    input_ids, labels = batches.get(step, *cols, rank=parallel.dp_rank, world=dp)
+                last_loss, grad_norm = train_step(forward, params, optimizer, input_ids, labels,
+                                                  lr=lr, grad_clip=settings.grad_clip, micro=micro,
+                                                  device=device, dtype=dtype, parallel=parallel)
                 step += 1
                 tokens_seen += step_tokens
-                last_loss = float(loss_sum) / n_micro
                 dt = time.perf_counter() - t0
                 elapsed += dt
                 if not math.isfinite(last_loss):
@@ -264,40 +326,53 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
                         f"the training loss is {last_loss} at step {step}; lower --lr (now {settings.lr:g}) "
                         f"and resume from the last checkpoint ({last_path or 'none yet'}) with a new --out")
                 record = {"kind": "train", "step": step, "loss": last_loss, "lr": lr,
-                          "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                          "grad_norm": grad_norm, "tokens": tokens_seen,
                           "tokens_per_s": step_tokens / dt, "time": elapsed}
-                metrics.log(record)
+                if metrics is not None:
+                    metrics.log(record)
                 history.append(record)
                 bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:,.0f}",
                                 refresh=False)
                 bar.update(1)
                 if val_batches is not None and (step % settings.eval_every == 0 or step == settings.max_steps):
-                    val_loss, _ = mean_loss(model, val_batches, device, dtype)
+                    if parallel is None:
+                        val_loss, _ = mean_loss(model, val_batches, device, dtype)
+                    else:
+                        val_loss, _ = parallel_mean_loss(model, val_batches, device, dtype, parallel)
                     record = {"kind": "eval", "step": step, "val_loss": val_loss,
                               "val_perplexity": math.exp(min(val_loss, 700.0)), "tokens": tokens_seen}
-                    metrics.log(record)
                     history.append(record)
-                    tqdm.write(f"step {step}: train loss {last_loss:.4f}, validation loss {val_loss:.4f} "
-                               f"(perplexity {record['val_perplexity']:.2f})", file=sys.stderr)
-                    plot_losses(run_dir)
+                    if main:
+                        metrics.log(record)
+                        tqdm.write(f"step {step}: train loss {last_loss:.4f}, validation loss {val_loss:.4f} "
+                                   f"(perplexity {record['val_perplexity']:.2f})", file=sys.stderr)
+                        plot_losses(run_dir)
                 if step % settings.save_every == 0 or step == settings.max_steps:
                     save()
-            if stop.signum is not None:
+            if stop.signum is not None or (parallel is not None and step < settings.max_steps):
                 bar.close()
                 if step > saved_step or last_path is None:
                     save()
-                plot_losses(run_dir)
-                raise TrainingInterrupted(stop.signum, step, run_dir)
+                if main:
+                    plot_losses(run_dir)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, run_dir)
     finally:
         bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
     if step > saved_step or last_path is None:
         save()
-    png = plot_losses(run_dir)
-    if png is None:
+    elif parallel is not None:
+        check_in_sync(params, parallel)
+    png = plot_losses(run_dir) if main else None
+    if main and png is None:
         log("note: matplotlib is not installed, so no loss plot; pip install matplotlib")
     log(f"done: step {step}, {tokens_seen:,} tokens, train loss {last_loss:.4f}"
         + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")
         + f"; checkpoint {last_path}" + (f"; plot {png}" if png else ""))
     return TrainResult(run_dir=run_dir, step=step, tokens=tokens_seen, train_loss=last_loss, val_loss=val_loss,
                        checkpoint=last_path, history=history)
+
+
+def _quiet(message: str) -> None:
+    """The log of ranks other than 0 under torchrun."""
