@@ -6,8 +6,7 @@ and the tools to train, evaluate, generate and benchmark with them.
 
 __version__ = "0.1.0"
 
-from longnet.models import DilatedKVCache
-from longnet.models import CheckpointError, LMOutput, LongNetConfig, LongNetEncoder, LongNetLM
+from longnet.models import CheckpointError, DilatedKVCache, LMOutput, LongNetConfig, LongNetEncoder, LongNetLM
 from longnet.nn.attention import DilatedAttention
 from longnet.nn.multihead import MultiheadDilatedAttention
 from longnet.ops.dilated import dilated_attention

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from longnet.cli.main import main
-from longnet.data import EvalBatches, Tokenizer, prepare_data
+from longnet.data import Tokenizer, prepare_data
 from longnet.models import LongNetLM
 from longnet.train import latest_checkpoint, load_trainer_checkpoint
 

@@ -96,8 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from longnet.bench.attention import (PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS,
-                                         AttentionBenchConfig, paper_seq_lens)
+    from longnet.bench.attention import (
+        PAPER_DILATION_RATES,
+        PAPER_SEGMENT_LENGTHS,
+        AttentionBenchConfig,
+        paper_seq_lens,
+    )
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cpu", "cuda"):

@@ -64,7 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(model, "--preset", metavar="NAME",
           help="[run] model preset: tiny (CPU minutes), small, base (125M), 350m, 760m, 2.7b (default: tiny)")
     _flag(model, "--attention", choices=("dilated", "dense", "sparse"),
-          help="[run] attention kind: dilated (LongNet), dense (Transformer baseline), sparse (default: the preset's, dilated)")
+          help="[run] attention kind: dilated (LongNet), dense (Transformer baseline), sparse "
+               "(default: the preset's, dilated)")
     _flag(model, "--model-overrides", metavar="JSON", type=_json_object,
           help='[run] LongNetConfig fields overriding the preset, e.g. \'{"num_layers": 2}\'')
     _flag(model, "--grad-checkpointing", action=argparse.BooleanOptionalAction,

@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from longnet.nn.positions import build_positions
+from longnet.ops.pattern import DilatedPattern
 from longnet.parallel.dispatch import attention_function, current
 from longnet.parallel.dispatch import position_offset as sequence_parallel_offset
-from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["MultiheadDilatedAttention"]
 

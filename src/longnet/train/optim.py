@@ -20,7 +20,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if isinstance(module, nn.Embedding) or "Norm" in type(module).__name__:
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
     decay, no_decay, seen = [], [], set()
-    for name, param in model.named_parameters():  # named_parameters() yields a tied tensor once
+    for param in model.parameters():  # parameters() yields a tied tensor once
         if not param.requires_grad or id(param) in seen:
             continue
         seen.add(id(param))
