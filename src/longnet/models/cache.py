@@ -22,7 +22,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longnet.ops.cache import DilatedLayerCache
+from longnet.ops.cache import DilatedLayerCache, new_tokens
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.pattern import DilatedPattern
 
@@ -128,18 +128,7 @@ class SlotLayerCache:
         that nothing reads (finite).
         """
         B, H, n, D = query.shape
-        if (B, H, D) != (self.B, self.H, self.D):
-            raise ValueError(f"query of shape {tuple(query.shape)} does not fit a cache made for "
-                             f"batch {self.B}, {self.H} heads, head dim {self.D}")
-        if positions.shape != (B, n):
-            raise ValueError(f"positions must have shape {(B, n)}, got {tuple(positions.shape)}")
-        Hkv = key.shape[1]
-        if H % Hkv:
-            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-        valid = torch.ones(B, n, dtype=torch.bool, device=query.device) if valid is None else valid
-        kv_heads = torch.arange(H, device=query.device) // (H // Hkv)
-        k_new = key[:, kv_heads].to(self.dtype)  # (B, H, n, D)
-        v_new = value[:, kv_heads].to(self.dtype)
+        valid, k_new, v_new = new_tokens(self, query, key, value, positions, valid)  # (B, H, n, D)
         if n == 1:  # decoding: write, then one softmax over the slots
             self._write(k_new, v_new, positions, valid)
             allowed = self._query_mask(positions, self.positions)  # (B, H, 1, S)

@@ -19,9 +19,29 @@ import torch
 
 from longnet.ops.pattern import DilatedPattern
 
-__all__ = ["DilatedLayerCache"]
+__all__ = ["DilatedLayerCache", "new_tokens"]
 
 _NEG_INF = float("-inf")
+
+
+def new_tokens(cache, query, key, value, positions, valid):
+    """Check new tokens against a layer cache (``.B``, ``.H``, ``.D``, ``.dtype``).
+
+    Returns ``(valid (B, n) bool, key, value)`` with key/value expanded to the query heads
+    (B, H, n, D) in the cache's dtype (heads of one GQA group keep different residues).
+    """
+    B, H, n, D = query.shape
+    if (B, H, D) != (cache.B, cache.H, cache.D):
+        raise ValueError(f"query of shape {tuple(query.shape)} does not fit a cache made for "
+                         f"batch {cache.B}, {cache.H} heads, head dim {cache.D}")
+    if positions.shape != (B, n):
+        raise ValueError(f"positions must have shape {(B, n)}, got {tuple(positions.shape)}")
+    Hkv = key.shape[1]
+    if H % Hkv:
+        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
+    valid = torch.ones(B, n, dtype=torch.bool, device=query.device) if valid is None else valid
+    kv_heads = torch.arange(H, device=query.device) // (H // Hkv)
+    return valid, key[:, kv_heads].to(cache.dtype), value[:, kv_heads].to(cache.dtype)
 
 
 class DilatedLayerCache:
@@ -70,20 +90,9 @@ class DilatedLayerCache:
             gives at these positions. The cache is updated to keep what later tokens can read.
         """
         B, H, n, D = query.shape
-        if (B, H, D) != (self.B, self.H, self.D):
-            raise ValueError(f"query of shape {tuple(query.shape)} does not fit a cache made for "
-                             f"batch {self.B}, {self.H} heads, head dim {self.D}")
-        if positions.shape != (B, n):
-            raise ValueError(f"positions must have shape {(B, n)}, got {tuple(positions.shape)}")
-        Hkv = key.shape[1]
-        if H % Hkv:
-            raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-        valid = torch.ones(B, n, dtype=torch.bool, device=query.device) if valid is None else valid
+        valid, k_new, v_new = new_tokens(self, query, key, value, positions, valid)
         scale = 1.0 / math.sqrt(D) if scale is None else scale
         acc = torch.float64 if query.dtype == torch.float64 else torch.float32
-        kv_heads = torch.arange(H, device=query.device) // (H // Hkv)
-        k_new = key[:, kv_heads].to(self.dtype)  # (B, H, n, D)
-        v_new = value[:, kv_heads].to(self.dtype)
         heads = torch.arange(H, device=query.device).view(1, H, 1)
         q_pos = positions.unsqueeze(1)  # (B, 1, n)
         new_pos = torch.where(valid, positions, torch.full_like(positions, -1)).unsqueeze(1)
