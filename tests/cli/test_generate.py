@@ -12,13 +12,6 @@ from longnet.data import train_tokenizer
 TEXT = "def add(a, b):\n    return a + b\n\nclass Counter:\n    def __init__(self):\n" * 20
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

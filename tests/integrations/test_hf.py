@@ -27,13 +27,9 @@ SRC = os.path.dirname(os.path.dirname(os.path.abspath(longnet.__file__)))
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _registered_single_thread():
-    """Register once; tiny models run far faster on one thread than on contended cores."""
+def _registered():
+    """Register once for the module (tests/conftest.py runs every test on one thread)."""
     longnet.hf.register()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_config(**overrides) -> LlamaConfig:

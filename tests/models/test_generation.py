@@ -12,14 +12,6 @@ V = 61  # vocabulary of the tiny models
 TOP = 16  # largest segment of the tiny pattern
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models run many small ops: one thread avoids OpenMP overhead on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny_lm(dtype=torch.float32, **overrides) -> LongNetLM:
     kw = dict(vocab_size=V, embed_dim=32, num_layers=2, num_heads=4, num_kv_heads=2, ffn_dim=48,

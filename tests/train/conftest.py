@@ -50,16 +50,6 @@ def micro_args(data: Path, cache: Path, out: Path, *extra: str, steps: int = 12)
             "--model-overrides", json.dumps(MICRO_MODEL), "--no-progress", *extra]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Micro models run fastest on one thread (and the CPU is shared with other test workers)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:
