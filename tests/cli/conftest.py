@@ -14,5 +14,4 @@ corpus = _fixtures.corpus
 cache = _fixtures.cache
 trained_run = _fixtures.trained_run
 micro = _fixtures.micro
-_one_thread = _fixtures._one_thread
 micro_model = _fixtures.micro_model
