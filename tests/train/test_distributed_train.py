@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import MICRO_MODEL
 from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel
 
 from longnet.cli.main import main
 from longnet.models import LongNetConfig, LongNetLM
@@ -53,15 +54,26 @@ def _step_worker(rank, world, sp):
     inputs, labels = _batch()
     ref = _model()
     ref_params = list(ref.parameters())
-    ref_loss = compute_gradients(ref, ref_params, inputs, labels, micro=1, device=cpu, dtype=torch.float32)
+    ref_loss = compute_gradients(ref, inputs, labels, micro=1, device=cpu, dtype=torch.float32)
     par = setup_parallel(sp, cpu)
     assert (par.dp, par.sp) == (world // sp, sp) and not par.owns_group
     model = _model()
+    if rank > 0:  # DDP starts every replica from the first rank's parameters
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.01 * rank)
     params = list(model.parameters())
     rows = slice(par.dp_rank * B // par.dp, (par.dp_rank + 1) * B // par.dp)
     start, stop = par.columns(N)
     x, y = inputs[rows, start:stop], labels[rows, start:stop]  # this rank's rows and chunk
-    loss = compute_gradients(model, params, x, y, micro=1, device=cpu, dtype=torch.float32, parallel=par)
+    with pytest.raises(RuntimeError, match="data_parallel"):
+        compute_gradients(model, x, y, micro=1, device=cpu, dtype=torch.float32, parallel=par)
+    ddp = par.data_parallel(model)
+    assert isinstance(ddp, DistributedDataParallel) and ddp.module is model
+    if par.sp > 1:  # ranks sharing a sequence are in different data-parallel groups
+        check_in_sync(params, par)
+    # rows / micro micro-batches per rank: all but the last run under no_sync
+    loss = compute_gradients(ddp, x, y, micro=1, device=cpu, dtype=torch.float32, parallel=par)
     grad_err = max((p.grad - q.grad).abs().max().item() for p, q in zip(params, ref_params))
     # one full optimizer step on each side (AdamW, clipping): the updated parameters agree
     opt, ref_opt = build_optimizer(model, lr=1e-3), build_optimizer(ref, lr=1e-3)
@@ -69,7 +81,7 @@ def _step_worker(rank, world, sp):
         p.grad = None
     train_step(ref, ref_params, ref_opt, inputs, labels, lr=1e-3, grad_clip=0.5, micro=2, device=cpu,
                dtype=torch.float32)
-    train_step(model, params, opt, x, y, lr=1e-3, grad_clip=0.5, micro=1, device=cpu, dtype=torch.float32,
+    train_step(ddp, params, opt, x, y, lr=1e-3, grad_clip=0.5, micro=1, device=cpu, dtype=torch.float32,
                parallel=par)
     check_in_sync(params, par)
     param_err = max((p - q).abs().max().item() for p, q in zip(params, ref_params))

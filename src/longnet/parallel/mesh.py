@@ -10,9 +10,13 @@ A step that matches one process exactly:
 1. every rank computes the *sum* of its tokens' losses and the global number of tokens
    (:func:`global_token_count`, summed over both axes);
 2. ``loss = local_sum / global_count``; ``loss.backward()`` (attention communicates inside);
-3. :func:`all_reduce_gradients` sums the gradients over both axes: every parameter is replicated
-   on every rank and each rank holds the gradient of its own tokens, so the sum is the gradient
-   of the global mean loss;
+3. the gradients are summed over both axes: every parameter is replicated on every rank and each
+   rank holds the gradient of its own tokens, so the sum is the gradient of the global mean loss.
+   :func:`data_parallel` wraps the model in ``DistributedDataParallel`` over the data axis with a
+   communication hook that sums each gradient bucket over *both* axes as backward produces it
+   (one all-reduce per bucket, overlapping the rest of backward; Megatron-LM reduces over its
+   data x context parallel group the same way). :func:`all_reduce_gradients` does the same sum
+   after backward, in one flat all-reduce, for code that does not wrap the model;
 4. :func:`reduce_loss` (sum over both axes, no grad) gives the global mean loss to log.
 """
 
@@ -24,9 +28,10 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.nn.parallel import DistributedDataParallel
 
 __all__ = ["ParallelMesh", "build_mesh", "global_token_count", "reduce_loss",
-           "all_reduce_gradients"]
+           "all_reduce_gradients", "data_parallel"]
 
 
 @dataclass(frozen=True)
@@ -112,3 +117,40 @@ def all_reduce_gradients(params: Iterable[torch.nn.Parameter], pm: ParallelMesh)
             n = p.grad.numel()
             p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
             offset += n
+
+
+def _sum_bucket_over_mesh(group, bucket):  # no return annotation: DDP checks it, postponed ones fail
+    """DDP communication hook: the bucket's gradients summed (not averaged) over ``group``."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(model: torch.nn.Module, pm: ParallelMesh, *, bucket_cap_mb: float = 25.0,
+                  device: torch.device | None = None) -> DistributedDataParallel:
+    """``model`` wrapped in ``DistributedDataParallel`` over the data axis of ``pm``.
+
+    When wrapping, DDP broadcasts the parameters from the first rank of each data-parallel group,
+    then the first rank of each sequence-parallel group broadcasts them (and the buffers) to its
+    group: every replica starts from rank 0's values. In backward, each gradient bucket is *summed* over both mesh axes by a
+    communication hook, so with the loss of step 2 in the module docstring every rank ends up with
+    the gradient of the global mean loss (DDP's default hook would average over the data axis
+    only). Use ``wrapped.no_sync()`` around every micro-batch but the last of a step.
+
+    Checkpoints should save ``wrapped.module`` (the plain model, unprefixed state-dict keys).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(pm, ParallelMesh):
+        raise TypeError(f"pm must be a ParallelMesh (longnet.parallel.mesh.build_mesh), got {type(pm).__name__}")
+    if device is None:
+        device = next(model.parameters()).device
+    ddp = DistributedDataParallel(
+        model, device_ids=[device] if device.type == "cuda" else None, process_group=pm.dp_group,
+        broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb)
+    if pm.sp > 1:  # the ranks of one sequence sit in different data-parallel groups
+        src = dist.get_global_rank(pm.sp_group, 0)
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t.data, src=src, group=pm.sp_group)
+    ddp.register_comm_hook(pm.world_group, _sum_bucket_over_mesh)
+    return ddp

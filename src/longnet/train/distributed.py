@@ -4,9 +4,10 @@
 laid out as a ``(dp = K / P, sp = P)`` grid (:func:`longnet.parallel.mesh.build_mesh`: the ``P``
 ranks of one sequence are contiguous). Rank ``r`` reads rows ``dp_rank`` of ``dp`` of each step's
 batch and columns ``[sp_rank * n, (sp_rank + 1) * n)`` of those sequences (``n = seq_len / P``),
-runs the single-device model under :func:`longnet.parallel.sequence_parallel` (its dilated
-attention becomes the exact distributed operator), and the gradients are summed over every rank
-(:mod:`longnet.train.step`). Every replica takes the same optimizer step; rank 0 alone logs,
+runs the single-device model, wrapped in ``DistributedDataParallel`` over the data axis
+(:meth:`Parallel.data_parallel`), under :func:`longnet.parallel.sequence_parallel` (its dilated
+attention becomes the exact distributed operator); DDP's buckets are summed over both axes as
+backward produces them (:func:`longnet.parallel.mesh.data_parallel`, :mod:`longnet.train.step`). Every replica takes the same optimizer step; rank 0 alone logs,
 writes metrics, plots and checkpoints.
 
 Validation runs distributed the same way: windows are split over the data-parallel ranks and
@@ -121,6 +122,8 @@ class Parallel:
     mesh: object  # longnet.parallel.mesh.ParallelMesh
     owns_group: bool
     """True when :func:`setup_parallel` started the process group (and :meth:`close` ends it)."""
+    ddp: object = None
+    """The model wrapped by :meth:`data_parallel` (``DistributedDataParallel``), once wrapped."""
 
     @property
     def is_main(self) -> bool:
@@ -143,10 +146,16 @@ class Parallel:
 
         return sequence_parallel(self.mesh.sp_group)
 
-    def all_reduce_gradients(self, params) -> None:
-        from longnet.parallel.mesh import all_reduce_gradients
+    def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """``model`` in ``DistributedDataParallel`` over the data axis, gradients summed over the mesh.
 
-        all_reduce_gradients(params, self.mesh)
+        Keep training through the returned module (pass it to :func:`longnet.train.step.train_step`);
+        save, evaluate and generate with ``model`` itself.
+        """
+        from longnet.parallel.mesh import data_parallel
+
+        self.ddp = data_parallel(model, self.mesh)
+        return self.ddp
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when ``flag`` is true on any rank (e.g. a signal seen by one rank)."""

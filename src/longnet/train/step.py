@@ -5,16 +5,19 @@ Single process: the step's ``batch_size`` sequences run as micro-batches; each m
 the mean loss of the step.
 
 On a mesh (``parallel`` given, see :mod:`longnet.train.distributed`): each rank holds
-``batch_size / dp`` rows and the ``seq_len / sp`` columns of its sequence chunk. Every rank
-backpropagates ``sum of its tokens' losses / global token count`` (attention communicates
-inside, over the sequence-parallel group); the gradients are then summed over every rank (one
-flat all-reduce), which gives every rank the gradient of the global token mean, the same on
-every rank. Clipping and AdamW therefore take identical steps everywhere and the replicas stay
+``batch_size / dp`` rows and the ``seq_len / sp`` columns of its sequence chunk, and ``forward``
+is the model wrapped by :meth:`~longnet.train.distributed.Parallel.data_parallel`
+(``DistributedDataParallel`` over the data axis). Every rank backpropagates ``sum of its tokens'
+losses / global token count`` (attention communicates inside, over the sequence-parallel group);
+micro-batches but the last run under ``no_sync`` and the last backward sums the accumulated
+gradients over every rank, bucket by bucket, which gives every rank the gradient of the global
+token mean, the same on every rank. Clipping and AdamW therefore take identical steps everywhere and the replicas stay
 in sync (``check_in_sync`` verifies it).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -29,14 +32,13 @@ if TYPE_CHECKING:
 __all__ = ["compute_gradients", "train_step"]
 
 
-def compute_gradients(forward: Callable, params: list[torch.nn.Parameter], input_ids: torch.Tensor,
-                      labels: torch.Tensor, *, micro: int, device: torch.device, dtype: torch.dtype,
-                      parallel: "Parallel | None" = None) -> float:
+def compute_gradients(forward: Callable, input_ids: torch.Tensor, labels: torch.Tensor, *, micro: int,
+                      device: torch.device, dtype: torch.dtype, parallel: "Parallel | None" = None) -> float:
     """Forward and backward of this process's part of one step; the step's mean loss.
 
     Args:
-        forward: the model (or its compiled form), ``forward(x, labels=y) -> LMOutput``.
-        params: the optimized parameters (their ``.grad`` must be None or zero on entry).
+        forward: the model (or its compiled form), ``forward(x, labels=y) -> LMOutput``; with
+            ``parallel``, the module :meth:`Parallel.data_parallel` returned (or its compiled form).
         input_ids, labels: (rows, n) this process's rows and columns of the step's batch.
         micro: rows per forward/backward (divides ``rows``).
         parallel: the mesh this process belongs to, or None for one process.
@@ -60,6 +62,9 @@ def compute_gradients(forward: Callable, params: list[torch.nn.Parameter], input
             loss_sum += out.loss.detach().double()
         return float(loss_sum) / n_micro
 
+    if parallel.ddp is None:
+        raise RuntimeError("compute_gradients with parallel needs the model wrapped by parallel.data_parallel(model) "
+                           "(and that wrapped module, or its compiled form, as forward)")
     # global token count of the step (labels are known before any forward): one tiny all-reduce
     total = (labels != IGNORE_INDEX).sum().to(device=device, dtype=torch.int64)
     dist.all_reduce(total, group=parallel.world_group)
@@ -68,12 +73,15 @@ def compute_gradients(forward: Callable, params: list[torch.nn.Parameter], input
     for i in range(n_micro):
         x = input_ids[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, n)
         y = labels[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, n)
-        with parallel.sequence_context(), autocast(device, dtype):
-            out = forward(x, labels=y)
-        local_sum = out.loss * out.num_tokens  # float32: sum of this chunk's token losses
-        (local_sum / total_f).backward()
+        # gradients of all micro-batches but the last accumulate locally; the last backward sums
+        # them over the mesh (DDP buckets, see longnet.parallel.mesh.data_parallel)
+        sync = contextlib.nullcontext() if i == n_micro - 1 else parallel.ddp.no_sync()
+        with sync:
+            with parallel.sequence_context(), autocast(device, dtype):
+                out = forward(x, labels=y)
+            local_sum = out.loss * out.num_tokens  # float32: sum of this chunk's token losses
+            (local_sum / total_f).backward()
         loss_sum += local_sum.detach().double()
-    parallel.all_reduce_gradients(params)
     dist.all_reduce(loss_sum, group=parallel.world_group)
     return float(loss_sum) / total_f
 
@@ -88,7 +96,7 @@ def train_step(forward: Callable, params: list[torch.nn.Parameter], optimizer: t
     """
     for group in optimizer.param_groups:
         group["lr"] = lr
-    loss = compute_gradients(forward, params, input_ids, labels, micro=micro, device=device, dtype=dtype,
+    loss = compute_gradients(forward, input_ids, labels, micro=micro, device=device, dtype=dtype,
                              parallel=parallel)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     optimizer.step()

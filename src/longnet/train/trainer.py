@@ -248,7 +248,8 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
     else:
         log(f"note: the validation split has {len(val_tokens):,} tokens, fewer than --seq-len "
             f"{settings.seq_len} + 1: no validation loss")
-    forward = torch.compile(model) if settings.compile else model
+    trained = parallel.data_parallel(model) if parallel is not None else model  # DDP over the data axis
+    forward = torch.compile(trained) if settings.compile else trained
 
     cols = parallel.columns(settings.seq_len) if parallel is not None else (0, settings.seq_len)
     step_tokens = settings.batch_size * settings.seq_len
