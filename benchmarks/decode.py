@@ -11,7 +11,8 @@ from other processes on a shared machine disturbs far less than wall-clock time.
 JSON is the default slot cache.
 
 - dilated ("slots", the default :class:`~longnet.models.cache.SlotLayerCache`, and "compact",
-  :class:`longnet.ops.cache.DilatedLayerCache`): the real model prefill of a random prompt of ``P - steps`` tokens through
+  :class:`longnet.ops.cache.DilatedLayerCache`): the real model prefill of a random prompt of
+  ``P - steps`` tokens through
   ``LongNetLM.generate`` (prefill in chunks; tokens before the last largest segment are skipped
   exactly, since no later position reads them, so reaching 1M costs one segment of prefill), then
   real cached decoding steps.

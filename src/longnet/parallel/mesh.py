@@ -131,10 +131,10 @@ def data_parallel(model: torch.nn.Module, pm: ParallelMesh, *, bucket_cap_mb: fl
 
     When wrapping, DDP broadcasts the parameters from the first rank of each data-parallel group,
     then the first rank of each sequence-parallel group broadcasts them (and the buffers) to its
-    group: every replica starts from rank 0's values. In backward, each gradient bucket is *summed* over both mesh axes by a
-    communication hook, so with the loss of step 2 in the module docstring every rank ends up with
-    the gradient of the global mean loss (DDP's default hook would average over the data axis
-    only). Use ``wrapped.no_sync()`` around every micro-batch but the last of a step.
+    group: every replica starts from rank 0's values. In backward, a communication hook *sums*
+    each gradient bucket over both mesh axes, so with the loss of step 2 in the module docstring
+    every rank ends up with the gradient of the global mean loss (DDP's default hook would average
+    over the data axis only). Use ``wrapped.no_sync()`` around every micro-batch but the last.
 
     Checkpoints should save ``wrapped.module`` (the plain model, unprefixed state-dict keys).
     """

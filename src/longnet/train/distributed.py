@@ -1,14 +1,15 @@
 """Training under torchrun: a data parallel x sequence parallel mesh for ``longnet train``.
 
-``torchrun --nproc-per-node K -m longnet train --sequence-parallel P ...`` runs ``K`` processes
-laid out as a ``(dp = K / P, sp = P)`` grid (:func:`longnet.parallel.mesh.build_mesh`: the ``P``
-ranks of one sequence are contiguous). Rank ``r`` reads rows ``dp_rank`` of ``dp`` of each step's
-batch and columns ``[sp_rank * n, (sp_rank + 1) * n)`` of those sequences (``n = seq_len / P``),
-runs the single-device model, wrapped in ``DistributedDataParallel`` over the data axis
+``torchrun --nproc-per-node K -m longnet train --sequence-parallel P ...`` runs ``K`` processes laid
+out as a ``(dp = K / P, sp = P)`` grid (:func:`longnet.parallel.mesh.build_mesh`: the ``P`` ranks of
+one sequence are contiguous). Rank ``r`` reads rows ``dp_rank`` of ``dp`` of each step's batch and
+columns ``[sp_rank * n, (sp_rank + 1) * n)`` of those sequences (``n = seq_len / P``), runs the
+single-device model, wrapped in ``DistributedDataParallel`` over the data axis
 (:meth:`Parallel.data_parallel`), under :func:`longnet.parallel.sequence_parallel` (its dilated
 attention becomes the exact distributed operator); DDP's buckets are summed over both axes as
-backward produces them (:func:`longnet.parallel.mesh.data_parallel`, :mod:`longnet.train.step`). Every replica takes the same optimizer step; rank 0 alone logs,
-writes metrics, plots and checkpoints.
+backward produces them (:func:`longnet.parallel.mesh.data_parallel`, :mod:`longnet.train.step`).
+Every replica takes the same optimizer step; rank 0 alone logs, writes metrics, plots and
+checkpoints.
 
 Validation runs distributed the same way: windows are split over the data-parallel ranks and
 columns over the sequence-parallel ranks (up to ``dp - 1`` trailing windows are left out so that
