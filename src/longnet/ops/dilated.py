@@ -215,10 +215,10 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _resolve_backend(backend, query, key_padding_mask) -> AttentionBackend:
+def _resolve_backend(backend, query, key_padding_mask, is_causal=False) -> AttentionBackend:
     if not isinstance(backend, str):
         return backend
-    return get_backend(backend, query, has_mask=key_padding_mask is not None)
+    return get_backend(backend, query, has_mask=key_padding_mask is not None, is_causal=is_causal)
 
 
 # ---------------------------------------------------------------------------- forward / backward
@@ -231,7 +231,7 @@ def dilated_attention_forward(
     ``lse`` is float32 (float64 for float64 inputs), ``-inf`` for queries with no key.
     ``aux`` holds per-call kernel state that :func:`dilated_attention_backward` takes.
     """
-    backend = _resolve_backend(backend, query, key_padding_mask)
+    backend = _resolve_backend(backend, query, key_padding_mask, is_causal)
     B, H, N, D = query.shape
     acc = _acc_dtype(query.dtype)
     o_acc = torch.zeros(B, H, N, D, dtype=acc, device=query.device)
@@ -262,7 +262,7 @@ def dilated_attention_backward(
     backward is evaluated with them. ``grad_lse`` (B, H, N), if given, adds the gradient flowing
     into the returned log-sum-exp.
     """
-    backend = _resolve_backend(backend, query, key_padding_mask)
+    backend = _resolve_backend(backend, query, key_padding_mask, is_causal)
     B, H, N, D = query.shape
     Hkv = key.shape[1]
     acc = _acc_dtype(query.dtype)
@@ -426,7 +426,7 @@ def dilated_attention(
         out, lse = _dropout_dilated_attention(query, key, value, pattern, is_causal, scale,
                                               key_padding_mask, float(dropout_p))
     else:
-        be = _resolve_backend(backend, query, key_padding_mask)
+        be = _resolve_backend(backend, query, key_padding_mask, is_causal)
         out, lse = _DilatedAttentionFunction.apply(query, key, value, key_padding_mask, pattern,
                                                    is_causal, scale, be)
     return (out, lse) if return_lse else out

@@ -1,7 +1,8 @@
 """Attention kernel families behind dilated attention, one small module each.
 
 ``get_backend(name, query, has_mask)`` resolves a name: ``"auto"`` picks the fastest exact kernel
-for the device and dtype (``cpu_flash`` on CPU, ``cuda`` on GPU, ``math`` when neither applies);
+for the device and dtype (on CPU ``cpu_kernel``, longnet's own, for causal float32 calls without a
+padding mask, else ``cpu_flash``; ``cuda`` on GPU; ``math`` when none applies);
 any other name is taken literally, and a backend that cannot run raises ``ValueError`` (never a
 silent fallback).
 """
@@ -12,6 +13,7 @@ import torch
 
 from longnet.ops.backends.base import AttentionBackend
 from longnet.ops.backends.cpu_flash import CpuFlashBackend
+from longnet.ops.backends.cpu_kernel import CpuKernelBackend, enabled_for_auto, warn_unavailable_once
 from longnet.ops.backends.cuda import CudaBackend, CudaEfficientBackend, CudaFlashBackend
 from longnet.ops.backends.math import MathBackend
 
@@ -19,16 +21,24 @@ __all__ = ["AttentionBackend", "BACKENDS", "get_backend"]
 
 BACKENDS: dict[str, AttentionBackend] = {
     b.name: b
-    for b in (MathBackend(), CpuFlashBackend(), CudaBackend(), CudaFlashBackend(),
+    for b in (MathBackend(), CpuFlashBackend(), CpuKernelBackend(), CudaBackend(), CudaFlashBackend(),
               CudaEfficientBackend())
 }
 
 
-def get_backend(name: str, query: torch.Tensor, *, has_mask: bool = True) -> AttentionBackend:
+def get_backend(name: str, query: torch.Tensor, *, has_mask: bool = True, is_causal: bool = False
+                ) -> AttentionBackend:
     """The backend called ``name`` for inputs like ``query`` (see module docstring)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":
+        # non-causal: PyTorch's CPU flash kernel is as fast as ours (measured), so it stays
+        if (is_causal and query.device.type == "cpu" and query.dtype == torch.float32 and not has_mask
+                and enabled_for_auto()):
+            reason = BACKENDS["cpu_kernel"].unsupported_reason(query, has_mask=has_mask)
+            if reason is None:
+                return BACKENDS["cpu_kernel"]
+            warn_unavailable_once(reason)
         preferred = {"cpu": "cpu_flash", "cuda": "cuda"}.get(query.device.type, "math")
         be = BACKENDS[preferred]
         if be.unsupported_reason(query, has_mask=has_mask) is None:

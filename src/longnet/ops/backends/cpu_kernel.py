@@ -1,0 +1,126 @@
+"""longnet's own exact attention kernel for CPU float32 (C++, built on first use).
+
+PyTorch's CPU flash kernel splits queries into 256-row blocks and computes each block against
+every key up to the end of the block, so a causal call wastes about 128 keys per row: 12% of the
+work of a 2048-long segment, the length most branches of the paper's pattern run at. This kernel
+(``csrc/cpu_attention.cpp``) uses 128-row query blocks, stops each row's softmax at its own position
+(no masked score is ever exponentiated), runs its block GEMMs through ``at::mm`` (the BLAS torch
+uses) and vectorises the softmax with a branch-free exponential; it also takes strided views, the
+merged log-sum-exp in backward and ``+inf`` rows like the other backends.
+
+It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute;
+a line on stderr says so) into ``$LONGNET_CACHE/kernels`` (default ``~/.cache/longnet/kernels``),
+keyed by the source, the torch version and the compiler flags, and reused afterwards. When no
+compiler works, ``"auto"`` uses ``cpu_flash`` instead (one warning says why); asking for
+``backend="cpu_kernel"`` by name then raises. ``LONGNET_CPU_KERNEL=0`` turns it off for ``"auto"``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+__all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error"]
+
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
+_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+_BLOCK_Q, _BLOCK_K = 128, 1024
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module" or "error", once tried
+
+
+def _build_dir(name: str) -> Path:
+    root = os.environ.get("LONGNET_CACHE") or Path.home() / ".cache" / "longnet"
+    return Path(root) / "kernels" / name
+
+
+def load_cpu_kernel():
+    """The compiled extension module (built on the first call), or ``RuntimeError`` saying why not."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        if "error" in _state:
+            raise RuntimeError(_state["error"])
+        src = _SOURCE.read_bytes()
+        key = hashlib.sha256(src + torch.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:12]
+        name = f"longnet_cpu_attention_{key}"
+        build = _build_dir(name)
+        try:
+            build.mkdir(parents=True, exist_ok=True)
+            if not (build / f"{name}.so").exists():
+                print(f"longnet: compiling the CPU attention kernel into {build} (once per machine and torch "
+                      "version, about a minute)...", file=sys.stderr, flush=True)
+            from torch.utils.cpp_extension import load
+
+            module = load(name, [str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(build), verbose=False)
+        except Exception as err:  # no compiler, no headers, unsupported flags...
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            _state["error"] = (f"the CPU attention kernel could not be built ({first}); "
+                               "install a C++ compiler (g++ or clang++) or use backend='cpu_flash'")
+            raise RuntimeError(_state["error"]) from err
+        _state["module"] = module
+        return module
+
+
+def cpu_kernel_error() -> str | None:
+    """Why the kernel cannot be used (building it if it was never tried), or None when it can."""
+    try:
+        load_cpu_kernel()
+    except RuntimeError as err:
+        return str(err)
+    return None
+
+
+def enabled_for_auto() -> bool:
+    """False when ``LONGNET_CPU_KERNEL=0`` (``auto`` then never builds or uses the kernel)."""
+    return os.environ.get("LONGNET_CPU_KERNEL", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+_warned = False
+
+
+def warn_unavailable_once(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(f"{reason}; falling back to PyTorch's CPU flash kernel (set LONGNET_CPU_KERNEL=0 to "
+                      "silence this)", RuntimeWarning, stacklevel=3)
+
+
+class CpuKernelBackend:
+    name = "cpu_kernel"
+
+    def unsupported_reason(self, query, *, has_mask):
+        if query.device.type != "cpu":
+            return f"cpu_kernel runs on CPU tensors, got device {query.device}"
+        if query.dtype != torch.float32:
+            return f"cpu_kernel supports float32 only, got {query.dtype}"
+        if has_mask:
+            return "cpu_kernel does not take a key padding mask"
+        return cpu_kernel_error()
+
+    @staticmethod
+    def _last_dim_contiguous(*ts):
+        return [t if t.stride(-1) == 1 else t.contiguous() for t in ts]
+
+    def forward(self, query, key, value, mask, is_causal, scale):
+        if mask is not None:
+            raise ValueError("cpu_kernel does not take a key padding mask")
+        q, k, v = self._last_dim_contiguous(query, key, value)
+        out, lse = load_cpu_kernel().attention_forward(q, k, v, bool(is_causal), float(scale), _BLOCK_Q, _BLOCK_K)
+        return out, lse, None
+
+    def backward(self, grad_out, query, key, value, out, lse, aux, mask, is_causal, scale):
+        if mask is not None:
+            raise ValueError("cpu_kernel does not take a key padding mask")
+        do, q, k, v, o = self._last_dim_contiguous(grad_out, query, key, value, out)
+        lse = lse.to(torch.float32)
+        return tuple(load_cpu_kernel().attention_backward(do, q, k, v, o, lse, bool(is_causal), float(scale),
+                                                          _BLOCK_Q, _BLOCK_K))

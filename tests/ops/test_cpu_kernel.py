@@ -1,0 +1,145 @@
+"""longnet's CPU attention kernel (C++, float32) against a float64 reference, and its selection.
+
+The kernel is called directly with tiny blocks so that every tiling boundary (query blocks, key
+blocks, the causal diagonal inside a key block) is crossed on small inputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from longnet.ops.backends import BACKENDS, get_backend
+from longnet.ops.backends import cpu_kernel as ck
+
+pytestmark = pytest.mark.skipif(ck.cpu_kernel_error() is not None,
+                                reason=f"CPU kernel not built: {ck.cpu_kernel_error()}")
+
+
+def _reference(q, k, v, causal, scale, lse=None):
+    """float64 (out, lse) of attention; with ``lse`` given, probabilities use it (merged lse)."""
+    q, k, v = q.double(), k.double(), v.double()
+    s = q @ k.transpose(-1, -2) * scale
+    if causal:
+        Lq, Lk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(1), float("-inf"))
+    own = torch.logsumexp(s, -1)
+    p = torch.exp(s - (own if lse is None else lse.double()).unsqueeze(-1))
+    return p @ v, own
+
+
+def _grads(q, k, v, causal, scale, dout, out, lse):
+    """Gradients of sum(dout * O) where O = P V and P = exp(S - lse) with out/lse held fixed (the
+    backward a merge needs): dV = P^T dO, dS = P (dO V^T - rowsum(dO * out))."""
+    q, k, v, dout, out = (t.double() for t in (q, k, v, dout, out))
+    s = q @ k.transpose(-1, -2) * scale
+    if causal:
+        Lq, Lk = s.shape[-2:]
+        s = s.masked_fill(torch.ones(Lq, Lk, dtype=torch.bool).triu(1), float("-inf"))
+    p = torch.exp(s - lse.double().unsqueeze(-1))
+    dv = p.transpose(-1, -2) @ dout
+    ds = p * (dout @ v.transpose(-1, -2) - (dout * out).sum(-1, keepdim=True)) * scale
+    return ds @ k, ds.transpose(-1, -2) @ q, dv
+
+
+def _close(a, b, tol=2e-5):
+    a, b = a.double(), b.double()
+    err = (a - b).abs().max().item() if a.numel() else 0.0
+    assert err <= tol * max(1.0, b.abs().max().item() if b.numel() else 0.0), err
+
+
+@settings(max_examples=40, deadline=None)
+@given(B=st.integers(1, 2), G=st.integers(1, 3), L=st.integers(1, 23), extra_k=st.integers(0, 9),
+       D=st.sampled_from([1, 3, 8, 16]), causal=st.booleans(), bq=st.sampled_from([1, 3, 4, 128]),
+       bk=st.sampled_from([1, 2, 5, 1024]), negative_scale=st.booleans(), seed=st.integers(0, 2**16))
+def test_matches_float64_reference(B, G, L, extra_k, D, causal, bq, bk, negative_scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    Lk = L + extra_k  # causal: key j <= query i (top-left aligned, as PyTorch's CPU kernel)
+    q = torch.randn(B, G, L, D, generator=g)
+    k, v = (torch.randn(B, G, Lk, D, generator=g) for _ in range(2))
+    scale = (-1.0 if negative_scale else 1.0) / math.sqrt(D)
+    ext = ck.load_cpu_kernel()
+    out, lse = ext.attention_forward(q, k, v, causal, scale, bq, bk)
+    ref_out, ref_lse = _reference(q, k, v, causal, scale)
+    _close(out, ref_out)
+    _close(lse, ref_lse)
+    dout = torch.randn(B, G, L, D, generator=g)
+    dq, dk, dv = ext.attention_backward(dout, q, k, v, out, lse, causal, scale, bq, bk)
+    for got, want in zip((dq, dk, dv), _grads(q, k, v, causal, scale, dout, out, lse)):
+        _close(got, want, 5e-5)
+
+
+def test_strided_and_expanded_views_and_merged_lse():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 37, 3, 16, generator=g)  # (B, L, G, D): heads strided in memory
+    q = base.transpose(1, 2)  # (B, G, L, D), not contiguous
+    kv = torch.randn(2, 1, 37, 16, generator=g).expand(2, 3, 37, 16)  # a shared head: stride 0
+    ext = ck.load_cpu_kernel()
+    out, lse = ext.attention_forward(q, kv, kv, True, 0.25, 4, 8)
+    ref_out, ref_lse = _reference(q, kv, kv, True, 0.25)
+    _close(out, ref_out)
+    _close(lse, ref_lse)
+    # backward from a merged lse (as if another branch added mass) and +inf rows (no contribution)
+    merged = lse + 0.7
+    merged[:, :, 5] = float("inf")
+    dout = torch.randn(2, 3, 37, 16, generator=g)
+    dq, dk, dv = ext.attention_backward(dout, q, kv, kv, out, merged, True, 0.25, 4, 8)
+    want = _grads(q, kv, kv, True, 0.25, dout, out, merged)
+    for got, w in zip((dq, dk, dv), want):
+        _close(got, w, 5e-5)
+    assert torch.equal(dq[:, :, 5], torch.zeros_like(dq[:, :, 5]))
+
+
+def test_several_threads_on_one_problem_match_one_thread():
+    g = torch.Generator().manual_seed(1)
+    q, k, v, dout = (torch.randn(1, 1, 300, 8, generator=g) for _ in range(4))
+    ext = ck.load_cpu_kernel()
+    one = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
+    one += ext.attention_backward(dout, q, k, v, one[0], one[1], True, 0.3, 16, 32)
+    torch.set_num_threads(2)  # query blocks split over threads, key gradients summed afterwards
+    two = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
+    two += ext.attention_backward(dout, q, k, v, two[0], two[1], True, 0.3, 16, 32)
+    for a, b in zip(one, two):
+        _close(a, b, 1e-6)
+
+
+def test_backend_matches_cpu_flash_and_rejects_what_it_cannot_run():
+    g = torch.Generator().manual_seed(2)
+    q, k, v, dout = (torch.randn(2, 4, 200, 32, generator=g) for _ in range(4))
+    ours, flash = BACKENDS["cpu_kernel"], BACKENDS["cpu_flash"]
+    for causal in (True, False):
+        o1, l1, _ = ours.forward(q, k, v, None, causal, 0.2)
+        o2, l2, _ = flash.forward(q, k, v, None, causal, 0.2)
+        _close(o1, o2)
+        _close(l1, l2)
+        for a, b in zip(ours.backward(dout, q, k, v, o1, l1, None, None, causal, 0.2),
+                        flash.backward(dout, q, k, v, o2, l2, None, None, causal, 0.2)):
+            _close(a, b, 5e-5)
+    assert "float32" in ours.unsupported_reason(q.double(), has_mask=False)
+    assert "mask" in ours.unsupported_reason(q, has_mask=True)
+    with pytest.raises(ValueError, match="cpu_kernel"):
+        get_backend("cpu_kernel", q.double())
+
+
+def test_auto_picks_the_kernel_for_causal_float32_only(monkeypatch):
+    q = torch.randn(1, 2, 8, 4)
+    assert get_backend("auto", q, has_mask=False, is_causal=True).name == "cpu_kernel"
+    assert get_backend("auto", q, has_mask=False, is_causal=False).name == "cpu_flash"
+    assert get_backend("auto", q, has_mask=True, is_causal=True).name == "cpu_flash"
+    assert get_backend("auto", q.double(), has_mask=False, is_causal=True).name == "cpu_flash"
+    monkeypatch.setenv("LONGNET_CPU_KERNEL", "0")
+    assert get_backend("auto", q, has_mask=False, is_causal=True).name == "cpu_flash"
+
+
+def test_a_failed_build_falls_back_for_auto_and_raises_by_name(monkeypatch):
+    monkeypatch.setattr(ck, "_state", {"error": "the CPU attention kernel could not be built (no g++)"})
+    monkeypatch.setattr(ck, "_warned", False)
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.warns(RuntimeWarning, match="no g\\+\\+"):
+        assert get_backend("auto", q, has_mask=False, is_causal=True).name == "cpu_flash"
+    with pytest.raises(ValueError, match="no g\\+\\+"):
+        get_backend("cpu_kernel", q, has_mask=False, is_causal=True)
