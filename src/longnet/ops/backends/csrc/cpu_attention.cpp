@@ -82,7 +82,8 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   at::parallel_for(0, P * nb, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> sbuf(bq * bk), acc(bq * D), m(bq), l(bq);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t pb = item % P, blk = zigzag(item / P, nb);
+      // a problem's query blocks run back to back, so its keys and values stay in cache
+      const int64_t pb = item / nb, blk = zigzag(item % nb, nb);
       const int64_t b = pb / G, g = pb % G;
       const float* Q = Qv.at(b, g); const float* K = Kv.at(b, g); const float* V = Vv.at(b, g);
       const int64_t s = blk * bq, rows = std::min(bq, L - s);
