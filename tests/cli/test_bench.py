@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from longnet.bench.attention import AttentionBenchConfig, comparison_rows, target_checks
-from longnet.bench.measure import measure
+from longnet.bench.measure import measure, measure_interleaved
 from longnet.bench.report import format_table
 from longnet.cli.main import main
 
@@ -81,15 +81,15 @@ def test_quick_run_draws_plot(capsys, tmp_path):
 def test_interrupted_run_keeps_what_it_measured(capsys, tmp_path, monkeypatch):
     import longnet.bench.attention as attention
 
-    real, calls = attention.measure, []
+    real, calls = attention.measure_interleaved, []
 
-    def stop_on_third(*args, **kwargs):
+    def stop_on_second_group(*args, **kwargs):  # a group: the dilated and dense case of one N
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(attention, "measure", stop_on_third)
+    monkeypatch.setattr(attention, "measure_interleaved", stop_on_second_group)
     rc, _, doc = _run_quick(capsys, tmp_path)
     assert rc == 130
     assert doc["complete"] is False and doc["note"] == "interrupted after 2 of 16 cases"
@@ -162,6 +162,16 @@ def test_measure_counts_calls_and_rejects_bad_counts():
         measure(lambda: None, device="cpu", repeats=0, warmup=0)
     with pytest.raises(ValueError, match="warmup"):
         measure(lambda: None, device="cpu", repeats=1, warmup=-1)
+
+
+def test_measure_interleaved_alternates_the_timed_calls():
+    order = []
+    ms = measure_interleaved([lambda: order.append("a"), lambda: order.append("b")], device="cpu",
+                             repeats=2, warmups=[1, 0])
+    assert order == ["a", "a", "b", "a", "b"]  # a's warmup, then a, b, a, b
+    assert [len(m.times_s) for m in ms] == [2, 2] and [m.warmup for m in ms] == [1, 0]
+    with pytest.raises(ValueError, match="warmup"):
+        measure_interleaved([lambda: None], device="cpu", repeats=1, warmups=[0, 0])
 
 
 def test_measure_sees_cpu_memory_growth():

@@ -1,9 +1,11 @@
 """The attention benchmark: dilated attention against dense SDPA, forward and forward+backward.
 
-Cases run in one process, series by series (a series: one operator, causal or not, one mode),
-the series the targets need first (causal fwd+bwd), each from the shortest sequence up, so a run
-that is stopped early has measured what matters most. For each case the figures are the median time
-of ``repeats`` calls (after ``warmup`` calls), the peak extra memory of one call (see
+Cases run in one process, the ones the targets need first (causal fwd+bwd), each from the shortest
+sequence up, so a run that is stopped early has measured what matters most. The dilated and the
+dense case of one (N, causal, mode) run together: after their warmup calls their timed calls
+alternate (dilated, dense, dilated, dense, ...), so a change in the machine's speed during the
+run (other jobs, clocks) hits both alike and their ratio stays fair. For each case the figures
+are the median time of ``repeats`` calls (after ``warmup`` calls), the peak extra memory of one call (see
 :mod:`longnet.bench.measure`), the effective TFLOP/s (the operator's own matmul FLOPs, from
 :meth:`DilatedPattern.flops` / :meth:`DilatedPattern.dense_flops`, divided by the time), and for
 each dilated/dense pair the FLOP ratio (dense / dilated) and the measured speedup.
@@ -23,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from longnet.bench.measure import measure
+from longnet.bench.measure import measure_interleaved
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.pattern import DilatedPattern
 
@@ -163,62 +165,93 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def _groups(cases: list[dict]) -> list[list[dict]]:
+    """Consecutive cases of one (N, causal, mode): the ones whose timed calls interleave."""
+    groups: list[list[dict]] = []
+    for case in cases:
+        key = (case["n"], case["causal"], case["mode"])
+        if groups and (groups[-1][0]["n"], groups[-1][0]["causal"], groups[-1][0]["mode"]) == key:
+            groups[-1].append(case)
+        else:
+            groups.append([case])
+    return groups
+
+
 def run_attention_bench(cfg: AttentionBenchConfig, *,
                         progress: Callable[[Iterable], Iterable] = lambda it: it,
                         on_case: Callable[[list[dict]], None] | None = None,
                         records: list[dict] | None = None) -> list[dict]:
     """Run every case of ``cfg``; return one record per case (see module docstring).
 
-    ``progress`` wraps the iterable of cases (e.g. ``tqdm``); ``on_case`` is called with the
-    records so far after each case (e.g. to save partial results). Records are appended to
-    ``records`` when given, so a caller that catches ``KeyboardInterrupt`` keeps them.
+    ``progress`` wraps the iterable of case groups (one per N, causal and mode; e.g. ``tqdm``);
+    ``on_case`` is called with the records so far after each group (e.g. to save partial
+    results). Records are appended to ``records`` when given, so a caller that catches
+    ``KeyboardInterrupt`` keeps them.
     """
     records = [] if records is None else records
     stopped: dict[tuple, str] = {}  # series -> why it stopped
     last_time: dict[tuple, float] = {}
     inputs_n, inputs = None, None
     gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
-    bar = progress(cfg.cases())
-    for case in bar:
+    bar = progress(_groups(cfg.cases()))
+    for group in bar:
+        first = group[0]
         if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"{case['impl']} N={case['n']} "
-                                f"{'causal' if case['causal'] else 'full'} {case['mode']}")
-        rec = dict(case, flops=cfg.flops(**case))
-        series = _series(case)
-        if series in stopped:
-            records.append(dict(rec, status=f"skipped: {stopped[series]}"))
-            continue
-        if inputs_n != case["n"]:
+            bar.set_postfix_str(f"N={first['n']} {'causal' if first['causal'] else 'full'} {first['mode']}")
+        if inputs_n != first["n"]:
             inputs = None
             _free(cfg.device)
-            shape = (cfg.batch_size, cfg.heads, case["n"], cfg.head_dim)  # (B, H, N, D)
+            shape = (cfg.batch_size, cfg.heads, first["n"], cfg.head_dim)  # (B, H, N, D)
             inputs = [torch.randn(shape, generator=gen).to(cfg.device, cfg.dtype)
                       for _ in range(4)]
-            inputs_n = case["n"]
+            inputs_n = first["n"]
         q, k, v, grad_out = inputs
-        warmup = cfg.warmup if last_time.get(series, 0.0) <= cfg.warmup_skip_s else 0
-        try:
-            m = measure(_make_call(cfg, case, q, k, v, grad_out), device=cfg.device,
-                        repeats=cfg.repeats, warmup=warmup)
-        except _OOM as err:
-            stopped[series] = f"out of memory at N={case['n']}"
-            records.append(dict(rec, status="oom", error=str(err).splitlines()[0][:200]))
-            _free(cfg.device)
+        running, fns, warmups, failed = [], [], [], {}
+        for case in group:
+            rec = dict(case, flops=cfg.flops(**case))
+            series = _series(case)
+            if series in stopped:
+                records.append(dict(rec, status=f"skipped: {stopped[series]}"))
+                continue
+            running.append((case, rec, series))
+            fns.append(_guarded(_make_call(cfg, case, q, k, v, grad_out), series, failed, cfg.device))
+            warmups.append(cfg.warmup if last_time.get(series, 0.0) <= cfg.warmup_skip_s else 0)
+        if not running:
             continue
-        last_time[series] = m.median_s
-        records.append(dict(
-            rec, status="ok", loadavg_1m=_loadavg(), warmup=m.warmup, times_ms=[round(t * 1e3, 3) for t in m.times_s],
-            median_ms=round(m.median_s * 1e3, 3), min_ms=round(m.min_s * 1e3, 3),
-            cpu_times_ms=[round(t * 1e3, 3) for t in m.cpu_times_s] or None,
-            cpu_median_ms=None if m.cpu_median_s is None else round(m.cpu_median_s * 1e3, 3),
-            peak_mb=None if m.peak_bytes is None else round(m.peak_bytes / 2**20, 1),
-            tflops=round(rec["flops"] / m.median_s / 1e12, 4),
-        ))
+        ms = measure_interleaved(fns, device=cfg.device, repeats=cfg.repeats, warmups=warmups)
+        for (case, rec, series), m in zip(running, ms):
+            if series in failed:
+                stopped[series] = f"out of memory at N={case['n']}"
+                records.append(dict(rec, status="oom", error=str(failed[series]).splitlines()[0][:200]))
+                continue
+            last_time[series] = m.median_s
+            records.append(dict(
+                rec, status="ok", loadavg_1m=_loadavg(), warmup=m.warmup,
+                times_ms=[round(t * 1e3, 3) for t in m.times_s],
+                median_ms=round(m.median_s * 1e3, 3), min_ms=round(m.min_s * 1e3, 3),
+                cpu_times_ms=[round(t * 1e3, 3) for t in m.cpu_times_s] or None,
+                cpu_median_ms=None if m.cpu_median_s is None else round(m.cpu_median_s * 1e3, 3),
+                peak_mb=None if m.peak_bytes is None else round(m.peak_bytes / 2**20, 1),
+                tflops=round(rec["flops"] / m.median_s / 1e12, 4),
+            ))
         if on_case is not None:
             on_case(records)
     inputs = None
     _free(cfg.device)
     return records
+
+
+def _guarded(call: Callable[[], None], series: tuple, failed: dict, device: torch.device) -> Callable[[], None]:
+    """``call``, which after an out-of-memory error records it in ``failed[series]`` and does nothing."""
+    def run():
+        if series in failed:
+            return
+        try:
+            call()
+        except _OOM as err:
+            failed[series] = err
+            _free(device)
+    return run
 
 
 # --------------------------------------------------------------------------------- derived views

@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Measurement", "measure", "RssSampler"]
+__all__ = ["Measurement", "measure", "measure_interleaved", "RssSampler"]
 
 _STATM = "/proc/self/statm"
 
@@ -146,30 +146,57 @@ def _call_cuda(fn: Callable[[], object], sample_memory: bool,
     return dt, None, peak
 
 
+def _caller(fn: Callable[[], object], device: torch.device):
+    if device.type == "cuda":
+        return lambda sample: _call_cuda(fn, sample, device)
+    if device.type == "cpu":
+        return lambda sample: _call_cpu(fn, sample)
+    raise ValueError(f"device must be a cpu or cuda device, got {device}")
+
+
+def _check_counts(repeats, warmups) -> None:
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    for warmup in warmups:
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+
+
 def measure(fn: Callable[[], object], *, device: torch.device | str, repeats: int,
             warmup: int) -> Measurement:
     """Run ``fn`` ``warmup`` times untimed, then ``repeats`` times timed.
 
     Peak memory is taken on the first call (see the module docstring).
     """
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats must be a positive int, got {repeats!r}")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup must be a non-negative int, got {warmup!r}")
+    return measure_interleaved([fn], device=device, repeats=repeats, warmups=[warmup])[0]
+
+
+def measure_interleaved(fns: list[Callable[[], object]], *, device: torch.device | str, repeats: int,
+                        warmups: list[int]) -> list[Measurement]:
+    """:func:`measure` for several callables whose timed calls alternate: fn0, fn1, ..., fn0, fn1, ...
+
+    Each callable first gets its ``warmups[i]`` untimed calls (memory is sampled on its first call),
+    then round ``j`` times call ``j`` of every callable in turn. A drift in the machine's speed
+    (other jobs, clock changes) then hits all of them alike, so ratios between them are fair even
+    on a shared machine; timing one callable's calls after the other's does not have that property.
+    """
+    if len(fns) != len(warmups):
+        raise ValueError(f"one warmup count per callable: {len(fns)} callables, {len(warmups)} warmups")
+    _check_counts(repeats, warmups)
     device = torch.device(device)
-    if device.type == "cuda":
-        call = lambda sample: _call_cuda(fn, sample, device)  # noqa: E731
-    elif device.type == "cpu":
-        call = lambda sample: _call_cpu(fn, sample)  # noqa: E731
-    else:
-        raise ValueError(f"device must be a cpu or cuda device, got {device}")
-    m = Measurement(warmup=warmup)
-    for i in range(warmup + repeats):
-        dt, cpu, peak = call(i == 0)
-        if i == 0:
-            m.peak_bytes = peak
-        if i >= warmup:
+    calls = [_caller(fn, device) for fn in fns]
+    out = [Measurement(warmup=w) for w in warmups]
+    for call, m in zip(calls, out):
+        for i in range(m.warmup):
+            _, _, peak = call(i == 0)
+            if i == 0:
+                m.peak_bytes = peak
+    for j in range(repeats):
+        for call, m in zip(calls, out):
+            dt, cpu, peak = call(j == 0 and m.warmup == 0)
+            if j == 0 and m.warmup == 0:
+                m.peak_bytes = peak
             m.times_s.append(dt)
             if cpu is not None:
                 m.cpu_times_s.append(cpu)
-    return m
+    return out

@@ -254,7 +254,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         if args.no_progress:
             return cases
         from tqdm import tqdm
-        return tqdm(cases, desc="bench attention", unit="case", file=sys.stderr)
+        return tqdm(cases, desc="bench attention", unit="N", file=sys.stderr)
 
     records: list[dict] = []
     note = None
