@@ -335,3 +335,17 @@ def test_cuda_flash_used_for_aligned_bf16():
                                          is_causal=True)
     assert (out.double() - ref).abs().max().item() < 3e-2 * (1 + ref.abs().max().item())
     assert math.isfinite(out.float().sum().item())
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments_split_over_several_calls_give_the_same_result(monkeypatch, causal):
+    # on CPU full segments are split into calls of at most _CPU_CALL_BYTES of output rows; with a
+    # tiny budget every segment is its own call (float32 inputs: the cpu_kernel path for causal)
+    import longnet.ops.dilated as dil
+
+    q, k, v, _ = _inputs(2, 4, 2, 61, 8, dtype=torch.float32, pad=False, seed=3)
+    monkeypatch.setattr(dil, "_CPU_CALL_BYTES", 1)
+    assert len(dil._calls(DilatedPattern([8, 16], [1, 2]), 0, q, k, causal, None)) == 4 * (7 + 1)
+    _compare(q, k, v, None, [8, 16, 64], [1, 2, 4], causal, "auto", rtol=2e-5)
+    q64, k64, v64, kpm = _inputs(1, 3, 3, 50, 5, pad=True, seed=4)
+    _compare(q64, k64, v64, kpm, [8, 16], [1, 2], causal, "cpu_flash", rtol=1e-10)
