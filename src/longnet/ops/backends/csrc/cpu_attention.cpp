@@ -71,9 +71,10 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(k.size(0) == B && k.size(1) == G && k.size(3) == D && v.sizes() == k.sizes(),
               "key and value must be (B, G, Lk, D) for query (B, G, Lq, D)");
   TORCH_CHECK(bq >= 1 && bk >= 1, "block sizes must be >= 1");
-  auto out = at::zeros({B, G, L, D}, q.options());
-  auto lse = at::full({B, G, L}, -INFINITY, q.options());
-  if (L == 0 || Lk == 0 || B * G == 0) return {out, lse};
+  if (L == 0 || Lk == 0 || B * G == 0)  // no key: output 0, lse -inf
+    return {at::zeros({B, G, L, D}, q.options()), at::full({B, G, L}, -INFINITY, q.options())};
+  auto out = at::empty({B, G, L, D}, q.options());  // every row is written below
+  auto lse = at::empty({B, G, L}, q.options());
   const View Qv(q), Kv(k), Vv(v);
   float* op = out.data_ptr<float>();
   float* lp = lse.data_ptr<float>();
@@ -149,10 +150,10 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
               "key and value must be (B, G, Lk, D) for query (B, G, Lq, D)");
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "grad_out and out must have query's shape");
   TORCH_CHECK(bq >= 1 && bk >= 1, "block sizes must be >= 1");
-  auto dq = at::zeros({B, G, L, D}, q.options());
+  auto dq = at::empty({B, G, L, D}, q.options());  // every query block zeroes its rows first
   auto dk = at::zeros({B, G, Lk, D}, q.options());
   auto dv = at::zeros({B, G, Lk, D}, q.options());
-  if (L == 0 || Lk == 0 || B * G == 0) return {dq, dk, dv};
+  if (L == 0 || Lk == 0 || B * G == 0) return {dq.zero_(), dk, dv};
   const View Qv(q), Kv(k), Vv(v), dOv(dout), Ov(out);
   const float* lsp = lse.data_ptr<float>();
   const int64_t l0 = lse.stride(0), l1 = lse.stride(1), l2 = lse.stride(2);
