@@ -32,6 +32,7 @@ def test_quick_run_prints_table_and_last_json_line(capsys, tmp_path):
     assert EXPECTED_KEYS <= doc.keys()
     assert doc["complete"] is True and doc["device"]["type"] == "cpu"
     assert doc["torch_version"] == torch.__version__
+    assert doc["allocator"].startswith("glibc keeps freed memory") or "unavailable" in doc["allocator"]
     assert out.splitlines()[0] == "wall time (median ms):"
     header = out.splitlines()[1].split()
     assert header[:3] == ["N", "causal", "mode"] and "speedup" in header
@@ -182,3 +183,30 @@ def test_measure_sees_cpu_memory_growth():
     if m.peak_bytes is None:
         pytest.skip("no /proc/self/statm on this platform")
     assert m.peak_bytes >= 32 * 2**20
+
+
+def test_allocator_setting_can_be_turned_off(capsys, tmp_path):
+    rc, _, doc = _run_quick(capsys, tmp_path, "--no-keep-freed-memory")
+    assert rc == 0 and doc["allocator"] == "default"
+
+
+def test_an_out_of_memory_case_stops_its_series_only(monkeypatch):
+    import longnet.bench.attention as attention
+
+    real = attention._make_call
+
+    def make_call(cfg, case, *tensors):
+        if case["impl"] == "dense" and case["n"] >= 64:
+            def oom():
+                raise torch.OutOfMemoryError("fake: out of memory")
+            return oom
+        return real(cfg, case, *tensors)
+
+    monkeypatch.setattr(attention, "_make_call", make_call)
+    cfg = AttentionBenchConfig(seq_lens=(32, 64, 128), dense_max_seq_len=128, causal=(True,),
+                               modes=("fwd",), heads=2, head_dim=4, segment_lengths=(16,),
+                               dilation_rates=(1,), repeats=2, warmup=1)
+    status = {(r["impl"], r["n"]): r["status"] for r in attention.run_attention_bench(cfg)}
+    assert status == {("dilated", 32): "ok", ("dense", 32): "ok", ("dilated", 64): "ok",
+                      ("dense", 64): "oom", ("dilated", 128): "ok",
+                      ("dense", 128): "skipped: out of memory at N=64"}

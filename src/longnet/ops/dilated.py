@@ -209,7 +209,7 @@ def _calls(pattern, b, query, key, is_causal, key_padding_mask):
     r = pattern.dilation_rates[b]
     w = pattern.effective_segment(b, N)
     full, tail = divmod(N, w)
-    per_segment = B * -(-w // r) * D * 4  # bytes of one segment's float32 output rows
+    per_segment = B * -(-w // r) * D * _acc_dtype(query.dtype).itemsize  # one segment's output rows
     chunk = max(1, _CPU_CALL_BYTES // per_segment) if query.device.type == "cpu" else max(full, 1)
     calls = []
     for h in range(H):

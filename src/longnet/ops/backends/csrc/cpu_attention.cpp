@@ -59,7 +59,7 @@ inline int64_t zigzag(int64_t i, int64_t nb) { return (i % 2 == 0) ? i / 2 : nb 
 struct View {  // a (B, G, L, D) view's data and strides
   const float* p; int64_t s0, s1, s2;
   View(const at::Tensor& t) : p(t.data_ptr<float>()), s0(t.stride(0)), s1(t.stride(1)), s2(t.stride(2)) {}
-  const float* at(int64_t b, int64_t g) const { return p + b * s0 + g * s1; }
+  const float* problem(int64_t b, int64_t g) const { return p + b * s0 + g * s1; }
 };
 
 }  // namespace
@@ -86,7 +86,7 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
       // a problem's query blocks run back to back, so its keys and values stay in cache
       const int64_t pb = item / nb, blk = zigzag(item % nb, nb);
       const int64_t b = pb / G, g = pb % G;
-      const float* Q = Qv.at(b, g); const float* K = Kv.at(b, g); const float* V = Vv.at(b, g);
+      const float* Q = Qv.problem(b, g); const float* K = Kv.problem(b, g); const float* V = Vv.problem(b, g);
       const int64_t s = blk * bq, rows = std::min(bq, L - s);
       const int64_t kend = is_causal ? std::min(s + rows, Lk) : Lk;
       std::fill(m.begin(), m.end(), -INFINITY);
@@ -176,8 +176,8 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
     for (int64_t item = begin; item < end; ++item) {
       const int64_t pb = item % P, c = item / P;
       const int64_t b = pb / G, g = pb % G;
-      const float* Q = Qv.at(b, g); const float* K = Kv.at(b, g); const float* V = Vv.at(b, g);
-      const float* dO = dOv.at(b, g); const float* O = Ov.at(b, g);
+      const float* Q = Qv.problem(b, g); const float* K = Kv.problem(b, g); const float* V = Vv.problem(b, g);
+      const float* dO = dOv.problem(b, g); const float* O = Ov.problem(b, g);
       const float* LS = lsp + b * l0 + g * l1;
       float* dQ = dqp + pb * L * D;
       float* dK = dkp + (c * P + pb) * Lk * D;
