@@ -142,7 +142,7 @@ class _Remote:
         return per_head[..., :D].contiguous(), per_head[..., D:2 * D].contiguous()
 
 
-_REMOTE_CACHE: dict[tuple, _Remote] = {}
+_REMOTE_CACHE: dict[tuple, _Remote] = comm.group_bound_cache()
 
 
 def _remote(pl: BranchPlacement, s: _Setup, H: int, Hkv: int, padded: bool, device) -> _Remote:
