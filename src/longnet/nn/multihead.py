@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longnet.nn.positions import build_positions
-from longnet.ops.pattern import DilatedPattern
 from longnet.ops.dilated import dilated_attention
+from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["MultiheadDilatedAttention"]
 
