@@ -57,7 +57,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["ReachReport", "reach", "max_hops", "unreachable_pairs", "hops_from", "log2_edges"]
+__all__ = ["ReachReport", "reach", "max_hops", "unreachable_pairs", "hops_from", "log2_edges", "work"]
 
 _INF = np.int64(1 << 61)  # "not reached"; far above any position, no overflow when adding L
 _CHUNK = 1024  # sources processed together (memory ~ _CHUNK * C * 8 bytes per array)
@@ -451,6 +451,17 @@ def reach(pattern, length: int, num_heads: int, causal: bool = True, *, distance
         distance_unreachable=tuple(int(x) for x in bad),
         examples=tuple(_examples(parts, results, want)),
     )
+
+
+def work(pattern, length: int, num_heads: int) -> tuple[int, int]:
+    """``(block, classes)``: the block length ``M`` the analysis runs on and its class count ``C``
+    (the causal cost is about ``M * C * branches * depth``; see the module docstring)."""
+    N, H = _check_args(pattern, length, num_heads, True)
+    segments = [pattern.effective_segment(b, N) for b in range(len(pattern))]
+    M = min(math.lcm(*segments), N)
+    L = math.lcm(*pattern.dilation_rates)
+    starts = np.unique(np.concatenate([np.arange(0, M, w, dtype=np.int64) for w in segments]))
+    return M, int(np.minimum(np.diff(np.append(starts, M)), L).sum())
 
 
 def max_hops(pattern, length: int, num_heads: int, causal: bool = True) -> float:
