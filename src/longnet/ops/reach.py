@@ -39,13 +39,15 @@ Method (exact; no ``N x N`` matrix):
    interval).
 
 Cost: non-causal ``O(C^3 + M * C * buckets)``; causal ``O(M * C * (branches * depth + buckets))``
-with ``depth`` the largest finite hop count (paper pattern: under a second at any ``N``, since
-``M = 32768`` and ``C = 192``). Exact at every ``N``, but only fast while the block ``M`` and the
-class count ``C`` stay small: nested segment lengths (each dividing the next, as in the paper and
-the presets) keep ``M = max w``. Segment lengths with a large lcm (for example the Gigapath
-slide pattern, ``M >= N``) leave one block of length ``N`` with ``C ~ N / min(w) * L`` classes, so
-the causal cost grows like ``N^2 * L / min(w)``: minutes at ``N = 2^17``, out of reach at ``2^20``.
-There is no cheaper exact method here; for such patterns analyse a shorter ``N``.
+with ``depth`` the largest finite hop count. Paper pattern, 12 heads: ``M = 32768``, ``C = 192``,
+depth 3, a few seconds at any ``N`` on 2 CPU cores (docs/reach.md). Exact at every ``N``, but
+fast only while the block ``M`` and the class count ``C`` stay small: nested segment lengths
+(each dividing the next, as in the paper and the presets) keep ``M = max w``. Segment lengths
+with a large lcm (for example the Gigapath slide pattern, ``M >= N``) leave one block of ``N``
+tokens with ``C ~ N / min(w) * L`` classes, and the causal cost grows like ``N^2 * L / min(w)``:
+16 s at ``N = 2^15``, minutes at ``2^17``, hours at ``2^20``. Sources of one class inside one
+cell see translated thresholds, which a faster method could exploit; this module does not, so
+for such patterns analyse a shorter ``N``.
 """
 
 from __future__ import annotations
