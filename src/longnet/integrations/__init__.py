@@ -2,7 +2,7 @@
 
 * :mod:`longnet.integrations.transformers` (needs ``transformers>=5``; public face
   :mod:`longnet.hf`): dilated attention as a transformers attention implementation.
-* :mod:`longnet.integrations.dilated_rows` (torch only): exact dilated attention for the last rows
+* :mod:`longnet.ops.dilated_rows` (torch only): exact dilated attention for the last rows
   of a sequence, used for decoding over a full KV cache.
 
 Importing this package imports no optional dependency.
