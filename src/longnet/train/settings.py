@@ -95,9 +95,6 @@ class TrainSettings:
         """Sequences per optimizer step."""
         return self.batch_tokens // self.seq_len
 
-    def identity(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in IDENTITY}
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
