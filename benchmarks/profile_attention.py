@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.bench.report import device_slug
+from longnet.utils.atomic import atomic_write_json
 
 GROUPS = {  # aten op -> group
     "aten::_scaled_dot_product_flash_attention_for_cpu": "kernel forward",
@@ -130,7 +131,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"profile_attention_{doc['device']}_N{N}_{'causal' if causal else 'full'}.json"
-    (args.out / name).write_text(json.dumps(doc, indent=1) + "\n")
+    atomic_write_json(args.out / name, doc, sort_keys=False)
     print(json.dumps(doc, indent=1))
 
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from longnet.utils.atomic import atomic_write_json
+
 __all__ = ["add_arguments", "run"]
 
 WHAT = ("attention",)  # later: "decode"
@@ -213,9 +215,7 @@ def _print_targets(targets: dict, label: str) -> None:
 
 
 def _write(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, doc, sort_keys=False)
 
 
 def _replot(path: Path) -> int:
