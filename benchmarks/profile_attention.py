@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.bench.report import device_slug
+from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
 
 GROUPS = {  # aten op -> group
@@ -66,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pattern = DilatedPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
+    pattern = DilatedPattern(PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES)
     B, H, N, D, causal = 1, args.heads, args.seq_len, args.head_dim, args.causal
     scale = D ** -0.5
     q, k, v, g = (torch.randn(B, H, N, D) for _ in range(4))  # (B, H, N, D)
