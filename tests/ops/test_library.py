@@ -11,6 +11,7 @@ from longnet import DilatedPattern, dilated_attention
 from longnet.ops.calls import head_sets, plan_branch
 from longnet.ops.library import dilated_attention_backward_op, dilated_attention_op
 from longnet.ops.reference import reference_dilated_attention
+from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 
 
 def _qkv(B, H, Hkv, N, D, layout="bhnd", dtype=torch.float64, seed=0):
@@ -81,7 +82,7 @@ def test_cuda_plan_batches_heads(layout, B, Hkv):
     # the model's (B, N, H, D) layout and B > 1 the tail keeps batch and segments from folding into
     # one dimension, so the full segments take one call per batch row
     H, N, D = 12, 40_000, 8
-    pattern = DilatedPattern([2048, 4096, 8192, 16384, 32768], [1, 2, 4, 6, 12])
+    pattern = DilatedPattern(PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES)
     q, k, _ = (t.detach() for t in _qkv(B, H, Hkv, N, D, layout=layout, dtype=torch.float32))
     g = H // Hkv
     for b, r in enumerate(pattern.dilation_rates):

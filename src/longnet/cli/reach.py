@@ -13,9 +13,11 @@ import math
 import sys
 import time
 
-from longnet.models.config import PAPER_DILATIONS, PAPER_SEGMENTS, PRESETS
+from longnet.models.config import PRESETS
 from longnet.ops.pattern import DilatedPattern
 from longnet.ops.reach import reach, work
+from longnet.paper import PAPER_DILATION_RATES as PAPER_DILATIONS
+from longnet.paper import PAPER_SEGMENT_LENGTHS as PAPER_SEGMENTS
 
 _SLOW = 7 * 10**7  # block * classes above which the causal analysis takes over a minute (2 cores)
 _DILATED_PRESETS = sorted(k for k, v in PRESETS.items() if "segment_lengths" in v)
