@@ -177,6 +177,13 @@ class DilatedPattern:
             ok = ok & (key_positions <= query_positions)
         return ok
 
+    def next_kept_offset(self, branch: int, segment_offset, residue):
+        """From offset ``segment_offset`` inside a segment of ``branch``, how far the first position
+        at or after it that heads of ``residue`` keep lies: ``(residue - offset) mod r``."""
+        r = self.dilation_rates[branch]
+        diff = residue - segment_offset
+        return torch.remainder(diff, r) if isinstance(diff, torch.Tensor) else diff % r
+
     def kept_positions(self, length: int, head: int, branch: int) -> list[int]:
         """Positions (sorted) that ``head`` keeps in ``branch`` for a sequence of ``length``."""
         return torch.nonzero(self.keeps(branch, torch.arange(length), head, length)).flatten().tolist()
