@@ -394,8 +394,12 @@ def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None, devi
     dtype = param.dtype if dtype is None else dtype
     device = param.device if device is None else device
     layers, patterns = [], []
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
         attn = block.attn
+        if attn.pattern is not None and attn.pattern.shift:
+            raise ValueError(f"the generation cache does not support shifted segments (layer {i}: "
+                             f"{attn.pattern!r}, LongNetConfig.shift_segments); generate with a model "
+                             "trained without shift_segments, or recompute model(ids) at each step")
         if attn.pattern is None:
             layers.append(DenseLayerCache(batch_size, attn.num_heads, attn.head_dim,
                                           num_kv_heads=attn.num_kv_heads, dtype=dtype,
