@@ -40,7 +40,7 @@ class SlotLayerCache:
     new token is written in place (overwriting a slot of a finished segment) and nothing is ever
     compacted. The slots of all branches are one array of ``S = sum_i ceil(w_i / r_i)`` slots per
     head, and attention is a single softmax over it: a key held by several branches sits in several
-    slots, which is exactly the branch mixture (the one-softmax identity of DESIGN.md). A slot is
+    slots, which is exactly the branch mixture (the one-softmax identity of docs/design.md). A slot is
     read by a query when it holds a real position of the query's segment (in the slot's branch), at
     or before the query, and the query itself is kept by that branch and head.
 
