@@ -32,6 +32,7 @@ from longnet.ops.dilated import (
     dilated_attention_backward,
     dilated_attention_forward,
 )
+from longnet.ops.merge import acc_dtype, merge_partials
 from longnet.ops.pattern import DilatedPattern
 from longnet.parallel import comm
 from longnet.parallel.layout import BranchPlacement, kv_pairs, place_branches, residue_slots
@@ -39,10 +40,6 @@ from longnet.parallel.layout import BranchPlacement, kv_pairs, place_branches, r
 __all__ = ["dilated_attention"]
 
 _NEG_INF = float("-inf")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @dataclass
@@ -162,10 +159,7 @@ def _merge(o_acc, l_acc, idx, ob, lb):
     B, H, m, D = ob.shape
     idx3 = idx.unsqueeze(0).expand(B, H, m)
     idx4 = idx3.unsqueeze(-1).expand(B, H, m, D)
-    og, lg = o_acc.gather(2, idx4), l_acc.gather(2, idx3)
-    new_l = torch.logaddexp(lg, lb)
-    safe = torch.where(torch.isfinite(new_l), new_l, torch.zeros_like(new_l))
-    o = og * torch.exp(lg - safe).unsqueeze(-1) + ob * torch.exp(lb - safe).unsqueeze(-1)
+    o, new_l = merge_partials(o_acc.gather(2, idx4), l_acc.gather(2, idx3), ob, lb)
     o_acc.scatter_(2, idx4, o)
     l_acc.scatter_(2, idx3, new_l)
 
@@ -182,7 +176,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
     def forward(ctx, query, key, value, key_padding_mask, s: _Setup):
         B, H, n, D = query.shape
         Hkv = key.shape[1]
-        acc = _acc_dtype(query.dtype)
+        acc = acc_dtype(query.dtype)
         o_acc = torch.zeros(B, H, n + 1, D, dtype=acc, device=query.device)  # row n: trash
         l_acc = torch.full((B, H, n + 1), _NEG_INF, dtype=acc, device=query.device)
         local_aux = None
@@ -232,7 +226,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
         s: _Setup = ctx.setup
         B, H, n, D = query.shape
         Hkv = key.shape[1]
-        acc = _acc_dtype(query.dtype)
+        acc = acc_dtype(query.dtype)
         if grad_out is None:
             grad_out = torch.zeros_like(out)
         if s.local_pattern is not None:
