@@ -36,6 +36,7 @@ __all__ = ["LongNetConfig", "PRESETS", "POSITIONS", "ATTENTIONS"]
 POSITIONS = ("xpos", "rope", "none")
 ATTENTIONS = ("dilated", "dense", "sparse")
 ACTIVATIONS = ("gelu", "relu")
+ATTENTION_SEMANTICS = ("paper", "torchscale")
 
 PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATIONS = (1, 2, 4, 6, 12)
@@ -96,6 +97,9 @@ class LongNetConfig:
     """MAGNETO init scale on fc1, fc2, v_proj, out_proj; None = ``sqrt(log(2 * num_layers))``."""
     backend: str = "auto"
     """Kernel family of :func:`longnet.dilated_attention`."""
+    attention_semantics: str = "paper"
+    """``"paper"`` (head offset ``h % r``, padding masked) or ``"torchscale"`` (torchscale's rule,
+    for its checkpoints such as Prov-GigaPath: see :mod:`longnet.ops.torchscale_compat`)."""
 
     # ---------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -139,7 +143,8 @@ class LongNetConfig:
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
         for name, allowed in (("position", POSITIONS), ("attention", ATTENTIONS),
-                              ("activation", ACTIVATIONS)):
+                              ("activation", ACTIVATIONS),
+                              ("attention_semantics", ATTENTION_SEMANTICS)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}")
         if self.position != "none" and (self.embed_dim // self.num_heads) % 2:
@@ -153,6 +158,8 @@ class LongNetConfig:
         if len(self.segment_lengths) != len(self.dilation_rates):
             raise bad("dilation_rates", f"must have one rate per segment length "
                                         f"({len(self.segment_lengths)})")
+        if self.attention_semantics == "torchscale" and self.attention != "dilated":
+            raise bad("attention_semantics", "'torchscale' needs attention='dilated'")
         if 1 not in self.dilation_rates:
             raise bad("dilation_rates", "must contain 1 (else some positions attend to nothing)")
         real("dropout", 0.0, 1.0)
