@@ -36,7 +36,7 @@ __all__ = ["LongNetConfig", "PRESETS", "POSITIONS", "ATTENTIONS"]
 POSITIONS = ("xpos", "rope", "none")
 ATTENTIONS = ("dilated", "dense", "sparse")
 ACTIVATIONS = ("gelu", "relu")
-ATTENTION_SEMANTICS = ("paper", "torchscale")
+SEMANTICS = ("paper", "torchscale")
 
 PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
 PAPER_DILATIONS = (1, 2, 4, 6, 12)
@@ -97,9 +97,10 @@ class LongNetConfig:
     """MAGNETO init scale on fc1, fc2, v_proj, out_proj; None = ``sqrt(log(2 * num_layers))``."""
     backend: str = "auto"
     """Kernel family of :func:`longnet.dilated_attention`."""
-    attention_semantics: str = "paper"
-    """``"paper"`` (head offset ``h % r``, padding masked) or ``"torchscale"`` (torchscale's rule,
-    for its checkpoints such as Prov-GigaPath: see :mod:`longnet.ops.torchscale_compat`)."""
+    semantics: str = "paper"
+    """``"paper"``, or ``"torchscale"`` for torchscale's checkpoints (Prov-GigaPath's among them):
+    torchscale's dilated-attention rule (:mod:`longnet.ops.torchscale_compat`) and its FFN
+    activation evaluated in float32 (``act(x.float()).type_as(x)``)."""
 
     # ---------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -144,7 +145,7 @@ class LongNetConfig:
             raise bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
         for name, allowed in (("position", POSITIONS), ("attention", ATTENTIONS),
                               ("activation", ACTIVATIONS),
-                              ("attention_semantics", ATTENTION_SEMANTICS)):
+                              ("semantics", SEMANTICS)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}")
         if self.position != "none" and (self.embed_dim // self.num_heads) % 2:
@@ -158,8 +159,8 @@ class LongNetConfig:
         if len(self.segment_lengths) != len(self.dilation_rates):
             raise bad("dilation_rates", f"must have one rate per segment length "
                                         f"({len(self.segment_lengths)})")
-        if self.attention_semantics == "torchscale" and self.attention != "dilated":
-            raise bad("attention_semantics", "'torchscale' needs attention='dilated'")
+        if self.semantics == "torchscale" and self.attention != "dilated":
+            raise bad("semantics", "'torchscale' needs attention='dilated'")
         if 1 not in self.dilation_rates:
             raise bad("dilation_rates", "must contain 1 (else some positions attend to nothing)")
         real("dropout", 0.0, 1.0)
