@@ -24,24 +24,21 @@ __all__ = ["FeedForward", "LongNetBlock", "magneto_init_"]
 
 
 class FeedForward(nn.Module):
-    """``fc2(subLN(act(fc1(x))))``, (B, N, E) -> (B, N, E); ``activation_fp32`` evaluates ``act`` on
-    ``x.float()`` and casts back (torchscale does, whatever the dtype)."""
+    """``fc2(subLN(act(fc1(x))))``, (B, N, E) -> (B, N, E)."""
 
     def __init__(self, embed_dim: int, ffn_dim: int, *, activation: str = "gelu",
                  bias: bool = True, sub_ln: bool = True, norm_eps: float = 1e-5,
-                 dropout: float = 0.0, activation_fp32: bool = False):
+                 dropout: float = 0.0):
         super().__init__()
         self.fc1 = nn.Linear(embed_dim, ffn_dim, bias=bias)
         self.fc2 = nn.Linear(ffn_dim, embed_dim, bias=bias)
         self.sub_ln = nn.LayerNorm(ffn_dim, eps=norm_eps) if sub_ln else None
         self.activation = activation
         self.dropout = dropout
-        self.activation_fp32 = activation_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.fc1(x)  # (B, N, F)
-        a = h.float() if self.activation_fp32 else h
-        h = (F.gelu(a) if self.activation == "gelu" else F.relu(a)).type_as(h)
+        h = F.gelu(h) if self.activation == "gelu" else F.relu(h)
         h = F.dropout(h, self.dropout, self.training)
         if self.sub_ln is not None:
             h = self.sub_ln(h)
@@ -64,8 +61,7 @@ class LongNetBlock(nn.Module):
             semantics=c.semantics)
         self.ffn_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
         self.ffn = FeedForward(c.embed_dim, c.ffn_dim, activation=c.activation, bias=c.bias,
-                               sub_ln=c.sub_ln, norm_eps=c.norm_eps, dropout=c.dropout,
-                               activation_fp32=c.semantics == "torchscale")
+                               sub_ln=c.sub_ln, norm_eps=c.norm_eps, dropout=c.dropout)
         self.dropout = c.dropout
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,

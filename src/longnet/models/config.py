@@ -98,9 +98,9 @@ class LongNetConfig:
     backend: str = "auto"
     """Kernel family of :func:`longnet.dilated_attention`."""
     semantics: str = "paper"
-    """``"paper"``, or ``"torchscale"`` for torchscale's checkpoints (Prov-GigaPath's among them):
-    torchscale's dilated-attention rule (:mod:`longnet.ops.torchscale_compat`) and its FFN
-    activation evaluated in float32 (``act(x.float()).type_as(x)``)."""
+    """``"paper"`` (head offset ``h % r``, padding masked) or ``"torchscale"``: torchscale's
+    dilated-attention rule, for its checkpoints (Prov-GigaPath's among them); see
+    :mod:`longnet.ops.torchscale_compat`."""
 
     # ---------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
