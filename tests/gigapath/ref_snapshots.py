@@ -4,7 +4,8 @@ The snapshots are unpacked from the read-only tarballs into a temporary director
 package called ``torchscale`` (prov-gigapath vendors its own copy), so each is imported with a
 clean ``sys.modules`` and ``sys.path`` and removed again afterwards; the module objects keep
 working. Their CUDA-only ``flash_attn_func`` is replaced by :func:`exact_attention` (same call,
-float64-capable, differentiable), ``fairscale`` (only ``checkpoint_wrapper`` and ``wrap`` are
+float64-capable, differentiable) and the FFN's activation runs in the model's dtype (see
+:func:`_activation_in_model_dtype`; ``forward_as_released`` keeps the original), ``fairscale`` (only ``checkpoint_wrapper`` and ``wrap`` are
 imported) and ``timm`` (only its ``register_model`` decorator and, in torchscale's DropPath,
 ``drop_path``, an identity at eval; the real timm needs torchvision) are stubbed during the import.
 """
@@ -33,15 +34,24 @@ def exact_attention(q, k, v, dropout=0.0, bias=None, softmax_scale=None, is_caus
     """flash_attn_func's contract: q/k/v (b, l, h, d) -> (out (b, l, h, d), lse (b, h, l))."""
     assert dropout == 0.0 and bias is None
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     outs, lses = [], []
     for h in range(q.shape[2]):  # one head at a time keeps the score matrix small
-        s = torch.einsum("bld,bmd->blm", q[:, :, h], k[:, :, h]) * scale
+        s = torch.bmm(q[:, :, h], k[:, :, h].transpose(1, 2)) * scale  # (b, l, l)
         if is_causal:
             L = s.shape[-1]
             s = s.masked_fill(~torch.ones(L, L, dtype=torch.bool, device=s.device).tril(), float("-inf"))
-        lse = torch.logsumexp(s, -1)
-        outs.append(torch.einsum("blm,bmd->bld", torch.exp(s - lse.unsqueeze(-1)), v[:, :, h]))
-        lses.append(lse)
+        top = s.amax(-1, keepdim=True)
+        if grad:
+            e = torch.exp(s - top)
+            total = e.sum(-1, keepdim=True)
+            p = e / total
+        else:  # in place: the float64 reference at thousands of tiles is memory-bound
+            p = s.sub_(top).exp_()
+            total = p.sum(-1, keepdim=True)
+            p.div_(total)
+        outs.append(torch.bmm(p, v[:, :, h]))
+        lses.append((top + total.log()).squeeze(-1))
     return torch.stack(outs, 2), torch.stack(lses, 1)
 
 
@@ -91,9 +101,27 @@ def _isolated_import(paths: list[Path]):
         sys.modules.update(saved)
 
 
-def _patch_flash() -> None:
+def _activation_in_model_dtype(self, x):
+    """torchscale's FeedForwardNetwork.forward, with the activation evaluated in x's dtype.
+
+    torchscale evaluates it on ``x.float()``: a no-op for float32 models, but in float64 it rounds
+    to float32, so 1e-16 differences in the input flip float32 roundings and the outputs of two
+    exact float64 implementations would only agree to ~1e-8. The float64 comparisons use this.
+    """
+    shape = x.shape
+    x = self.activation_fn(self.fc1(x.reshape(-1, x.size(-1))))
+    x = self.activation_dropout_module(x)
+    if self.ffn_layernorm is not None:
+        x = self.ffn_layernorm(x)
+    return self.dropout_module(self.fc2(x)).view(shape)
+
+
+def _patch() -> None:
     for name in ("torchscale.component.flash_attention", "torchscale.component.multihead_attention"):
         sys.modules[name].flash_attn_func = exact_attention
+    ffn = sys.modules["torchscale.component.feedforward_network"].FeedForwardNetwork
+    ffn.forward_as_released = ffn.forward
+    ffn.forward = _activation_in_model_dtype
 
 
 def unpack(dest: Path) -> tuple[Path, Path]:
@@ -109,7 +137,7 @@ def load_torchscale(root: Path) -> types.SimpleNamespace:
         import torchscale.architecture.config as config
         import torchscale.component.dilated_attention as dilated
         import torchscale.model.LongNet as longnet
-        _patch_flash()
+        _patch()
         return types.SimpleNamespace(
             EncoderConfig=config.EncoderConfig, DecoderConfig=config.DecoderConfig,
             DilatedAttention=dilated.DilatedAttention, LongNetEncoder=longnet.LongNetEncoder,
@@ -121,7 +149,7 @@ def load_gigapath(root: Path) -> types.SimpleNamespace:
     with _isolated_import([root / "gigapath", root]):
         import gigapath.pos_embed as pos_embed
         import gigapath.slide_encoder as slide_encoder
-        _patch_flash()
+        _patch()
         original = slide_encoder.LongNetViT.get_optimal_segment_length
 
         def plain_ints(self, *args, **kwargs):  # numpy 2 prints np.int64(...): prov-gigapath issue 125
