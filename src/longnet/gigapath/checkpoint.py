@@ -35,14 +35,26 @@ FORMAT = "longnet-gigapath-slide-encoder"
 _LAYER = re.compile(r"^encoder\.layers\.(\d+)\.")
 
 
+def unpickle_reason(err: Exception) -> str:
+    """The useful line of torch's weights_only refusal (e.g. ``Unsupported global: posix.system``)."""
+    lines = [x.strip() for x in str(err).splitlines() if x.strip()]
+    for i, line in enumerate(lines):
+        if line.startswith("WeightsUnpickler error"):
+            rest = line.split(":", 1)[1].strip()
+            return rest or (lines[i + 1] if i + 1 < len(lines) else line)
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
 def _read_pickle(path: Path) -> Mapping[str, torch.Tensor]:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path}: refused to unpickle: the file holds objects other than tensors "
-            f"(loading uses weights_only=True and never runs code from a checkpoint): {err}"
-        ) from err
+            f"{path}: refused to unpickle ({unpickle_reason(err)}): torch.load(weights_only=True) "
+            f"only reads tensors and plain containers and never runs code from a file; this "
+            f"file is not a plain state dict (or is not a torch checkpoint at all)") from err
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
     if isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from longnet.gigapath.checkpoint import unpickle_reason
+
 __all__ = ["pad_slides", "read_slide", "SlideFileError", "SUFFIXES"]
 
 SUFFIXES = (".pt", ".pth", ".h5", ".hdf5")
@@ -47,7 +49,8 @@ def _read_pt(path: Path):
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise SlideFileError(f"{path}: refused to unpickle objects other than tensors ({err})") from err
+        raise SlideFileError(f"{path}: refused to unpickle ({unpickle_reason(err)}); a .pt feature file must "
+                             f"hold plain tensors (read with weights_only=True)") from err
     except (RuntimeError, OSError, EOFError, zipfile.BadZipFile, ValueError) as err:
         raise SlideFileError(f"{path}: not a readable torch file ({err})") from err
     if not isinstance(obj, dict) or "features" not in obj or "coords" not in obj:
