@@ -198,8 +198,15 @@ class SlideEncoder(nn.Module):
             (B, E), or (depth + 1, B, E) with ``all_layers``; with ``return_tiles`` a pair
             ``(slide, tiles)``, tiles (B, N, E) or (depth + 1, B, N, E).
         """
-        pool = self.config.global_pool if global_pool is None else bool(global_pool)
         states = self.hidden_states(features, coords, key_padding_mask)
+        return self.readout(states, key_padding_mask, all_layers=all_layers, global_pool=global_pool,
+                            return_tiles=return_tiles)
+
+    def readout(self, states: list[torch.Tensor], key_padding_mask: torch.Tensor | None = None, *,
+                all_layers: bool = False, global_pool: bool | None = None, return_tiles: bool = False):
+        """The outputs of :meth:`forward` from :meth:`hidden_states` (read them out more than once
+        without running the encoder again)."""
+        pool = self.config.global_pool if global_pool is None else bool(global_pool)
         chosen = states if all_layers else [self.encoder.norm(states[-1])]
         slide = [self._slide(h, key_padding_mask, pool) for h in chosen]
         slide = torch.stack(slide) if all_layers else slide[0]
