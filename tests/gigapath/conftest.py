@@ -1,5 +1,4 @@
 import pytest
-
 import ref_snapshots as reference
 
 

@@ -157,4 +157,5 @@ def load_gigapath(root: Path) -> types.SimpleNamespace:
             return str([int(x) for x in ast.literal_eval(text)])
 
         slide_encoder.LongNetViT.get_optimal_segment_length = plain_ints
-        return types.SimpleNamespace(LongNetViT=slide_encoder.LongNetViT, pos_embed=pos_embed)
+        return types.SimpleNamespace(LongNetViT=slide_encoder.LongNetViT, pos_embed=pos_embed,
+                                     attention=sys.modules["torchscale.component.multihead_attention"])

@@ -6,13 +6,11 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from longnet.cli.main import main
-from longnet.gigapath.checkpoint import FORMAT
 from longnet.gigapath import SlideEncoder, SlideEncoderConfig, load_slide_encoder
+from longnet.gigapath.checkpoint import FORMAT
 
 SMALL = SlideEncoderConfig(in_dim=24, embed_dim=32, depth=2, num_heads=4, ffn_dim=48,
                            segment_lengths=(8, 32), dilation_rates=(1, 4))

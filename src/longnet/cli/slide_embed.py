@@ -34,7 +34,7 @@ and skipped; the others go on. Exit status 0 when every slide is embedded, 1 whe
 EPILOG = """\
 examples:
   longnet slide-embed --checkpoint slide_encoder.pth --features feats/ --out emb/
-  longnet slide-embed --checkpoint slide_encoder.pth --features a.h5 b.h5 --out emb/ --tiles --device cuda --dtype bfloat16
+  longnet slide-embed --checkpoint slide_encoder.pth --features a.h5 b.h5 --out emb/ --tiles --device cuda
   longnet slide-embed --checkpoint slide_encoder.pth --features feats/ --out emb/ --table --global-pool"""
 
 

@@ -26,9 +26,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from longnet.gigapath.positions import SlidePositions
 from longnet.models.config import LongNetConfig
 from longnet.models.encoder import LongNetEncoder
-from longnet.gigapath.positions import SlidePositions
 
 __all__ = ["SlideEncoder", "SlideEncoderConfig", "GIGAPATH_SEGMENTS", "GIGAPATH_DILATIONS", "COMPAT"]
 
