@@ -62,7 +62,7 @@ def check_torchscale_length(pattern: DilatedPattern, length: int) -> None:
                 f"(w={w}, r={r}) beyond N = {w} (w is not a multiple of r), which "
                 f"longnet does not replicate; with this pattern torchscale semantics hold up to "
                 f"N = {first}. Use fewer tokens, or the paper's rule (compat=None / "
-                f"attention_semantics='paper')")
+                f"semantics='paper')")
 
 
 def _count(n: int, r: int, offset: int) -> int:
