@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "generate": ("longnet.cli.generate", "continue a prompt with a trained model (streamed)"),
     "plan": ("longnet.cli.plan", "per-device memory, FLOPs and communication of sequence-parallel LongNet"),
     "reach": ("longnet.cli.reach", "how many layers carry one token to another: exact reach of a dilated pattern"),
+    "slide-embed": ("longnet.cli.slide_embed", "Prov-GigaPath slide embeddings of tile-feature files"),
 }
 
 

@@ -57,7 +57,8 @@ class LongNetBlock(nn.Module):
             c.embed_dim, c.num_heads, segment_lengths=pattern, num_kv_heads=c.num_kv_heads,
             bias=c.bias, dropout=c.attention_dropout, is_causal=is_causal, position=c.position,
             rope_theta=c.rope_theta, xpos_scale_base=c.xpos_scale_base, sub_ln=c.sub_ln,
-            norm_eps=c.norm_eps, dense=pattern is None, backend=c.backend)
+            norm_eps=c.norm_eps, dense=pattern is None, backend=c.backend,
+            semantics=c.semantics)
         self.ffn_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
         self.ffn = FeedForward(c.embed_dim, c.ffn_dim, activation=c.activation, bias=c.bias,
                                sub_ln=c.sub_ln, norm_eps=c.norm_eps, dropout=c.dropout)

@@ -44,6 +44,7 @@ __all__ = ["LongNetConfig", "PRESETS", "POSITIONS", "ATTENTIONS"]
 POSITIONS = ("xpos", "rope", "none")
 ATTENTIONS = ("dilated", "dense", "sparse")
 ACTIVATIONS = ("gelu", "relu")
+SEMANTICS = ("paper", "torchscale")
 
 
 @dataclass
@@ -105,6 +106,10 @@ class LongNetConfig:
     segment earlier (``DilatedPattern(..., shift=min(w) // 2)``): a causal model then has no pair of
     positions that every layer cuts apart (see ``longnet reach --shifted``). Dilated attention
     only; the generation cache and sequence parallelism refuse it."""
+    semantics: str = "paper"
+    """``"paper"`` (head offset ``h % r``, padding masked) or ``"torchscale"``: torchscale's
+    dilated-attention rule, for its checkpoints (Prov-GigaPath's among them); see
+    :mod:`longnet.ops.torchscale_compat`."""
 
     # ---------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -148,7 +153,8 @@ class LongNetConfig:
         if self.num_kv_heads is not None and self.num_heads % self.num_kv_heads:
             raise bad("num_kv_heads", f"must divide num_heads={self.num_heads}")
         for name, allowed in (("position", POSITIONS), ("attention", ATTENTIONS),
-                              ("activation", ACTIVATIONS)):
+                              ("activation", ACTIVATIONS),
+                              ("semantics", SEMANTICS)):
             if getattr(self, name) not in allowed:
                 raise bad(name, f"must be one of {allowed}")
         if self.position != "none" and (self.embed_dim // self.num_heads) % 2:
@@ -162,6 +168,8 @@ class LongNetConfig:
         if len(self.segment_lengths) != len(self.dilation_rates):
             raise bad("dilation_rates", f"must have one rate per segment length "
                                         f"({len(self.segment_lengths)})")
+        if self.semantics == "torchscale" and self.attention != "dilated":
+            raise bad("semantics", "'torchscale' needs attention='dilated'")
         if 1 not in self.dilation_rates:
             raise bad("dilation_rates", "must contain 1 (else some positions attend to nothing)")
         real("dropout", 0.0, 1.0)
@@ -172,6 +180,8 @@ class LongNetConfig:
         real("init_gamma", 0.0, math.inf, lo_open=True, allow_none=True)
         if self.shift_segments is not False and self.shift_segments is not True:
             raise bad("shift_segments", "must be a bool")
+        if self.shift_segments and self.semantics == "torchscale":
+            raise bad("shift_segments", "cannot combine with semantics='torchscale'")
         if self.shift_segments and self.attention != "dilated":
             raise bad("shift_segments", f"needs attention='dilated' (attention={self.attention!r})")
         for name in ("bias", "sub_ln", "tie_embeddings", "grad_checkpointing"):

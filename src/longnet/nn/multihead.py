@@ -15,6 +15,7 @@ from torch import nn
 from longnet.nn.positions import build_positions
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.pattern import DilatedPattern
+from longnet.ops.torchscale_compat import torchscale_dilated_attention
 
 __all__ = ["MultiheadDilatedAttention"]
 
@@ -48,6 +49,8 @@ class MultiheadDilatedAttention(nn.Module):
         norm_eps: epsilon of that LayerNorm.
         dense: use dense attention (``F.scaled_dot_product_attention``) instead of the pattern.
         backend: kernel family passed to :func:`longnet.dilated_attention`.
+        semantics: ``"paper"``, or ``"torchscale"`` for torchscale's rule
+            (:func:`longnet.ops.torchscale_compat.torchscale_dilated_attention`).
         device, dtype: factory arguments for the parameters.
 
     Shapes: ``forward(x (B, N, E)) -> (B, N, E)``.
@@ -58,7 +61,8 @@ class MultiheadDilatedAttention(nn.Module):
                  dropout: float = 0.0, is_causal: bool = False, position: str = "xpos",
                  rope_theta: float = 10000.0, xpos_scale_base: float = 512.0,
                  xpos_block: int | None = None, sub_ln: bool = True, norm_eps: float = 1e-5,
-                 dense: bool = False, backend: str = "auto", device=None, dtype=None):
+                 dense: bool = False, backend: str = "auto", semantics: str = "paper",
+                 device=None, dtype=None):
         super().__init__()
         embed_dim = _positive_int("embed_dim", embed_dim)
         num_heads = _positive_int("num_heads", num_heads)
@@ -77,6 +81,9 @@ class MultiheadDilatedAttention(nn.Module):
         self.is_causal = bool(is_causal)
         self.dense = bool(dense)
         self.backend = backend
+        if semantics not in ("paper", "torchscale") or (semantics == "torchscale" and dense):
+            raise ValueError(f"semantics must be 'paper' or (not dense) 'torchscale', got {semantics!r}")
+        self.semantics = semantics
         if self.dense:
             self.pattern = None
         else:
@@ -121,6 +128,12 @@ class MultiheadDilatedAttention(nn.Module):
         """Attention over (B, H, N, D) q and (B, Hkv, N, D) k, v -> (B, H, N, D)."""
         gqa = self.num_kv_heads < self.num_heads
         p = self.dropout if self.training else 0.0
+        if self.semantics == "torchscale":
+            if self.attention_fn is not None:
+                raise ValueError("torchscale semantics cannot run sequence-parallel")
+            return torchscale_dilated_attention(q, k, v, segment_lengths=self.pattern, is_causal=is_causal,
+                                                key_padding_mask=key_padding_mask, dropout_p=p,
+                                                enable_gqa=gqa, backend=self.backend)
         if not self.dense:  # after longnet.parallel.parallelize_sequence: the distributed operator
             fn = dilated_attention if self.attention_fn is None else self.attention_fn
             return fn(q, k, v, segment_lengths=self.pattern, is_causal=is_causal,

@@ -36,6 +36,9 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     if dense:
         raise ValueError(f"dense attention cannot run sequence-parallel (modules {dense[:3]}); use "
                          "attention='dilated' (a single branch (N, 1) is dense attention)")
+    compat = [name for name, m in model.named_modules() if m in mods and m.semantics != "paper"]
+    if compat:
+        raise ValueError(f"torchscale semantics cannot run sequence-parallel (modules {compat[:3]})")
     shifted = [name for name, m in model.named_modules() if m in mods and m.pattern.shift]
     if shifted:
         raise ValueError(f"shifted segments cannot run sequence-parallel (modules {shifted[:3]}); "
