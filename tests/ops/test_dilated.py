@@ -339,13 +339,15 @@ def test_cuda_flash_used_for_aligned_bf16():
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_segments_split_over_several_calls_give_the_same_result(monkeypatch, causal):
-    # on CPU full segments are split into calls of at most _CPU_CALL_BYTES of output rows; with a
+    # on CPU full segments are split into calls of at most CPU_CALL_BYTES of output rows; with a
     # tiny budget every segment is its own call (float32 inputs: the cpu_kernel path for causal)
-    import longnet.ops.dilated as dil
+    import longnet.ops.calls as calls
 
     q, k, v, _ = _inputs(2, 4, 2, 61, 8, dtype=torch.float32, pad=False, seed=3)
-    monkeypatch.setattr(dil, "_CPU_CALL_BYTES", 1)
-    assert len(dil._calls(DilatedPattern([8, 16], [1, 2]), 0, q, k, causal, None)) == 4 * (7 + 1)
+    monkeypatch.setattr(calls, "CPU_CALL_BYTES", 1)
+    # 4 query heads on 2 key/value heads at r = 1: two head sets of 2 heads, 7 segments + a tail
+    plan = calls.plan_branch(DilatedPattern([8, 16], [1, 2]), 0, q, k, is_causal=causal)
+    assert len(plan) == 2 * (7 + 1)
     _compare(q, k, v, None, [8, 16, 64], [1, 2, 4], causal, "auto", rtol=2e-5)
     q64, k64, v64, kpm = _inputs(1, 3, 3, 50, 5, pad=True, seed=4)
     _compare(q64, k64, v64, kpm, [8, 16], [1, 2], causal, "cpu_flash", rtol=1e-10)

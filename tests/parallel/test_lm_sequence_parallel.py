@@ -1,7 +1,7 @@
 """LongNetLM itself (single-device code) under sequence parallelism equals one process.
 
-The model never mentions ranks: ``sequence_parallel`` makes its attention distributed and shifts
-its positions (XPos blocks stay anchored at the sequence start). Loss and every parameter's
+The model never mentions ranks: ``sequence_parallel(model, group)`` (parallelism applied from
+outside) makes its attention distributed and shifts its positions (XPos blocks stay anchored at the sequence start). Loss and every parameter's
 gradient match the single-process run in float64.
 """
 
@@ -43,7 +43,7 @@ def _worker(rank, world, positions):
         model.zero_grad()
         pm = build_mesh(1, world)
         inp, lab, msk = (shard_sequence(t, 1, pm.sp_rank, world) for t in (inputs, labels, mask))
-        with sequence_parallel(pm.sp_group):
+        with sequence_parallel(model, pm.sp_group):
             out = model(inp, labels=lab, key_padding_mask=msk)
         n_local = out.num_tokens
         loss = out.loss * n_local / global_token_count(n_local, pm)  # global token mean

@@ -2,9 +2,9 @@
 summed by one flat all-reduce after backward or by DDP over the data axis (buckets summed over both
 axes during backward).
 
-A tiny LM of our own (token + position embedding -> one causal dilated attention -> linear ->
-cross-entropy), written for one device; sequence parallelism comes from the
-``sequence_parallel`` context and ``position_offset``. float64 throughout.
+A tiny LM of our own (token embedding -> one causal MultiheadDilatedAttention with RoPE -> linear
+-> cross-entropy), written for one device; sequence parallelism is applied from outside with
+``sequence_parallel(model, group)``. float64 throughout.
 """
 
 from __future__ import annotations
@@ -14,13 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longnet.parallel import (
-    attention_function,
-    position_offset,
-    run_workers,
-    sequence_parallel,
-    shard_sequence,
-)
+from longnet.nn import MultiheadDilatedAttention
+from longnet.parallel import run_workers, sequence_parallel, shard_sequence
 from longnet.parallel.mesh import all_reduce_gradients, build_mesh, data_parallel, global_token_count, reduce_loss
 
 V, D_MODEL, HEADS, B, N = 11, 12, 3, 4, 32
@@ -31,17 +26,13 @@ class TinyLM(nn.Module):
     def __init__(self):
         super().__init__()
         self.tok = nn.Embedding(V, D_MODEL)
-        self.pos = nn.Embedding(N, D_MODEL)
-        self.qkv = nn.Linear(D_MODEL, 3 * D_MODEL)
+        self.attn = MultiheadDilatedAttention(D_MODEL, HEADS, is_causal=True, position="rope",
+                                              sub_ln=False, **PATTERN)
         self.head = nn.Linear(D_MODEL, V)
 
     def forward(self, tokens):  # (b, n) -> (b, n, V)
-        b, n = tokens.shape
-        pos = torch.arange(n) + position_offset(n)
-        x = self.tok(tokens) + self.pos(pos)
-        q, k, v = self.qkv(x).view(b, n, 3, HEADS, -1).permute(2, 0, 3, 1, 4)  # (b, H, n, Dh)
-        a = attention_function()(q, k, v, is_causal=True, **PATTERN)
-        return self.head(x + a.transpose(1, 2).reshape(b, n, D_MODEL))
+        x = self.tok(tokens)
+        return self.head(x + self.attn(x))
 
 
 def _data():
@@ -82,7 +73,7 @@ def _mesh_worker(rank, world, shapes):
             rows = slice(pm.dp_rank * b, (pm.dp_rank + 1) * b)
             inp = shard_sequence(inputs[rows], 1, pm.sp_rank, sp)
             tgt = shard_sequence(targets[rows], 1, pm.sp_rank, sp)
-            with sequence_parallel(pm.sp_group):
+            with sequence_parallel(model, pm.sp_group):
                 logits = forward(inp)
             local_sum = F.cross_entropy(logits.reshape(-1, V), tgt.reshape(-1), reduction="sum")
             loss = local_sum / global_token_count(tgt.numel(), pm)

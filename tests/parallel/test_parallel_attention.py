@@ -16,10 +16,8 @@ from longnet.ops.pattern import DilatedPattern
 from longnet.parallel import (
     CommCounter,
     WorkerError,
-    attention_function,
     dilated_attention,
     plan_bytes,
-    position_offset,
     run_workers,
     sequence_parallel,
     shard_sequence,
@@ -144,25 +142,32 @@ def _bad_inputs(rank, world):
 
 
 def _dispatch(rank, world):
-    """Model-side hook: the same call runs single-device outside, sequence parallel inside."""
-    g = torch.Generator().manual_seed(7)
-    q, k, v = (torch.randn(1, 2, 8 * world, 3, dtype=torch.float64, generator=g) for _ in range(3))
-    kw = dict(segment_lengths=(4, 16), dilation_rates=(1, 2), is_causal=True)
-    outside = attention_function()
-    full = outside(q, k, v, **kw)
-    with sequence_parallel() as state:
-        attn = attention_function()
-        out = attn(*(shard_sequence(t, 2) for t in (q, k, v)), **kw)
-        offset = position_offset(8)
+    """Parallelism applied from outside: a single-device attention module becomes sequence parallel
+    under ``sequence_parallel(module)`` and single-device again after it."""
+    from longnet.nn import MultiheadDilatedAttention
+
+    torch.manual_seed(7)
+    attn = MultiheadDilatedAttention(8, 2, segment_lengths=(4, 16), dilation_rates=(1, 2),
+                                     is_causal=True, position="rope").double()
+    x = torch.randn(1, 8 * world, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    full = attn(x)
+    with sequence_parallel(attn) as m:
+        state = (m.sequence_rank, m.attention_fn is not None)
+        out = attn(shard_sequence(x, 1))
         try:
-            attn(q, k, v, dropout_p=0.1, **kw)
+            m.attention_fn(x[:, None], x[:, None], x[:, None], segment_lengths=(4,), dropout_p=0.1)
             dropout_error = None
         except ValueError as e:
             dropout_error = str(e)
-    return {"single_device": outside is longnet.dilated_attention, "state": (state.rank,
-            state.world), "err": (out - shard_sequence(full, 2)).abs().max().item(),
-            "offset": offset, "after": attention_function() is longnet.dilated_attention,
-            "dropout_error": dropout_error}
+    dense = MultiheadDilatedAttention(8, 2, dense=True)
+    try:
+        sequence_parallel(dense).__enter__()
+        dense_error = None
+    except ValueError as e:
+        dense_error = str(e)
+    return {"state": state, "err": (out - shard_sequence(full, 1)).abs().max().item(),
+            "after": (attn.attention_fn is None, attn.sequence_rank == 0),
+            "dropout_error": dropout_error, "dense_error": dense_error}
 
 
 def _worker(rank, world, cases):
@@ -218,14 +223,14 @@ def test_bytes_per_rank_constant_as_sequence_grows_with_ranks_and_match_plan(gro
                                                       for res in per_rank)
 
 
-def test_sequence_parallel_context_switches_the_attention_function(group_results):
+def test_sequence_parallel_is_applied_to_a_module_from_outside(group_results):
     world, _, per_rank = group_results
     for rank, res in enumerate(per_rank):
         d = res["dispatch"]
-        assert d["single_device"] and d["after"]
-        assert d["state"] == (rank, world) and d["offset"] == 8 * rank
-        assert d["err"] < 1e-12
+        assert d["state"] == (rank, True) and d["after"] == (True, True)
+        assert d["err"] < 1e-12  # outputs (positions included) equal this chunk of one device's
         assert "dropout" in d["dropout_error"]
+        assert "dense attention cannot run sequence-parallel" in d["dense_error"]
 
 
 def test_bad_inputs_raise_value_error_on_every_rank(group_results):

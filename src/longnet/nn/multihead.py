@@ -14,8 +14,7 @@ from torch import nn
 
 from longnet.nn.positions import build_positions
 from longnet.ops.pattern import DilatedPattern
-from longnet.parallel.dispatch import attention_function, current
-from longnet.parallel.dispatch import position_offset as sequence_parallel_offset
+from longnet.ops.dilated import dilated_attention
 
 __all__ = ["MultiheadDilatedAttention"]
 
@@ -96,6 +95,10 @@ class MultiheadDilatedAttention(nn.Module):
         self.positions = build_positions(position, self.head_dim, theta=rope_theta,
                                          xpos_scale_base=xpos_scale_base, xpos_block=xpos_block)
         self.position = position
+        # set from outside by longnet.parallel.parallelize_sequence (plain attributes, so a
+        # compiled forward reads them without a graph break)
+        self.attention_fn = None  # None: longnet.dilated_attention
+        self.sequence_rank = 0  # this module's chunk of the sequence under sequence parallelism
 
     # ------------------------------------------------------------------------------- pieces
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -118,13 +121,11 @@ class MultiheadDilatedAttention(nn.Module):
         """Attention over (B, H, N, D) q and (B, Hkv, N, D) k, v -> (B, H, N, D)."""
         gqa = self.num_kv_heads < self.num_heads
         p = self.dropout if self.training else 0.0
-        if not self.dense:  # under longnet.parallel.sequence_parallel: the distributed operator
-            return attention_function()(q, k, v, segment_lengths=self.pattern,
-                                        is_causal=is_causal, key_padding_mask=key_padding_mask,
-                                        dropout_p=p, enable_gqa=gqa, backend=self.backend)
-        if current() is not None:
-            raise ValueError("dense attention cannot run sequence-parallel; use attention='dilated' "
-                             "(a single branch (N, 1) is dense attention)")
+        if not self.dense:  # after longnet.parallel.parallelize_sequence: the distributed operator
+            fn = dilated_attention if self.attention_fn is None else self.attention_fn
+            return fn(q, k, v, segment_lengths=self.pattern, is_causal=is_causal,
+                      key_padding_mask=key_padding_mask, dropout_p=p, enable_gqa=gqa,
+                      backend=self.backend)
         if key_padding_mask is None:
             return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=is_causal,
                                                   enable_gqa=gqa)
@@ -162,7 +163,7 @@ class MultiheadDilatedAttention(nn.Module):
         q, k, v = self.project(x)
         # under sequence parallelism this rank's tokens start at rank * N of the full sequence;
         # XPos blocks stay anchored at the sequence start, like the operator's segments
-        sp_offset = sequence_parallel_offset(x.shape[1])
+        sp_offset = self.sequence_rank * x.shape[1]
         q, k = self.apply_positions(q, k, position_offset + sp_offset,
                                     block_origin=position_offset if sp_offset else None)
         attn = self.attend(q, k, v, is_causal=causal, key_padding_mask=key_padding_mask)

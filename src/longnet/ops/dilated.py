@@ -1,20 +1,11 @@
-"""Dilated attention: view each branch's rows, run a dense kernel on them, merge by log-sum-exp.
+"""Dilated attention, the public operator: checks, dispatch to the registered op, dropout path.
 
-Forward, per branch ``(w, r)`` and head ``h``: the positions the head keeps form a strided view
-(B, segments, slots, D) of the input (``x[:, h, seg_start + h % r :: r]`` per segment; the short
-tail segment is a second view), so nothing is copied. The backend's attention runs on it (a mask
-only for key padding) and the result merges into the running output in place with the
-log-sum-exp rule ``L = logaddexp(L, L_i)``, ``O = exp(L_old - L) O + exp(L_i - L) O_i``.
-Memory is O(B * H * N * D) whatever the number of branches: branches run one after the other.
-
-Backward: with the merged ``O`` and ``L``, each branch's gradient is the ordinary attention
-backward evaluated with ``O`` and ``L`` in place of its own (see ../shared/DESIGN.md), so the
-gradients are exact, mixing weights included. Only the inputs, the output and the log-sum-exp are
-saved; the views are rebuilt in backward.
-
-:func:`dilated_attention_forward` and :func:`dilated_attention_backward` are autograd-free building
-blocks (sequence parallelism reuses them); :func:`dilated_attention` is the public, differentiable
-operator.
+:func:`dilated_attention` checks its inputs (errors name the argument) and calls
+``torch.ops.longnet.dilated_attention`` (:mod:`longnet.ops.library`), whose forward and backward
+live in :mod:`longnet.ops.engine`: every branch runs as a few dense-kernel calls on strided views
+(:mod:`longnet.ops.calls`) that merge by log-sum-exp. With ``dropout_p > 0`` a plain-autograd path
+gathers each branch's rows (dropout acts on the mixed weights, which no fused kernel exposes).
+``docs/design.md`` explains the math and the data flow.
 """
 
 from __future__ import annotations
@@ -24,7 +15,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longnet.ops.backends import AttentionBackend, get_backend
+from longnet.ops.backends import BACKENDS
+from longnet.ops.engine import dilated_attention_backward, dilated_attention_forward
+from longnet.ops.library import dilated_attention_op
+from longnet.ops.merge import NEG_INF as _NEG_INF
+from longnet.ops.merge import acc_dtype as _acc_dtype
 from longnet.ops.pattern import BranchLayout, DilatedPattern
 
 __all__ = [
@@ -33,8 +28,6 @@ __all__ = [
     "dilated_attention_backward",
     "check_attention_inputs",
 ]
-
-_NEG_INF = float("-inf")
 
 
 # ---------------------------------------------------------------------------------------- checks
@@ -104,54 +97,7 @@ def _check_scalar_args(scale, dropout_p, is_causal) -> None:
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
 
 
-# ------------------------------------------------------------------------------ branch plumbing
-# A branch runs as kernel calls on rows (B, G, m, D): G independent groups of m slots (one head's
-# kept positions of one segment). The operator uses strided views, one call per head for the full
-# segments and one for the short tail segment, so nothing is gathered, copied or masked (but for
-# padding). _GatherCall (rows gathered by index, short segments padded and masked) serves the
-# plain-autograd dropout path.
-
-
-class _ViewCall:
-    """Head ``h``, residue ``c``: positions start + s*w + c + j*r of the segments s < S."""
-
-    def __init__(self, h, hk, c, B, start, S, w, r, is_causal, key_padding_mask, dtype):
-        self.h, self.hk, self.c, self.B, self.start, self.S, self.w, self.r = (
-            h, hk, c, B, start, S, w, r)
-        self.mask = self.empty = None
-        if key_padding_mask is not None:
-            ok = self._view(key_padding_mask.unsqueeze(1), 0)  # (B, S, m)
-            self.mask = torch.zeros(ok.shape, dtype=dtype, device=ok.device)
-            self.mask.masked_fill_(~ok, _NEG_INF)
-            self.mask = self.mask.unsqueeze(2)  # (B, S, 1, m)
-            self.empty = (ok.cumsum(-1) == 0) if is_causal else ~ok.any(-1, keepdim=True).expand_as(ok)
-
-    def _view(self, x, head):  # x (B, Hx, >= N, ...) -> (B, S, m, ...)
-        span = x[:, head, self.start:self.start + self.S * self.w]
-        return span.unflatten(1, (self.S, self.w))[:, :, self.c::self.r]
-
-    def q_rows(self, x):
-        return self._view(x, self.h)
-
-    def kv_rows(self, x):
-        return self._view(x, self.hk)
-
-    def merge_(self, o_acc, l_acc, ob, lb, first):
-        ov, lv = self.q_rows(o_acc), self.q_rows(l_acc)
-        if first:
-            ov.copy_(ob)
-            lv.copy_(lb)
-        else:
-            ov.copy_(_merge(ov, lv, ob, lb)[0])
-            lv.copy_(torch.logaddexp(lv, lb))
-
-    def add_q_(self, buf, g):
-        self.q_rows(buf).add_(g)
-
-    def add_kv_(self, buf, g):
-        self.kv_rows(buf).add_(g)
-
-
+# ------------------------------------------------------------------------------- dropout path
 class _GatherCall:
     """All heads of a branch, rows gathered by index; short segments padded with masked slots."""
 
@@ -184,169 +130,6 @@ class _GatherCall:
 
     def kv_rows(self, x):
         return self._rows(x, self.kv_heads)
-
-
-def _merge(o_a, l_a, o_b, l_b):
-    """Log-sum-exp merge of two partial attention results (rows with no key stay 0)."""
-    l_new = torch.logaddexp(l_a, l_b)
-    safe = torch.where(torch.isfinite(l_new), l_new, torch.zeros_like(l_new))
-    o_new = o_a * torch.exp(l_a - safe).unsqueeze(-1) + o_b * torch.exp(l_b - safe).unsqueeze(-1)
-    return o_new, l_new
-
-
-# On CPU a call covers at most this many bytes of output rows: buffers below glibc's 32 MiB mmap
-# threshold are reused from the heap from one call to the next, while larger ones are fresh pages
-# every time, and first-touching them (~1.4 GB/s on the 2-core test machine) made N = 128K 17%
-# slower per FLOP than N = 32K. Splitting the full segments over several calls is exact.
-_CPU_CALL_BYTES = 8 << 20
-
-
-def _calls(pattern, b, query, key, is_causal, key_padding_mask):
-    """The kernel calls of branch ``b``: per head, the full segments (in chunks on CPU) and the
-    short tail."""
-    B, H, N, D = query.shape
-    group = H // key.shape[1]
-    r = pattern.dilation_rates[b]
-    w = pattern.effective_segment(b, N)
-    full, tail = divmod(N, w)
-    per_segment = B * -(-w // r) * D * _acc_dtype(query.dtype).itemsize  # one segment's output rows
-    chunk = max(1, _CPU_CALL_BYTES // per_segment) if query.device.type == "cpu" else max(full, 1)
-    calls = []
-    for h in range(H):
-        c = h % r
-        pieces = [(s0 * w, min(chunk, full - s0), w) for s0 in range(0, full, chunk)]
-        for start, S, seg in (*pieces, (full * w, 1, tail)):
-            if S and seg > c:  # the head keeps at least one position of these segments
-                calls.append(_ViewCall(h, h // group, c, B, start, S, seg, r, is_causal,
-                                       key_padding_mask, query.dtype))
-    return calls
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _resolve_backend(backend, query, key_padding_mask, is_causal=False) -> AttentionBackend:
-    if not isinstance(backend, str):
-        return backend
-    return get_backend(backend, query, has_mask=key_padding_mask is not None, is_causal=is_causal)
-
-
-# ---------------------------------------------------------------------------- forward / backward
-def dilated_attention_forward(
-    query, key, value, pattern: DilatedPattern, *, is_causal: bool, scale: float,
-    key_padding_mask=None, backend: AttentionBackend | str = "auto",
-):
-    """Autograd-free forward: ``(out (B, H, N, D), lse (B, H, N), aux)``.
-
-    ``lse`` is float32 (float64 for float64 inputs), ``-inf`` for queries with no key.
-    ``aux`` holds per-call kernel state that :func:`dilated_attention_backward` takes.
-    """
-    backend = _resolve_backend(backend, query, key_padding_mask, is_causal)
-    B, H, N, D = query.shape
-    acc = _acc_dtype(query.dtype)
-    o_acc = torch.zeros(B, H, N, D, dtype=acc, device=query.device)
-    l_acc = torch.full((B, H, N), _NEG_INF, dtype=acc, device=query.device)
-    aux = []
-    for b in range(len(pattern)):
-        calls = _calls(pattern, b, query, key, is_causal, key_padding_mask)
-        for call in calls:
-            ob, lb, a = backend.forward(call.q_rows(query), call.kv_rows(key),
-                                        call.kv_rows(value), call.mask, is_causal, scale)
-            aux.append(a)
-            ob, lb = ob.to(acc), lb.to(acc)
-            if call.empty is not None:
-                lb = lb.masked_fill(call.empty, _NEG_INF)
-                ob = ob.masked_fill(call.empty.unsqueeze(-1), 0.0)
-            call.merge_(o_acc, l_acc, ob, lb, first=b == 0)  # calls of a branch are disjoint
-    return o_acc.to(query.dtype), l_acc, aux
-
-
-def dilated_attention_backward(
-    grad_out, query, key, value, out, lse, pattern: DilatedPattern, *, is_causal: bool,
-    scale: float, key_padding_mask=None, backend: AttentionBackend | str = "auto", aux=None,
-    grad_lse=None,
-):
-    """Exact gradients ``(dq, dk, dv)`` of dilated attention given the merged ``out`` and ``lse``.
-
-    ``out``/``lse`` may come from a larger merge (other devices, a cache); each branch's kernel
-    backward is evaluated with them. ``grad_lse`` (B, H, N), if given, adds the gradient flowing
-    into the returned log-sum-exp.
-    """
-    backend = _resolve_backend(backend, query, key_padding_mask, is_causal)
-    B, H, N, D = query.shape
-    Hkv = key.shape[1]
-    acc = _acc_dtype(query.dtype)
-    d_q = torch.zeros(B, H, N, D, dtype=acc, device=query.device)
-    d_k = torch.zeros(B, Hkv, N, D, dtype=acc, device=query.device)
-    d_v = torch.zeros(B, Hkv, N, D, dtype=acc, device=query.device)
-    # rows with no key at all: lse = +inf makes every probability exp(s - lse) exactly 0
-    lse = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))
-    n_call = 0
-    for b in range(len(pattern)):
-        for call in _calls(pattern, b, query, key, is_causal, key_padding_mask):
-            qb, kb, vb = call.q_rows(query), call.kv_rows(key), call.kv_rows(value)
-            ob, dob, lb = call.q_rows(out), call.q_rows(grad_out), call.q_rows(lse)
-            a = None if aux is None else aux[n_call]
-            n_call += 1
-            if a is None and backend.name.startswith("cuda"):
-                _, _, a = backend.forward(qb, kb, vb, call.mask, is_causal, scale)
-            dqb, dkb, dvb = backend.backward(dob, qb, kb, vb, ob, lb, a, call.mask, is_causal,
-                                             scale)
-            if grad_lse is not None:
-                g = call.q_rows(grad_lse)
-                dqx, dkx = _lse_grad_terms(g, call, qb, kb, lb, backend, is_causal, scale)
-                dqb, dkb = dqb.to(acc) + dqx, dkb.to(acc) + dkx
-            call.add_q_(d_q, dqb)
-            call.add_kv_(d_k, dkb)
-            call.add_kv_(d_v, dvb)
-    return d_q.to(query.dtype), d_k.to(key.dtype), d_v.to(value.dtype)
-
-
-def _lse_grad_terms(g, call, qb, kb, lb, backend, is_causal, scale):
-    """Extra (dq, dk) rows of one kernel call from a gradient ``g`` on the merged log-sum-exp.
-
-    dL/ds_qk = P_qk (the merged probability), so dq += scale * g_q * sum_k P_qk k_k and
-    dk += scale * sum_q P_qk g_q q_q. The first is a forward with value = key (rescaled from the
-    call's own normaliser to the merged one), the second the value-gradient of a backward.
-    """
-    acc = _acc_dtype(qb.dtype)
-    g = g.to(acc).unsqueeze(-1)  # (B, G, m, 1)
-    a_k, l_i, aux = backend.forward(qb, kb, kb, call.mask, is_causal, scale)
-    l_i = l_i.to(acc)
-    if call.empty is not None:
-        l_i = l_i.masked_fill(call.empty, _NEG_INF)
-    weight = torch.exp(l_i - lb.to(acc)).unsqueeze(-1)  # P_merged / P_call, 0 where no key
-    d_q = scale * g * weight * a_k.to(acc)
-    zeros = torch.zeros_like(qb)
-    _, _, d_k = backend.backward((g * qb.to(acc)).to(qb.dtype), qb, kb, kb, zeros, lb, aux,
-                                 call.mask, is_causal, scale)
-    return d_q, scale * d_k.to(acc)
-
-
-# ------------------------------------------------------------------------------------- autograd
-class _DilatedAttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, query, key, value, key_padding_mask, pattern, is_causal, scale, backend):
-        out, lse, aux = dilated_attention_forward(
-            query, key, value, pattern, is_causal=is_causal, scale=scale,
-            key_padding_mask=key_padding_mask, backend=backend)
-        ctx.save_for_backward(query, key, value, key_padding_mask, out, lse)
-        ctx.pattern, ctx.is_causal, ctx.scale, ctx.backend, ctx.aux = (
-            pattern, is_causal, scale, backend, aux)
-        ctx.set_materialize_grads(False)  # an unused lse gets None, not a tensor of zeros
-        return out, lse
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        query, key, value, key_padding_mask, out, lse = ctx.saved_tensors
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
-        d_q, d_k, d_v = dilated_attention_backward(
-            grad_out, query, key, value, out, lse, ctx.pattern, is_causal=ctx.is_causal,
-            scale=ctx.scale, key_padding_mask=key_padding_mask, backend=ctx.backend,
-            aux=ctx.aux, grad_lse=grad_lse)
-        return d_q, d_k, d_v, None, None, None, None, None
 
 
 def _dropout_dilated_attention(query, key, value, pattern, is_causal, scale, key_padding_mask,
@@ -437,7 +220,11 @@ def dilated_attention(
         out, lse = _dropout_dilated_attention(query, key, value, pattern, is_causal, scale,
                                               key_padding_mask, float(dropout_p))
     else:
-        be = _resolve_backend(backend, query, key_padding_mask, is_causal)
-        out, lse = _DilatedAttentionFunction.apply(query, key, value, key_padding_mask, pattern,
-                                                   is_causal, scale, be)
+        if not isinstance(backend, str):
+            raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+        out, lse = dilated_attention_op(query, key, value, key_padding_mask,
+                                        list(pattern.segment_lengths), list(pattern.dilation_rates),
+                                        is_causal, scale, backend)
     return (out, lse) if return_lse else out

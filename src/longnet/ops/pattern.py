@@ -117,17 +117,51 @@ class DilatedPattern:
         """``min(w_i, N)``: the segment length branch ``i`` really uses at length ``N``."""
         return max(1, min(self.segment_lengths[branch], length))
 
-    @staticmethod
-    def head_offset(head: int, dilation: int) -> int:
-        """The paper's per-head offset ``s_h = h mod r``."""
-        return head % dilation
+    # ------------------------------------------------------------ the selection rule
+    # Every path (operator, reference, caches, Hugging Face, sequence parallel) asks these
+    # methods which keys a query reads; the rule is written here and nowhere else.
+    def residue(self, head, branch: int):
+        """The offset inside each segment that ``head`` keeps in ``branch``: ``h mod r``
+        (ints or a tensor of heads)."""
+        return head % self.dilation_rates[branch]
+
+    def _segment(self, branch: int, length: int | None) -> int:
+        """``min(w, N)``, or ``w`` for an open-ended stream (``length=None``, a cache)."""
+        w = self.segment_lengths[branch]
+        return w if length is None else self.effective_segment(branch, length)
+
+    def segment_index(self, branch: int, positions, length: int | None = None):
+        """Which segment of ``branch`` each position falls in."""
+        return positions // self._segment(branch, length)
+
+    def slot(self, branch: int, positions, length: int | None = None):
+        """Index of each position among the kept positions of its head in its segment:
+        ``(p mod w) // r`` (meaningful where :meth:`keeps` holds)."""
+        return (positions % self._segment(branch, length)) // self.dilation_rates[branch]
+
+    def keeps(self, branch: int, positions, heads, length: int | None = None):
+        """Whether ``heads`` keep ``positions`` in ``branch`` (broadcasting):
+        ``(p mod w) mod r == h mod r``. Negative positions are never kept."""
+        w = self._segment(branch, length)
+        kept = (positions % w) % self.dilation_rates[branch] == self.residue(heads, branch)
+        return kept & (positions >= 0) if isinstance(kept, torch.Tensor) else kept and positions >= 0
+
+    def reads(self, branch: int, query_positions, key_positions, heads, length: int | None = None,
+              *, is_causal: bool = False):
+        """Whether a query of ``heads`` at ``query_positions`` reads the key at ``key_positions`` in
+        ``branch`` (broadcasting): same segment, both kept by the head, and with ``is_causal`` the key
+        not after the query."""
+        ok = (self.segment_index(branch, query_positions, length)
+              == self.segment_index(branch, key_positions, length))
+        ok = ok & self.keeps(branch, query_positions, heads, length) & self.keeps(
+            branch, key_positions, heads, length)
+        if is_causal:
+            ok = ok & (key_positions <= query_positions)
+        return ok
 
     def kept_positions(self, length: int, head: int, branch: int) -> list[int]:
         """Positions (sorted) that ``head`` keeps in ``branch`` for a sequence of ``length``."""
-        w = self.effective_segment(branch, length)
-        r = self.dilation_rates[branch]
-        off = head % r
-        return [p for p in range(length) if (p - (p // w) * w) % r == off]
+        return torch.nonzero(self.keeps(branch, torch.arange(length), head, length)).flatten().tolist()
 
     def max_cached_positions(self, branch: int) -> int:
         """Most keys a causal query of one head can read in ``branch``: ``ceil(w_i / r_i)``."""
@@ -141,7 +175,7 @@ class DilatedPattern:
         nseg = -(-length // w)
         slots = -(-w // r)
         seg = torch.arange(nseg, device=device).view(1, nseg, 1) * w
-        off = (torch.arange(num_heads, device=device) % r).view(num_heads, 1, 1)
+        off = self.residue(torch.arange(num_heads, device=device), branch).view(num_heads, 1, 1)
         slot = torch.arange(slots, device=device).view(1, 1, slots) * r
         rel = off + slot  # (H, 1, slots) offset inside the segment
         pos = seg + rel  # (H, nseg, slots)

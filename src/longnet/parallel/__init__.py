@@ -4,8 +4,8 @@
   communication per rank that does not grow with the sequence length;
 * :class:`CommCounter`: bytes each collective moved, per branch and phase;
 * :func:`plan_bytes`: the same bytes predicted from shapes alone (used by ``longnet plan``);
-* :func:`sequence_parallel`, :func:`attention_function`, :func:`position_offset`: the hook that
-  lets single-device model code run sequence parallel;
+* :func:`parallelize_sequence` (and the ``with`` form :func:`sequence_parallel`): makes a
+  single-device model's attention sequence parallel from outside;
 * :func:`init_distributed` (under torchrun), :func:`run_workers` (local spawning launcher that
   stops every rank when one fails), :func:`shard_sequence`;
 * :mod:`longnet.parallel.mesh`: data x sequence parallel grid (``build_mesh``) and the loss and
@@ -14,13 +14,13 @@
 
 from longnet.parallel.attention import dilated_attention
 from longnet.parallel.comm import CommCounter, CommRecord
-from longnet.parallel.dispatch import attention_function, position_offset, sequence_parallel
 from longnet.parallel.launch import WorkerError, init_distributed, run_workers
 from longnet.parallel.layout import BranchComm, CommPlan, place_branches, plan_bytes
+from longnet.parallel.sequence import parallelize_sequence, sequence_parallel, unparallelize_sequence
 from longnet.parallel.shard import shard_sequence
 
 __all__ = [
     "dilated_attention", "CommCounter", "CommRecord", "plan_bytes", "CommPlan", "BranchComm",
-    "place_branches", "sequence_parallel", "attention_function", "position_offset",
+    "place_branches", "parallelize_sequence", "unparallelize_sequence", "sequence_parallel",
     "init_distributed", "run_workers", "WorkerError", "shard_sequence",
 ]

@@ -142,7 +142,7 @@ class _Remote:
         return per_head[..., :D].contiguous(), per_head[..., D:2 * D].contiguous()
 
 
-_REMOTE_CACHE: dict[tuple, _Remote] = {}
+_REMOTE_CACHE: dict[tuple, _Remote] = comm.group_bound_cache()
 
 
 def _remote(pl: BranchPlacement, s: _Setup, H: int, Hkv: int, padded: bool, device) -> _Remote:
@@ -238,7 +238,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
             d_q, d_k, d_v = dilated_attention_backward(
                 grad_out, query, key, value, out, lse, s.local_pattern, is_causal=s.is_causal,
                 scale=s.scale, key_padding_mask=kpm, backend=s.backend, aux=ctx.local_aux)
-            d_q, d_k, d_v = d_q.to(acc), d_k.to(acc), d_v.to(acc)
+            d_q, d_k, d_v = (t.to(acc).contiguous() for t in (d_q, d_k, d_v))
         else:
             d_q = torch.zeros(B, H, n, D, dtype=acc, device=query.device)
             d_k = torch.zeros(B, Hkv, n, D, dtype=acc, device=query.device)

@@ -115,12 +115,21 @@ def subgroup(ranks: tuple[int, ...], parent=None):
     return pg
 
 
+_group_bound: list[dict] = []
+
+
+def group_bound_cache() -> dict:
+    """A new dict for objects that hold sub-groups; :func:`clear_subgroups` empties it too."""
+    cache: dict = {}
+    _group_bound.append(cache)
+    return cache
+
+
 def clear_subgroups() -> None:
     """Forget cached sub-groups and what holds them (call after ``destroy_process_group``)."""
-    from longnet.parallel.attention import _REMOTE_CACHE
-
     _groups.clear()
-    _REMOTE_CACHE.clear()
+    for cache in _group_bound:
+        cache.clear()
 
 
 def all_gather(x: torch.Tensor, group, size: int, *, tag: str, phase: str) -> torch.Tensor:

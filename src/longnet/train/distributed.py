@@ -5,8 +5,8 @@ out as a ``(dp = K / P, sp = P)`` grid (:func:`longnet.parallel.mesh.build_mesh`
 one sequence are contiguous). Rank ``r`` reads rows ``dp_rank`` of ``dp`` of each step's batch and
 columns ``[sp_rank * n, (sp_rank + 1) * n)`` of those sequences (``n = seq_len / P``), runs the
 single-device model, wrapped in ``DistributedDataParallel`` over the data axis
-(:meth:`Parallel.data_parallel`), under :func:`longnet.parallel.sequence_parallel` (its dilated
-attention becomes the exact distributed operator); DDP's buckets are summed over both axes as
+(:meth:`Parallel.data_parallel`, which first applies :func:`longnet.parallel.parallelize_sequence`:
+its dilated attention becomes the exact distributed operator); DDP's buckets are summed over both axes as
 backward produces them (:func:`longnet.parallel.mesh.data_parallel`, :mod:`longnet.train.step`).
 Every replica takes the same optimizer step; rank 0 alone logs, writes metrics, plots and
 checkpoints.
@@ -18,7 +18,6 @@ every rank runs the same number of batches), and the token-weighted mean is summ
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -139,14 +138,6 @@ class Parallel:
         n = seq_len // self.sp
         return self.sp_rank * n, (self.sp_rank + 1) * n
 
-    def sequence_context(self) -> contextlib.AbstractContextManager:
-        """:func:`longnet.parallel.sequence_parallel` over this rank's group (nothing when sp = 1)."""
-        if self.sp == 1:
-            return contextlib.nullcontext()
-        from longnet.parallel import sequence_parallel
-
-        return sequence_parallel(self.mesh.sp_group)
-
     def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
         """``model`` in ``DistributedDataParallel`` over the data axis, gradients summed over the mesh.
 
@@ -154,7 +145,10 @@ class Parallel:
         save, evaluate and generate with ``model`` itself.
         """
         from longnet.parallel.mesh import data_parallel
+        from longnet.parallel.sequence import parallelize_sequence
 
+        if self.sp > 1:  # the model's attention runs over the sequence group from now on
+            parallelize_sequence(model, self.mesh.sp_group)
         self.ddp = data_parallel(model, self.mesh)
         return self.ddp
 
@@ -243,7 +237,7 @@ def parallel_mean_loss(model: torch.nn.Module, batches: EvalBatches, device: tor
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, token count)
     try:
         for input_ids, labels in batches.batches(1, start, stop, rank=parallel.dp_rank, world=parallel.dp):
-            with parallel.sequence_context(), autocast(device, dtype):
+            with autocast(device, dtype):
                 out = model(input_ids.to(device), labels=labels.to(device))
             total[0] += out.loss.double() * out.num_tokens
             total[1] += out.num_tokens

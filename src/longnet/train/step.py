@@ -77,7 +77,7 @@ def compute_gradients(forward: Callable, input_ids: torch.Tensor, labels: torch.
         # them over the mesh (DDP buckets, see longnet.parallel.mesh.data_parallel)
         sync = contextlib.nullcontext() if i == n_micro - 1 else parallel.ddp.no_sync()
         with sync:
-            with parallel.sequence_context(), autocast(device, dtype):
+            with autocast(device, dtype):
                 out = forward(x, labels=y)
             local_sum = out.loss * out.num_tokens  # float32: sum of this chunk's token losses
             (local_sum / total_f).backward()

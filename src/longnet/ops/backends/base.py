@@ -19,6 +19,9 @@ class AttentionBackend(Protocol):
     """What :mod:`longnet.ops.dilated` needs from a kernel family."""
 
     name: str
+    needs_forward_state: bool
+    """True when :meth:`backward` needs the ``aux`` of a forward on the same rows (the caller then
+    re-runs the forward where it kept none); False when ``aux`` may be ``None``."""
 
     def unsupported_reason(self, query: torch.Tensor, *, has_mask: bool) -> str | None:
         """``None`` when this backend can run these inputs, else why not (shown to users)."""

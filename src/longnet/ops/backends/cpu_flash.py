@@ -18,6 +18,7 @@ def _ops():
 
 class CpuFlashBackend:
     name = "cpu_flash"
+    needs_forward_state = False
 
     def unsupported_reason(self, query, *, has_mask):
         fwd, bwd = _ops()

@@ -96,6 +96,7 @@ def warn_unavailable_once(reason: str) -> None:
 
 class CpuKernelBackend:
     name = "cpu_kernel"
+    needs_forward_state = False
 
     def unsupported_reason(self, query, *, has_mask):
         if query.device.type != "cpu":

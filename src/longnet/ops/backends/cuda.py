@@ -23,6 +23,7 @@ def _on_cuda(query) -> str | None:
 
 class CudaFlashBackend:
     name = "cuda_flash"
+    needs_forward_state = True  # backward takes the forward's RNG/sequence state
 
     def unsupported_reason(self, query, *, has_mask):
         reason = _on_cuda(query)
@@ -64,6 +65,7 @@ def _aligned_bias(mask: torch.Tensor | None, query: torch.Tensor, L: int, S: int
 
 class CudaEfficientBackend:
     name = "cuda_efficient"
+    needs_forward_state = True  # backward takes the forward's RNG state and padded lse
 
     def unsupported_reason(self, query, *, has_mask):
         reason = _on_cuda(query)
@@ -96,6 +98,7 @@ class CudaBackend:
     """Flash where it applies, the efficient kernel otherwise (decided per call)."""
 
     name = "cuda"
+    needs_forward_state = True
 
     def __init__(self):
         self.flash = CudaFlashBackend()

@@ -23,6 +23,7 @@ def _scores(query, key, mask, is_causal, scale):
 
 class MathBackend:
     name = "math"
+    needs_forward_state = False
 
     def unsupported_reason(self, query, *, has_mask):
         return None
