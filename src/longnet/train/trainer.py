@@ -110,7 +110,12 @@ class _StopFlag:
 
 def build_config(settings: TrainSettings, vocab_size: int) -> LongNetConfig:
     """The model configuration of a run: preset + overrides, the tokenizer's vocabulary size,
-    ``max_train_length = seq_len`` and the runtime flags."""
+    ``max_train_length = seq_len`` and the runtime flags (``--hf-model``: that model's config
+    switched to dilated attention, :class:`~longnet.integrations.hf_train.HFRunConfig`)."""
+    if settings.hf_model is not None:
+        from longnet.integrations.hf_train import HFRunConfig
+
+        return HFRunConfig.from_settings(settings)
     overrides = dict(settings.model_overrides)
     overrides.update(vocab_size=vocab_size, max_train_length=settings.seq_len,
                      grad_checkpointing=settings.grad_checkpointing)
@@ -127,7 +132,13 @@ def _check_same_config(saved: LongNetConfig, expected: LongNetConfig, where: Pat
 
 
 def _prepare(settings: TrainSettings) -> PreparedData:
-    prepared = prepare_data(settings.data, settings.cache_dir, settings.vocab_size, progress=settings.progress)
+    tokenizer = None
+    if settings.hf_model is not None:  # the model's own tokenizer
+        from longnet.integrations.hf_train import load_hf_tokenizer, prepare_hf_config
+
+        tokenizer = load_hf_tokenizer(settings.hf_model, prepare_hf_config(settings.hf_model, seq_len=settings.seq_len))
+    prepared = prepare_data(settings.data, settings.cache_dir, settings.vocab_size, tokenizer=tokenizer,
+                            progress=settings.progress)
     if prepared.num_tokens["train"] < settings.seq_len + 1:
         raise ValueError(
             f"the training split of --data {settings.data!r} has {prepared.num_tokens['train']:,} tokens, fewer "
@@ -177,8 +188,10 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
         parallel.barrier()  # every rank has read the run folder before rank 0 writes to it
     dtype = resolve_dtype(settings.dtype, device)
     sp, dp = (parallel.sp, parallel.dp) if parallel is not None else (1, 1)
-    # the pattern does not depend on the vocabulary: check the split before any data work
-    check_pattern_split(build_config(settings, settings.vocab_size), settings.seq_len, sp, compile=settings.compile)
+    if settings.hf_model is not None and parallel is not None:
+        raise ValueError("--hf-model trains on one process (not under torchrun) in this version")
+    if settings.hf_model is None:  # the pattern does not depend on the vocabulary: check it before any data work
+        check_pattern_split(build_config(settings, settings.vocab_size), settings.seq_len, sp, compile=settings.compile)
     if parallel is None:
         micro = settings.micro_batch_size
     else:
@@ -195,8 +208,11 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
 
     ckpt_dir = latest_checkpoint(run_dir) if stored else None
     torch.manual_seed(settings.seed)
+    model_class = LongNetLM
+    if settings.hf_model is not None:
+        from longnet.integrations.hf_train import HFCausalLM as model_class
     if ckpt_dir is not None:
-        model = LongNetLM.from_pretrained(ckpt_dir)
+        model = model_class.from_pretrained(ckpt_dir)
         _check_same_config(model.config, config, ckpt_dir)
         model.config.grad_checkpointing = settings.grad_checkpointing
         trainer_ckpt = load_trainer_checkpoint(ckpt_dir, device)
@@ -204,7 +220,7 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
             raise CheckpointError(f"{ckpt_dir}: checkpoint was trained with another tokenizer than the one "
                                   f"--data {settings.data!r} gives now; the data or its cache changed")
     else:
-        model = LongNetLM(config)
+        model = LongNetLM(config) if settings.hf_model is None else model_class.from_run_config(config)
         trainer_ckpt = None
     model.to(device)
     model.train()
@@ -254,7 +270,9 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
     cols = parallel.columns(settings.seq_len) if parallel is not None else (0, settings.seq_len)
     step_tokens = settings.batch_size * settings.seq_len
     n_micro = settings.batch_size // dp // micro
-    log(f"run {run_dir}: {settings.preset} LongNet ({model.config.attention}), "
+    what = (config.describe() if settings.hf_model is not None
+            else f"{settings.preset} LongNet ({model.config.attention})")
+    log(f"run {run_dir}: {what}, "
         f"{model.num_parameters():,} parameters, vocab {tokenizer.vocab_size}, on {device} ({str(dtype)[6:]})")
     if parallel is not None:
         log(f"torchrun: {parallel.world} processes = {dp} data parallel x {sp} sequence parallel; each rank "
