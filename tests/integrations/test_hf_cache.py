@@ -321,3 +321,20 @@ def test_attention_function_refuses_foreign_keys_and_paged_caches():
     out, _ = longnet.hf.dilated_attention_forward(attn, q, k, k, None, cache=dense)
     ref, _ = longnet.hf.dilated_attention_forward(attn, q, k, k, None)
     assert torch.equal(out, ref)
+
+
+@pytest.mark.cuda
+def test_cuda_generate_equals_the_dense_cache_and_cpu():
+    model = make_model(dtype=torch.float32, num_key_value_heads=2)
+    gpu = copy.deepcopy(model).cuda()
+    x, mask = left_padded([9, 5], 9)
+    kw = dict(max_new_tokens=30, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        cpu = model.generate(x, attention_mask=mask, cache=DilatedCache(model.config), **kw)
+        cache = DilatedCache(gpu.config)
+        got = gpu.generate(x.cuda(), attention_mask=mask.cuda(), cache=cache, **kw)
+        ref = gpu.generate(x.cuda(), attention_mask=mask.cuda(), **kw)
+    assert cache.layers[0].slots.keys.is_cuda
+    assert torch.equal(got.sequences, ref.sequences)
+    torch.testing.assert_close(torch.stack(got.logits), torch.stack(ref.logits), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(torch.stack(got.logits).cpu(), torch.stack(cpu.logits), atol=1e-3, rtol=1e-3)
