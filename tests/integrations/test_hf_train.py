@@ -152,14 +152,15 @@ def test_command_line_and_its_errors(setup, tmp_path, capsys):
         (["--hf-model", str(tmp_path / "missing")], "no such folder"),
         (["--segment-lengths", "4,16", "--dilation-rates", "1"], "dilation"),
         (["--vocab-size", "50"], "--vocab-size"),
+        (["--attention", "dense"], "--attention"),
     ]
     base = [a for a in args if a not in ("--segment-lengths", "4,16", "--dilation-rates", "1,4")]
-    for extra, match in bad:
+    for i, (extra, match) in enumerate(bad):
         argv = list(base)
         if extra[0] == "--hf-model":
             argv[argv.index("--hf-model") + 1] = extra[1]
             extra = []
-        code = main([*argv, *extra, "--out", str(tmp_path / f"bad{len(extra)}")])
+        code = main([*argv, *extra, "--out", str(tmp_path / f"bad{i}")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err[-1].startswith("error: ") and match in err[-1], err[-1:]
         assert "Traceback" not in "".join(err)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.masking_utils import (
     AttentionMaskInterface,
     bidirectional_mask_function,
@@ -147,7 +148,8 @@ def _cache_layer(module, key, kwargs):
         if idx is None:
             raise ValueError(f"{type(module).__name__} has no layer_idx to find its DilatedCache layer")
         layer = cache.layers[idx]
-    elif layer is None and cache is not None and type(cache).__name__.startswith("Paged"):
+    elif layer is None and cache is not None and (isinstance(cache, PagedAttentionCache)
+                                                  or type(cache).__name__.startswith("Paged")):
         raise ValueError(f"dilated attention does not support a paged cache ({type(cache).__name__}, "
                          "continuous batching); use generate() with a DilatedCache or DynamicCache")
     return layer

@@ -209,6 +209,9 @@ class TrainSettings:
             raise ValueError(f"--model-overrides must be a JSON object, got {self.model_overrides!r}")
         if (self.segment_lengths is None) != (self.dilation_rates is None):
             raise ValueError("give both --segment-lengths and --dilation-rates, or neither")
+        if self.hf_model is not None and "attention" in self.model_overrides:
+            raise ValueError("--attention does not apply to --hf-model: its attention becomes dilated (choose the "
+                             "pattern with --segment-lengths / --dilation-rates)")
         if self.segment_lengths is not None and self.hf_model is None:
             raise ValueError("--segment-lengths / --dilation-rates choose the pattern of --hf-model; for a "
                              "LongNet preset use --model-overrides '{\"segment_lengths\": [...], ...}'")
