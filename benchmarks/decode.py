@@ -11,7 +11,7 @@ from other processes on a shared machine disturbs far less than wall-clock time.
 JSON is the default slot cache.
 
 - dilated ("slots", the default :class:`~longnet.models.cache.SlotLayerCache`, and "compact",
-  :class:`longnet.ops.cache.DilatedLayerCache`): the real model prefill of a random prompt of
+  :class:`longnet.ops.reference_cache.DilatedLayerCache`): the real model prefill of a random prompt of
   ``P - steps`` tokens through
   ``LongNetLM.generate`` (prefill in chunks; tokens before the last largest segment are skipped
   exactly, since no later position reads them, so reaching 1M costs one segment of prefill), then
@@ -40,6 +40,7 @@ import torch
 
 from longnet import LongNetConfig, LongNetLM
 from longnet.models.generation import cached_forward
+from longnet.ops.reference_cache import DilatedLayerCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk-size", type=int, default=None,
                    help="default: generate's (the largest segment for the slot cache, else 1024)")
     p.add_argument("--no-compact", action="store_true",
-                   help="skip the 'compact' layer cache (longnet.ops.cache.DilatedLayerCache)")
+                   help="skip the 'compact' reference layer cache (longnet.ops.reference_cache.DilatedLayerCache)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
@@ -99,7 +100,7 @@ class Run:
                 "cache_bytes": self.cache.nbytes, "cache_bytes_bound": self.cache.max_nbytes}
 
 
-def start_dilated(model, P: int, args, device, layer_cache: str) -> tuple[Run, float]:
+def start_dilated(model, P: int, args, device, layer_cache) -> tuple[Run, float]:
     """Prefill a random prompt (real model, generate's chunked prefill); seconds it took."""
     before = P - args.warmup - args.rounds * args.steps
     g = torch.Generator().manual_seed(P)
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
           f"{'compact ms/tok (cpu)':>20} {'MiB':>6} {'prefill s':>9} | "
           f"{'dense ms/tok (cpu)':>18} {'MiB':>7}", flush=True)
     kinds = ["dilated"] + ([] if args.no_compact else ["compact"])
-    names = {"dilated": "slots", "compact": "compact"}
+    names = {"dilated": "slots", "compact": DilatedLayerCache}
     runs, prefill = {}, {}
     for P in positions:  # bring every dilated cache to its position (bounded memory each)
         for kind in kinds:

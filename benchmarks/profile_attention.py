@@ -30,6 +30,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.bench.report import device_slug
+from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
+from longnet.utils.atomic import atomic_write_json
 
 GROUPS = {  # aten op -> group
     "aten::_scaled_dot_product_flash_attention_for_cpu": "kernel forward",
@@ -65,7 +67,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    pattern = DilatedPattern((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
+    pattern = DilatedPattern(PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES)
     B, H, N, D, causal = 1, args.heads, args.seq_len, args.head_dim, args.causal
     scale = D ** -0.5
     q, k, v, g = (torch.randn(B, H, N, D) for _ in range(4))  # (B, H, N, D)
@@ -130,7 +132,7 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"profile_attention_{doc['device']}_N{N}_{'causal' if causal else 'full'}.json"
-    (args.out / name).write_text(json.dumps(doc, indent=1) + "\n")
+    atomic_write_json(args.out / name, doc, sort_keys=False)
     print(json.dumps(doc, indent=1))
 
 

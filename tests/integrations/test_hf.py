@@ -18,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import longnet  # noqa: E402
 import longnet.hf  # noqa: E402
-from longnet.integrations.dilated_rows import dilated_attention_rows  # noqa: E402
+from longnet.ops.dilated_rows import dilated_attention_rows  # noqa: E402
 from longnet.ops.pattern import DilatedPattern  # noqa: E402
 from longnet.ops.reference import count_matrix, reference_dilated_attention  # noqa: E402
 

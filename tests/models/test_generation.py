@@ -6,7 +6,7 @@ import torch
 from longnet import DilatedKVCache, LongNetConfig, LongNetLM
 from longnet.models.cache import DenseLayerCache, SlotLayerCache
 from longnet.models.generation import cached_forward, sample_next_token
-from longnet.ops.cache import DilatedLayerCache
+from longnet.ops.reference_cache import DilatedLayerCache
 
 V = 61  # vocabulary of the tiny models
 TOP = 16  # largest segment of the tiny pattern
@@ -29,8 +29,8 @@ def full_logits(model, ids):
 
 # ------------------------------------------------------------------------- exactness
 @pytest.mark.parametrize("attention, position, layer_cache", [
-    ("dilated", "xpos", "slots"), ("dilated", "rope", "slots"), ("dilated", "xpos", "compact"),
-    ("sparse", "xpos", "slots"), ("sparse", "rope", "compact"), ("dense", "rope", "slots"),
+    ("dilated", "xpos", "slots"), ("dilated", "rope", "slots"), ("dilated", "xpos", DilatedLayerCache),
+    ("sparse", "xpos", "slots"), ("sparse", "rope", DilatedLayerCache), ("dense", "rope", "slots"),
     ("dense", "xpos", "slots")])
 def test_token_by_token_logits_equal_full_recomputation(attention, position, layer_cache):
     model = tiny_lm(attention=attention, position=position)
@@ -44,7 +44,7 @@ def test_token_by_token_logits_equal_full_recomputation(attention, position, lay
     assert cache.lengths.tolist() == [N, N]
 
 
-@pytest.mark.parametrize("layer_cache", ["slots", "compact"])
+@pytest.mark.parametrize("layer_cache", ["slots", DilatedLayerCache])
 def test_chunked_prefill_equals_one_shot_prefill(layer_cache):
     model = tiny_lm()
     ids = torch.randint(0, V, (2, 45))
@@ -79,7 +79,7 @@ def test_greedy_generation_picks_the_argmax_of_recomputation(attention):
 
 def test_prompt_prefix_before_the_last_top_segment_is_skipped_exactly():
     model = tiny_lm(torch.float64)
-    cache = model.make_cache(1, layer_cache="compact")
+    cache = model.make_cache(1, layer_cache=DilatedLayerCache)
     assert cache.unread_before(3 * TOP + 2) == 3 * TOP
     prompt = torch.randint(0, V, (1, 3 * TOP + 3))
     out = model.generate(prompt, 1, cache=cache)
@@ -96,7 +96,7 @@ def test_prompt_prefix_before_the_last_top_segment_is_skipped_exactly():
 
 # ------------------------------------------------------------------------------ memory
 @pytest.mark.parametrize("layer_cache, kind", [("slots", SlotLayerCache),
-                                               ("compact", DilatedLayerCache)])
+                                               (DilatedLayerCache, DilatedLayerCache)])
 def test_cache_bytes_stop_growing_after_the_largest_segment(layer_cache, kind):
     model = tiny_lm()
     cache = model.make_cache(1, layer_cache=layer_cache)

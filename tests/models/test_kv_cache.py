@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.models.cache import DenseLayerCache, SlotLayerCache
-from longnet.ops.cache import DilatedLayerCache
+from longnet.ops.reference_cache import DilatedLayerCache
 
 
 def _full(q, k, v, pattern):
@@ -110,7 +110,7 @@ def test_slot_cache_is_preallocated_at_the_compact_caches_bound():
 
 
 def test_bad_shapes_raise():
-    # the slot cache shares longnet.ops.cache.new_tokens (tested in tests/ops/test_cache.py)
+    # the slot cache shares longnet.ops.cache_tokens.new_tokens (tested in tests/ops/test_cache.py)
     cache = SlotLayerCache(DilatedPattern([4], [1]), 1, 2, 3)
     with pytest.raises(ValueError, match="does not fit"):
         cache.attend(torch.randn(2, 2, 1, 3), torch.randn(2, 2, 1, 3), torch.randn(2, 2, 1, 3),

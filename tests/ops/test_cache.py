@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longnet import DilatedPattern, dilated_attention
-from longnet.ops.cache import DilatedLayerCache
+from longnet.ops.reference_cache import DilatedLayerCache
 
 
 def _full(q, k, v, pattern):

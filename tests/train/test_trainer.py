@@ -157,3 +157,32 @@ def test_bfloat16_autocast_on_cpu_trains(tmp_path, settings):
     assert result.step == 4 and math.isfinite(result.train_loss)
     weights = _weights(tmp_path / "run")
     assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay float32
+
+
+def test_resume_at_max_steps_keeps_the_checkpoint_figures(tmp_path, settings, monkeypatch):
+    from longnet.train import trainer as trainer_mod
+    from longnet.train.settings import TrainSettings
+
+    run = tmp_path / "run"
+    first = train(settings(max_steps=6), run, log=lambda m: None)
+    snapshot = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
+    calls = {"resolve": 0, "device": 0}
+    real_resolve, real_device = TrainSettings.resolve.__func__, trainer_mod.resolve_device
+
+    def counting_resolve(cls, *args, **kwargs):
+        calls["resolve"] += 1
+        return real_resolve(cls, *args, **kwargs)
+
+    def counting_device(name):
+        calls["device"] += 1
+        return real_device(name)
+
+    monkeypatch.setattr(TrainSettings, "resolve", classmethod(counting_resolve))
+    monkeypatch.setattr(trainer_mod, "resolve_device", counting_device)
+    notes = []
+    again = train({"max_steps": 6, "progress": False}, run, resume=True, log=notes.append)
+    assert calls == {"resolve": 1, "device": 1}  # settings and device are resolved once per run
+    assert any(n.startswith("nothing to do: the run is at step 6") for n in notes)
+    assert again.step == 6 and again.history == [] and again.checkpoint == first.checkpoint
+    assert again.train_loss == first.train_loss and again.val_loss == first.val_loss  # from trainer_state.json
+    assert {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")} == snapshot  # nothing rewritten

@@ -28,12 +28,11 @@ import torch.nn.functional as F
 from longnet.bench.measure import measure_interleaved
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.pattern import DilatedPattern
+from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 
 __all__ = ["AttentionBenchConfig", "run_attention_bench", "comparison_rows", "target_checks",
-           "paper_seq_lens", "PAPER_SEGMENT_LENGTHS", "PAPER_DILATION_RATES", "MODES"]
+           "paper_seq_lens", "MODES"]
 
-PAPER_SEGMENT_LENGTHS = (2048, 4096, 8192, 16384, 32768)
-PAPER_DILATION_RATES = (1, 2, 4, 6, 12)
 MODES = ("fwd", "fwdbwd")
 IMPLS = ("dilated", "dense")
 
@@ -380,7 +379,7 @@ def target_checks(records: list[dict], cfg: AttentionBenchConfig,
     }
 
 
-def paper_seq_lens(max_seq_len: int, min_seq_len: int = 2048) -> tuple[int, ...]:
+def paper_seq_lens(max_seq_len: int, min_seq_len: int = PAPER_SEGMENT_LENGTHS[0]) -> tuple[int, ...]:
     """Powers of two from ``min_seq_len`` up to ``max_seq_len``."""
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")

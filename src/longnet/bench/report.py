@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from longnet.utils.atomic import save_figure
+
 __all__ = ["device_name", "device_slug", "format_table", "plot_attention"]
 
 
@@ -105,5 +107,7 @@ def plot_attention(doc: dict, path: Path) -> None:
                  f"B={cfg['batch_size']} H={cfg['heads']} D={cfg['head_dim']}, "
                  f"torch {doc['torch_version']}", fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import torch
 
+from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
+from longnet.utils.atomic import atomic_write_json
+
 __all__ = ["add_arguments", "run"]
 
 WHAT = ("attention",)  # later: "decode"
@@ -68,9 +71,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--head-dim", type=_positive, default=64)
     s.add_argument("--batch-size", type=_positive, default=1)
     s.add_argument("--segment-lengths", type=_int_list, default=None,
-                   help="default: the paper's 2048,4096,8192,16384,32768")
+                   help="default: the paper's " + ",".join(map(str, PAPER_SEGMENT_LENGTHS)))
     s.add_argument("--dilation-rates", type=_int_list, default=None,
-                   help="default: the paper's 1,2,4,6,12")
+                   help="default: the paper's " + ",".join(map(str, PAPER_DILATION_RATES)))
     s.add_argument("--backend", default="auto", help="dilated attention backend")
     r = parser.add_argument_group("running")
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
@@ -100,12 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace):
-    from longnet.bench.attention import (
-        PAPER_DILATION_RATES,
-        PAPER_SEGMENT_LENGTHS,
-        AttentionBenchConfig,
-        paper_seq_lens,
-    )
+    from longnet.bench.attention import AttentionBenchConfig, paper_seq_lens
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type not in ("cpu", "cuda"):
@@ -213,9 +211,7 @@ def _print_targets(targets: dict, label: str) -> None:
 
 
 def _write(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, doc, sort_keys=False)
 
 
 def _replot(path: Path) -> int:

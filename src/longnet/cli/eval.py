@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from longnet.cli.train import report_error
+from longnet.paper import PAPER_EVAL_LENGTHS
 
 DESCRIPTION = """\
 Perplexity of a trained LongNet on a held-out split at several context lengths, as in the paper
@@ -37,8 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--checkpoint", required=True, metavar="DIR",
                         help="a run folder (longnet train --out) or one of its checkpoints/step-* folders")
-    parser.add_argument("--seq-len", type=int, nargs="+", default=[2048, 8192, 32768], metavar="N",
-                        help="context lengths to evaluate (default: 2048 8192 32768)")
+    parser.add_argument("--seq-len", type=int, nargs="+", default=list(PAPER_EVAL_LENGTHS), metavar="N",
+                        help="context lengths to evaluate (default: the paper's "
+                             + " ".join(map(str, PAPER_EVAL_LENGTHS)) + ")")
     parser.add_argument("--split", choices=("validation", "test"), default="validation",
                         help="held-out split (default: validation)")
     parser.add_argument("--max-tokens", type=int, default=131072, metavar="N",

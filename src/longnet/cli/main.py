@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "eval": ("longnet.cli.eval", "perplexity of a trained model at several context lengths"),
     "generate": ("longnet.cli.generate", "continue a prompt with a trained model (streamed)"),
     "plan": ("longnet.cli.plan", "per-device memory, FLOPs and communication of sequence-parallel LongNet"),
+    "reach": ("longnet.cli.reach", "how many layers carry one token to another: exact reach of a dilated pattern"),
 }
 
 

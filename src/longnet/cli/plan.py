@@ -1,5 +1,11 @@
 """``longnet plan``: per-device memory, FLOPs and communication of sequence-parallel LongNet.
 
+The model is a :class:`~longnet.LongNetConfig` (``LongNetConfig.from_preset`` plus the flags), and
+its sizes come from the config's own counts: ``params`` is
+:meth:`~longnet.LongNetConfig.matmul_parameters` (the weights that multiply every token, the ones
+the FLOPs and the model's ``flops_per_token`` count; biases and LayerNorms, about 0.2%, are left
+out of the memory and all-reduce estimates), ``params_total`` is
+:meth:`~longnet.LongNetConfig.num_parameters`, equal to ``model.num_parameters()``.
 Communication comes from :func:`longnet.parallel.plan_bytes`, the code the run-time byte counter
 is checked against; FLOPs from :meth:`DilatedPattern.flops` for the branches a device runs alone
 and from the gathered-row shapes for the ones it shares. Memory is an estimate (stated below).
@@ -10,17 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 
+from longnet.models.config import PRESETS, LongNetConfig
 from longnet.ops.pattern import DilatedPattern
+from longnet.paper import GPT2_VOCAB
 from longnet.parallel.layout import kv_pairs, place_branches, plan_bytes, residue_slots
 
-PAPER_PATTERN = ((2048, 4096, 8192, 16384, 32768), (1, 2, 4, 6, 12))
-# the paper's model sizes (LongNet section 4 / appendix); head dim = width / heads
-PRESETS = {
-    "base": dict(layers=12, embed_dim=768, heads=12, ffn_dim=3072),
-    "2.7b": dict(layers=32, embed_dim=2560, heads=32, ffn_dim=10240),
-}
-GPT2_VOCAB = 50257
+FLAG_FIELDS = {"layers": "num_layers", "embed_dim": "embed_dim", "heads": "num_heads", "kv_heads": "num_kv_heads",
+               "ffn_dim": "ffn_dim", "vocab_size": "vocab_size", "segment_lengths": "segment_lengths",
+               "dilation_rates": "dilation_rates"}
+"""``longnet plan`` flag -> the :class:`LongNetConfig` field it overrides."""
 
 # values a layer keeps per token for backward (bf16 training, attention by fused kernels):
 # norm input, q, k, v, attention output, output-projection input, residual, second norm input,
@@ -40,17 +46,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, required=True,
                         help="devices sharing one sequence (sequence parallel size)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="base",
-                        help="paper model size; the flags below override it")
+                        help="model preset (LongNetConfig.from_preset; base and 2.7b are the paper's "
+                             "sizes with its pattern); the flags below override it")
     parser.add_argument("--layers", type=int, help="transformer layers")
     parser.add_argument("--embed-dim", type=int, help="model width d")
     parser.add_argument("--heads", type=int, help="query heads")
     parser.add_argument("--kv-heads", type=int, help="key/value heads (GQA), default = heads")
     parser.add_argument("--ffn-dim", type=int, help="FFN hidden width")
-    parser.add_argument("--vocab-size", type=int, default=GPT2_VOCAB, help="vocabulary")
+    parser.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's)")
     parser.add_argument("--segment-lengths", type=_int_list,
-                        default=list(PAPER_PATTERN[0]), help="w_i, comma-separated")
+                        help="w_i, comma-separated (default: the preset's)")
     parser.add_argument("--dilation-rates", type=_int_list,
-                        default=list(PAPER_PATTERN[1]), help="r_i, comma-separated")
+                        help="r_i, comma-separated (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step")
     parser.add_argument("--dtype-bytes", type=int, default=2,
                         help="bytes per activation element (2 = bf16)")
@@ -58,28 +65,62 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="causal LM (halves attention FLOPs)")
 
 
-def _valid_length(pattern: DilatedPattern, seq_len: int, gpus: int) -> int:
-    """Smallest N' >= N that splits evenly and fits the pattern (segments inside or over chunks)."""
+def _valid_length(pattern: DilatedPattern, seq_len: int, gpus: int, tries: int = 20_000) -> int:
+    """Smallest N' >= N that splits evenly and fits the pattern (segments inside or over chunks).
+
+    A chunk at least as long as the shortest segment must be a multiple of it, so the search
+    steps by that segment from there: the paper's pattern needs at most 16 tries.
+    """
     n = -(-seq_len // gpus)
-    for _ in range(10_000_000):
+    shortest = min(pattern.segment_lengths)
+    for _ in range(tries):
+        if n >= shortest and n % shortest:
+            n += shortest - n % shortest
         try:
             place_branches(pattern, n * gpus, gpus)
             return n * gpus
         except ValueError:
-            n += 1
-    raise ValueError(f"no sequence length near {seq_len} splits over {gpus} devices for {pattern}")
+            n += shortest if n >= shortest else 1
+    raise ValueError(f"no sequence length from {seq_len:,} to {n * gpus:,} splits over {gpus} device(s) for "
+                     f"segment_lengths={list(pattern.segment_lengths)}: every segment must fit in a device's "
+                     "chunk a whole number of times or span whole chunks; use segment lengths that divide one "
+                     "another (e.g. powers of two)")
 
 
 def plan_model(*, seq_len: int, gpus: int, layers: int, embed_dim: int, heads: int,
                ffn_dim: int, segment_lengths, dilation_rates, kv_heads: int | None = None,
                vocab_size: int = GPT2_VOCAB, batch_size: int = 1, dtype_bytes: int = 2,
                causal: bool = True) -> dict:
-    """Per-device numbers of one training step (the busiest device), as a flat dict."""
-    pattern = DilatedPattern(segment_lengths, dilation_rates)
-    if embed_dim % heads:
-        raise ValueError(f"embed_dim {embed_dim} must be a multiple of heads {heads}")
-    kv_heads = heads if kv_heads is None else kv_heads
-    D = embed_dim // heads
+    """:func:`plan_config` of a LongNet LM of this shape (other fields: the config's defaults)."""
+    config = LongNetConfig(vocab_size=vocab_size, embed_dim=embed_dim, num_layers=layers, num_heads=heads,
+                           num_kv_heads=kv_heads, ffn_dim=ffn_dim, segment_lengths=tuple(segment_lengths),
+                           dilation_rates=tuple(dilation_rates))
+    return plan_config(config, seq_len=seq_len, gpus=gpus, batch_size=batch_size, dtype_bytes=dtype_bytes,
+                       causal=causal)
+
+
+def config_from_args(args: argparse.Namespace) -> LongNetConfig:
+    """``LongNetConfig.from_preset(--preset)`` with the flags that were given."""
+    overrides = {field: getattr(args, flag) for flag, field in FLAG_FIELDS.items()
+                 if getattr(args, flag, None) is not None}
+    return LongNetConfig.from_preset(args.preset, **overrides)
+
+
+def plan_config(config: LongNetConfig, *, seq_len: int, gpus: int, batch_size: int = 1, dtype_bytes: int = 2,
+                causal: bool = True) -> dict:
+    """Per-device numbers of one training step of ``config`` (the busiest device), as a flat dict.
+
+    A config with a vocabulary is a language model (embedding and LM head); one without
+    (``vocab_size=None``, e.g. ``gigapath-slide``) is an encoder over inputs of its width.
+    """
+    pattern = config.pattern()
+    if pattern is None:
+        raise ValueError("longnet plan needs a dilated (or sparse) pattern; dense attention has no "
+                         "sequence-parallel split")
+    kind = "lm" if config.vocab_size is not None else "encoder"
+    layers, embed_dim, heads, ffn_dim = config.num_layers, config.embed_dim, config.num_heads, config.ffn_dim
+    kv_heads, D = config.kv_heads, config.head_dim
+    vocab_size = config.vocab_size or 0
     N = _valid_length(pattern, seq_len, gpus)
     n = N // gpus
     comm = plan_bytes(pattern, N, gpus, heads, D, dtype_bytes, kv_heads=kv_heads,
@@ -95,9 +136,8 @@ def plan_model(*, seq_len: int, gpus: int, layers: int, embed_dim: int, heads: i
         if not pl.local:
             m = residue_slots(n, pl.dilation)
             attn += batch_size * heads * 4.0 * m * (bc.group_size * m) * D
-    kv_bytes = (heads + 2 * kv_heads) * D
-    params_layer = embed_dim * kv_bytes + heads * D * embed_dim + 2 * embed_dim * ffn_dim
-    params = layers * params_layer + vocab_size * embed_dim
+    params_layer = config.layer_matmul_parameters()
+    params = config.matmul_parameters(kind)
     tokens = batch_size * n
     dense_fwd = 2.0 * tokens * params_layer
     layer_fwd = dense_fwd + attn
@@ -118,6 +158,7 @@ def plan_model(*, seq_len: int, gpus: int, layers: int, embed_dim: int, heads: i
                       "forward_bytes": bc.forward_sent, "backward_bytes": bc.backward_sent}
                      for pl, bc in zip(place_branches(pattern, N, gpus), comm.branches)],
         "params": params,
+        "params_total": config.num_parameters(kind),
         "attention_flops_per_layer_fwd": attn,
         "flops_per_layer_fwd": layer_fwd,
         "flops_per_step_train": layers * layer_train + head_train,
@@ -151,19 +192,18 @@ def _fmt_flops(x: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = dict(PRESETS[args.preset])
-    for key in ("layers", "embed_dim", "heads", "ffn_dim"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    r = plan_model(seq_len=args.seq_len, gpus=args.gpus, kv_heads=args.kv_heads,
-                   vocab_size=args.vocab_size, segment_lengths=args.segment_lengths,
-                   dilation_rates=args.dilation_rates, batch_size=args.batch_size,
-                   dtype_bytes=args.dtype_bytes, causal=args.causal, **cfg)
+    """Print the table and the JSON line; 2 (and one ``error:`` line on stderr) on bad flags."""
+    try:
+        r = plan_config(config_from_args(args), seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size,
+                        dtype_bytes=args.dtype_bytes, causal=args.causal)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if r["seq_len"] != r["requested_seq_len"]:
         print(f"note: N rounded up from {r['requested_seq_len']:,} to {r['seq_len']:,} so that it "
               f"splits into {args.gpus} equal chunks that fit the pattern")
-    print(f"LongNet {cfg['layers']} layers x {cfg['embed_dim']} wide, {cfg['heads']} heads x "
-          f"{r['head_dim']}, FFN {cfg['ffn_dim']}; N = {r['seq_len']:,} on {args.gpus} devices "
+    print(f"LongNet {r['layers']} layers x {r['embed_dim']} wide, {r['heads']} heads x "
+          f"{r['head_dim']}, FFN {r['ffn_dim']}; N = {r['seq_len']:,} on {args.gpus} devices "
           f"({r['tokens_per_device']:,} tokens each), {r['params'] / 1e6:,.1f}M parameters")
     print(f"{'branch (w, r)':>18} {'where':>10} {'ranks':>6} {'fwd bytes':>14} {'bwd bytes':>14}")
     for b in r["branches"]:

@@ -31,7 +31,6 @@ import numpy as np
 import tokenizers
 from tqdm import tqdm
 
-from longnet.data.atomic import atomic_open, atomic_write_text
 from longnet.data.corpus import DEFAULT_MAX_DOCUMENT_BYTES, SPLITS, Corpus, Document, load_corpus
 from longnet.data.loader import TokenStream
 from longnet.data.tokenizer import (
@@ -41,6 +40,7 @@ from longnet.data.tokenizer import (
     check_vocab_size,
     train_tokenizer,
 )
+from longnet.utils.atomic import atomic_open, atomic_write_json
 
 try:  # POSIX advisory locks; elsewhere concurrent builders rely on atomic replaces alone
     import fcntl
@@ -164,7 +164,7 @@ def prepare_data(
             "splits": splits,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
-        atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+        atomic_write_json(directory / MANIFEST_FILE, manifest, sort_keys=False)
     return _prepared(directory, tokenizer, manifest, reused=False)
 
 

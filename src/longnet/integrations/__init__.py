@@ -6,7 +6,7 @@
   KV cache for ``generate`` with dilated attention.
 * :mod:`longnet.integrations.hf_train` (needs ``transformers``): the adapter behind
   ``longnet train --hf-model`` (fine-tuning a transformers causal LM with dilated attention).
-* :mod:`longnet.integrations.dilated_rows` (torch only): exact dilated attention for the last rows
+* :mod:`longnet.ops.dilated_rows` (torch only): exact dilated attention for the last rows
   of a sequence, used for decoding over a full KV cache.
 
 Importing this package imports no optional dependency.

@@ -143,8 +143,13 @@ class HFRunConfig:
         return config_dict(self.hf, self.grad_checkpointing)
 
     def describe(self) -> str:
-        return (f"{self.folder.name} ({self.hf.model_type}, dilated: segments {self.hf.segment_lengths}, "
-                f"dilations {self.hf.dilation_rates})")
+        return describe(self.folder.name, self.hf)
+
+
+def describe(name: str, hf_config) -> str:
+    """One line naming the model, its type and its dilated pattern (the trainer's start line)."""
+    return (f"{name} ({hf_config.model_type}, dilated: segments {hf_config.segment_lengths}, "
+            f"dilations {hf_config.dilation_rates})")
 
 
 @dataclass
@@ -329,6 +334,11 @@ class HFCausalLM(nn.Module):
                 hf_logging.enable_progress_bar()
 
     # ---------------------------------------------------------------------------------- running
+    def describe(self) -> str:
+        """One line: the model folder's name, its type and its dilated pattern."""
+        name = Path(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__).name
+        return describe(name, self.model.config)
+
     def num_parameters(self) -> int:
         """Parameters, tied ones counted once."""
         return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())

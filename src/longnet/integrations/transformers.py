@@ -15,7 +15,7 @@ cut off). The attention function then
 * counts positions from each row's first real token, so left padding does not move segment
   boundaries (a padded row gives its real tokens the outputs the row alone would get),
 * runs the fast operator :func:`longnet.dilated_attention` when the queries are the whole
-  sequence (training, prefill), and :func:`~longnet.integrations.dilated_rows.dilated_attention_rows`
+  sequence (training, prefill), and :func:`~longnet.ops.dilated_rows.dilated_attention_rows`
   for the last ``q_len`` rows when a KV cache holds earlier keys (decoding). Both are exact.
 
 Mask overlays that dilated attention cannot honour (sliding windows, chunked attention, packed
@@ -34,9 +34,9 @@ from transformers.masking_utils import (
     causal_mask_function,
 )
 
-from longnet.integrations.dilated_rows import dilated_attention_rows
 from longnet.integrations.hf_cache import DilatedCache, layer_of
 from longnet.ops.dilated import dilated_attention
+from longnet.ops.dilated_rows import dilated_attention_rows
 from longnet.ops.pattern import DilatedPattern
 
 __all__ = [

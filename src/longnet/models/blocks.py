@@ -64,10 +64,12 @@ class LongNetBlock(nn.Module):
         self.dropout = c.dropout
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-                position_offset: int = 0) -> torch.Tensor:
-        """x (B, N, E) -> (B, N, E)."""
+                position_offset: int = 0, *, cache=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, E) -> (B, N, E); with a layer ``cache`` (and per-row ``positions``) x holds new
+        tokens continuing the cached sequences (see :meth:`MultiheadDilatedAttention.forward`)."""
         a = self.attn(self.attn_norm(x), key_padding_mask=key_padding_mask,
-                      position_offset=position_offset)
+                      position_offset=position_offset, cache=cache, positions=positions)
         x = x + F.dropout(a, self.dropout, self.training)
         f = self.ffn(self.ffn_norm(x))
         return x + F.dropout(f, self.dropout, self.training)

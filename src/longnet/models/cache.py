@@ -3,10 +3,11 @@
 With causal dilated attention a query only reads keys of its own segment, and per head only the
 positions at its residue, so each layer keeps at most ``ceil(w_i / r_i)`` keys per head and branch:
 the cache stops growing once the largest segment is full, whatever the context length. Two exact
-layer caches do this: :class:`SlotLayerCache` (the default: fixed slots written in place, one
-softmax over all branches) and :class:`longnet.ops.cache.DilatedLayerCache` (``"compact"``: grows
-to the bound, recompacted at each call, one softmax per branch); the slot cache decodes about
-2-3x faster and prefills about 10x faster on CPU (``benchmarks/decode.py``).
+layer cache does this, :class:`SlotLayerCache` (fixed slots written in place, one softmax over all
+branches). An independent second one, :class:`longnet.ops.reference_cache.DilatedLayerCache`
+(grows to the bound, recompacted at each call, one softmax per branch), is kept as a test
+reference: the slot cache decodes about 2-3x faster and prefills about 10x faster on CPU
+(``benchmarks/decode.py``).
 
 Dense attention (``attention="dense"``) reads every earlier key, so its cache
 (:class:`DenseLayerCache`) keeps them all and grows with the context: it is the baseline, exact
@@ -22,9 +23,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from longnet.ops.cache import DilatedLayerCache, new_tokens
+from longnet.ops.cache_tokens import new_tokens
 from longnet.ops.dilated import dilated_attention
-from longnet.ops.pattern import DilatedPattern
+from longnet.ops.pattern import DilatedPattern, kept, same_segment, slot_in_segment
 
 __all__ = ["DilatedKVCache", "DenseLayerCache", "SlotLayerCache", "make_cache"]
 
@@ -48,7 +49,7 @@ class SlotLayerCache:
     sub-chunks of ``max_chunk`` rows over the slots plus their own keys (each counted once per
     branch holding it, a ``log(count)`` score bias).
 
-    Same interface and results as :class:`~longnet.ops.cache.DilatedLayerCache`; preallocated, so
+    Same interface and results as :class:`~longnet.ops.reference_cache.DilatedLayerCache`; preallocated, so
     ``nbytes`` is the bound from the first token on.
 
     Args:
@@ -94,9 +95,7 @@ class SlotLayerCache:
         heads = torch.arange(H, device=q_pos.device).view(1, H, 1, 1)
         q = q_pos[:, None, :, None]  # (B, 1, n, 1)
         k = k_pos[:, :, None, :]  # (B, H, 1, S)
-        q_kept = (q % w) % r == heads % r  # (B, H, n, S)
-        return q_kept & (k >= 0) & (k <= q) & (torch.div(k, w, rounding_mode="floor")
-                                               == torch.div(q, w, rounding_mode="floor"))
+        return kept(q, heads, w, r) & (k >= 0) & (k <= q) & same_segment(k, q, w)  # (B, H, n, S)
 
     def _write(self, k_new, v_new, positions, valid) -> None:
         """Store the new tokens that later queries can read: those of each row's last segment."""
@@ -105,14 +104,13 @@ class SlotLayerCache:
         w, r, first = self.branch_w, self.branch_r, self.branch_first  # (nb,) each
         heads = torch.arange(H, device=positions.device).view(1, H, 1, 1)
         p = positions[:, None, :, None]  # (B, 1, n, 1)
-        write = (valid[:, None, :, None] & ((p % w) % r == heads % r)
-                 & (torch.div(p, w, rounding_mode="floor")
-                    == torch.div(last.view(B, 1, 1, 1), w, rounding_mode="floor")))  # (B,H,n,nb)
+        write = (valid[:, None, :, None] & kept(p, heads, w, r)
+                 & same_segment(p, last.view(B, 1, 1, 1), w))  # (B, H, n, nb)
         bi, hi, ti, br = write.nonzero(as_tuple=True)
         if bi.numel() == 0:
             return
         pos = positions[bi, ti]
-        slot = first[br] + torch.div(pos % w[br], r[br], rounding_mode="floor")
+        slot = first[br] + slot_in_segment(pos, w[br], r[br])
         self.keys[bi, hi, slot] = k_new[bi, hi, ti]
         self.values[bi, hi, slot] = v_new[bi, hi, ti]
         self.positions[bi, hi, slot] = pos
@@ -122,7 +120,7 @@ class SlotLayerCache:
                scale: float | None = None) -> torch.Tensor:
         """Causal dilated attention of ``n`` new tokens over the cache plus themselves.
 
-        Args and result as :meth:`longnet.ops.cache.DilatedLayerCache.attend`: query
+        Args and result as :meth:`longnet.ops.reference_cache.DilatedLayerCache.attend`: query
         (B, H, n, D), key/value (B, Hkv, n, D), positions (B, n) long (increasing by one across
         real tokens and calls), valid (B, n) bool -> (B, H, n, D). Padding queries output values
         that nothing reads (finite).
@@ -169,10 +167,8 @@ class SlotLayerCache:
         q, k = positions[:, None, :, None], positions[:, None, None, :]  # (B,1,n,1), (B,1,1,n)
         pair = valid[:, None, :, None] & valid[:, None, None, :] & (k <= q)  # (B, 1, n, n)
         count = torch.zeros(B, H, n, n, dtype=torch.int32, device=query.device)
-        for w, r in self.pattern.branches:
-            count += (pair & ((q % w) % r == heads % r) & ((k % w) % r == heads % r)
-                      & (torch.div(q, w, rounding_mode="floor")
-                         == torch.div(k, w, rounding_mode="floor")))
+        for b in range(len(self.pattern)):
+            count += pair & self.pattern.reads(b, q, k, heads)
         bias = torch.where(count > 0, count.to(query.dtype).log(), _NEG_INF)  # (B, H, n, n)
         old = torch.where(self._query_mask(positions, self.positions)
                           & valid[:, None, :, None], 0.0, _NEG_INF).to(query.dtype)
@@ -189,7 +185,7 @@ class SlotLayerCache:
 class DenseLayerCache:
     """Every key/value of one layer (dense causal attention), with per-sequence positions.
 
-    Same interface as :class:`~longnet.ops.cache.DilatedLayerCache`. Keys are stored per
+    Same interface as :class:`~longnet.ops.reference_cache.DilatedLayerCache`. Keys are stored per
     key/value head (GQA groups share them) in a buffer that doubles when full, and attention is
     ``F.scaled_dot_product_attention`` over the whole cache.
 
@@ -248,7 +244,7 @@ class DenseLayerCache:
                scale: float | None = None) -> torch.Tensor:
         """Causal attention of ``n`` new tokens over every cached token plus themselves.
 
-        Args and result as :meth:`longnet.ops.cache.DilatedLayerCache.attend`: query
+        Args and result as :meth:`longnet.ops.reference_cache.DilatedLayerCache.attend`: query
         (B, H, n, D), key/value (B, Hkv, n, D), positions (B, n) long, valid (B, n) bool ->
         (B, H, n, D). A padding query (no real key at or before it) reads only itself.
         """
@@ -287,7 +283,7 @@ class DilatedKVCache:
     """Per-layer attention caches of a language model, with per-sequence positions.
 
     Made by :meth:`LongNetLM.make_cache`. Each layer holds a
-    :class:`~longnet.ops.cache.DilatedLayerCache` (dilated and sparse attention: at most
+    :class:`~longnet.ops.reference_cache.DilatedLayerCache` (dilated and sparse attention: at most
     ``ceil(w_i / r_i)`` keys per head and branch, whatever the context length) or a
     :class:`DenseLayerCache` (dense attention: every key, growing with the context).
 
@@ -368,26 +364,32 @@ class DilatedKVCache:
                 f"batch_size={self.batch_size}, nbytes={self.nbytes})")
 
 
-LAYER_CACHES = {"slots": SlotLayerCache, "compact": DilatedLayerCache}
-"""Layer caches of dilated layers: ``"slots"`` (:class:`SlotLayerCache`, preallocated, written in
-place, one softmax) or ``"compact"`` (:class:`~longnet.ops.cache.DilatedLayerCache`, grows to the
-bound, recompacted each call, one softmax per branch). Both are exact."""
+LAYER_CACHES = {"slots": SlotLayerCache}
+"""Layer caches of dilated layers by name: ``"slots"`` (:class:`SlotLayerCache`, preallocated,
+written in place, one softmax)."""
 
 
 def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None, device=None,
-               layer_cache: str = "slots") -> DilatedKVCache:
+               layer_cache: str | type = "slots") -> DilatedKVCache:
     """An empty :class:`DilatedKVCache` for ``model`` (a :class:`~longnet.LongNetLM`).
 
     Args:
         batch_size: sequences generated together.
         dtype, device: storage; default the model's parameter dtype and device.
-        layer_cache: the cache of dilated layers, ``"slots"`` or ``"compact"`` (see
-            :data:`LAYER_CACHES`); dense layers always use :class:`DenseLayerCache`.
+        layer_cache: the cache of dilated layers: a name of :data:`LAYER_CACHES` or a layer cache
+            class with :class:`SlotLayerCache`'s constructor (tests pass the reference
+            :class:`~longnet.ops.reference_cache.DilatedLayerCache`); dense layers always use
+            :class:`DenseLayerCache`.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if layer_cache not in LAYER_CACHES:
-        raise ValueError(f"layer_cache must be one of {sorted(LAYER_CACHES)}, got {layer_cache!r}")
+    if isinstance(layer_cache, str):
+        if layer_cache not in LAYER_CACHES:
+            raise ValueError(f"layer_cache must be one of {sorted(LAYER_CACHES)} or a layer cache "
+                             f"class, got {layer_cache!r}")
+        layer_cache = LAYER_CACHES[layer_cache]
+    elif not isinstance(layer_cache, type):
+        raise TypeError(f"layer_cache must be a name or a class, got {type(layer_cache).__name__}")
     param = next(model.parameters())
     dtype = param.dtype if dtype is None else dtype
     device = param.device if device is None else device
@@ -399,7 +401,7 @@ def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None, devi
                                           num_kv_heads=attn.num_kv_heads, dtype=dtype,
                                           device=device))
         else:
-            layers.append(LAYER_CACHES[layer_cache](attn.pattern, batch_size, attn.num_heads,
+            layers.append(layer_cache(attn.pattern, batch_size, attn.num_heads,
                                                     attn.head_dim, dtype=dtype, device=device))
         patterns.append(attn.pattern)
     return DilatedKVCache(layers, patterns, batch_size, device=device)

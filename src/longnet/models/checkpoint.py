@@ -1,7 +1,7 @@
 """Pretrained-model files: ``model.safetensors`` (weights) + ``config.json`` (configuration).
 
-No pickle anywhere. Each file is written to a temporary file in the target directory and moved
-into place with ``os.replace``, so a reader never sees a half-written file. Tied parameters are
+No pickle anywhere. Each file is written atomically (:mod:`longnet.utils.atomic`), so a reader
+never sees a half-written file. Tied parameters are
 stored once (the tied copy, e.g. ``lm_head.weight``, is left out) and re-tied by the model's own
 constructor on load. Anything that does not fit the model the config describes raises
 :class:`CheckpointError` naming the file and the problem.
@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from longnet.models.config import LongNetConfig
+from longnet.utils.atomic import atomic_save, atomic_write_json
 
 __all__ = ["CheckpointError", "save_model", "read_config", "load_weights", "WEIGHTS_NAME", "CONFIG_NAME"]
 
@@ -32,17 +32,6 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, truncated or does not match its model."""
 
 
-def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def save_model(model: torch.nn.Module, directory: str | os.PathLike, *, model_type: str,
                config: LongNetConfig, extra: dict[str, Any], tied: tuple[str, ...]) -> Path:
     """Write ``model``'s weights (minus the ``tied`` copies) and config into ``directory``."""
@@ -53,16 +42,10 @@ def save_model(model: torch.nn.Module, directory: str | os.PathLike, *, model_ty
     if any(t.device.type == "meta" for t in model.state_dict().values()):
         raise ValueError("cannot save a model whose parameters are on the meta device")
     meta = {"format": "pt", "model_type": model_type, "format_version": str(FORMAT_VERSION)}
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
+    atomic_save(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))
     doc = {"model_type": model_type, "format_version": FORMAT_VERSION,
            "config": config.to_dict(), "extra": extra}
-
-    def write_json(p: str) -> None:
-        with open(p, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-    _atomic_write(out / CONFIG_NAME, write_json)
+    atomic_write_json(out / CONFIG_NAME, doc, indent=2)
     return out
 
 

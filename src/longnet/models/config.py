@@ -3,7 +3,8 @@
 Paper presets (Ding et al., 2023, section 4; sizes as GPT-3's 125M/350M/760M/2.7B): MAGNETO
 blocks with XPos, vocabulary 50,257 (a GPT-2-style byte-level BPE; the paper trains on The Stack
 and does not give its tokenizer, so this is an assumption), tied embeddings, and the paper's
-LongNet pattern ``w = 2048, 4096, 8192, 16384, 32768`` with ``r = 1, 2, 4, 6, 12``.
+LongNet pattern ``w = 2048, 4096, 8192, 16384, 32768`` with ``r = 1, 2, 4, 6, 12`` (the numbers
+live in :mod:`longnet.paper`).
 
 Baselines as configuration of the same model (``attention``):
 
@@ -30,16 +31,19 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from longnet.ops.pattern import DilatedPattern
+from longnet.paper import (
+    GPT2_VOCAB,
+    PAPER_DILATION_RATES,
+    PAPER_MODEL_SHAPES,
+    PAPER_SEGMENT_LENGTHS,
+    PAPER_TRAIN_LENGTH,
+)
 
 __all__ = ["LongNetConfig", "PRESETS", "POSITIONS", "ATTENTIONS"]
 
 POSITIONS = ("xpos", "rope", "none")
 ATTENTIONS = ("dilated", "dense", "sparse")
 ACTIVATIONS = ("gelu", "relu")
-
-PAPER_SEGMENTS = (2048, 4096, 8192, 16384, 32768)
-PAPER_DILATIONS = (1, 2, 4, 6, 12)
-GPT2_VOCAB = 50257
 
 
 @dataclass
@@ -58,15 +62,15 @@ class LongNetConfig:
     """Key/value heads for grouped-query attention (a divisor of ``num_heads``); None = num_heads."""
     ffn_dim: int = 3072
     """Hidden width of the feed-forward network."""
-    segment_lengths: tuple[int, ...] = PAPER_SEGMENTS
+    segment_lengths: tuple[int, ...] = PAPER_SEGMENT_LENGTHS
     """Segment length ``w_i`` of each dilated branch (``attention="dilated"``)."""
-    dilation_rates: tuple[int, ...] = PAPER_DILATIONS
+    dilation_rates: tuple[int, ...] = PAPER_DILATION_RATES
     """Dilation rate ``r_i`` of each branch; one of them must be 1 so every position attends."""
     position: str = "xpos"
     """Relative positions on q/k: ``"xpos"`` (paper), ``"rope"`` or ``"none"``."""
     attention: str = "dilated"
     """``"dilated"`` (LongNet), ``"dense"`` (vanilla Transformer) or ``"sparse"`` (see module doc)."""
-    max_train_length: int = 32768
+    max_train_length: int = PAPER_TRAIN_LENGTH
     """Training sequence length: the blockwise window of dense eval and the sparse pattern's window."""
     sparse_block: int = 256
     """Local block length of ``attention="sparse"``."""
@@ -208,6 +212,65 @@ class LongNetConfig:
                                        dilation_rates=(1,))
         return dataclasses.replace(self)
 
+    # ---------------------------------------------------------------------------- counting
+    def layer_matmul_parameters(self) -> int:
+        """Weights of one block that multiply every token: q/k/v/out projections and the FFN."""
+        e, kv = self.embed_dim, self.kv_heads * self.head_dim
+        return e * (e + 2 * kv) + e * e + 2 * e * self.ffn_dim
+
+    def layer_parameters(self) -> int:
+        """Every parameter of one block: :meth:`layer_matmul_parameters`, biases, LayerNorms."""
+        e, kv, f = self.embed_dim, self.kv_heads * self.head_dim, self.ffn_dim
+        biases = (e + 2 * kv + e + f + e) if self.bias else 0  # q, k, v, out, fc1, fc2
+        norms = 2 * (e + e) + (2 * (e + f) if self.sub_ln else 0)  # weight + bias each
+        return self.layer_matmul_parameters() + biases + norms
+
+    def _ends(self, model: str, input_dim: int | None) -> tuple[int, int, int]:
+        """``(matmul weights, other parameters, embedding)`` of the layers around the blocks."""
+        if model == "lm":
+            if self.vocab_size is None:
+                raise ValueError("LongNetConfig.vocab_size must be set to count a language model, got None")
+            if input_dim is not None:
+                raise ValueError("input_dim is for model='encoder'")
+            embedding = self.vocab_size * self.embed_dim
+            # the LM head (vocab x width) multiplies every token, tied or not; untied, the
+            # embedding is a second matrix of that size
+            return embedding, 0 if self.tie_embeddings else embedding, embedding
+        if model == "encoder":
+            if input_dim is not None and (isinstance(input_dim, bool) or not isinstance(input_dim, int)
+                                          or input_dim < 1):
+                raise ValueError(f"input_dim must be a positive int or None, got {input_dim!r}")
+            if input_dim is None or input_dim == self.embed_dim:
+                return 0, 0, 0
+            return input_dim * self.embed_dim, self.embed_dim, 0  # input projection and its bias
+        raise ValueError(f"model must be 'lm' or 'encoder', got {model!r}")
+
+    def matmul_parameters(self, model: str = "lm", *, input_dim: int | None = None) -> int:
+        """Weights that take part in a matmul per token: every block linear, the LM head
+        (``model="lm"``) or the input projection (``model="encoder"`` with ``input_dim``).
+
+        ``6 *`` this is the dense part of the training FLOPs per token
+        (:meth:`LongNetBase.flops_per_token <longnet.models.base.LongNetBase.flops_per_token>`).
+        """
+        matmul, _, _ = self._ends(model, input_dim)
+        return self.num_layers * self.layer_matmul_parameters() + matmul
+
+    def num_parameters(self, model: str = "lm", *, input_dim: int | None = None,
+                       exclude_embeddings: bool = False) -> int:
+        """Parameters of the model this config builds, as ``model.num_parameters()`` counts them.
+
+        Args:
+            model: ``"lm"`` (:class:`~longnet.LongNetLM`: embedding, LM head tied or not) or
+                ``"encoder"`` (:class:`~longnet.LongNetEncoder` over inputs of width ``input_dim``).
+            exclude_embeddings: leave out the token embedding (and with it a tied LM head).
+        """
+        matmul, other, embedding = self._ends(model, input_dim)
+        total = (self.num_layers * self.layer_parameters() + 2 * self.embed_dim  # blocks, final norm
+                 + matmul + other)
+        if model == "lm" and exclude_embeddings:
+            total -= embedding
+        return total
+
     # ------------------------------------------------------------------------- (de)serialise
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (tuples as lists)."""
@@ -246,16 +309,13 @@ class LongNetConfig:
 
 def _paper(layers: int, width: int, heads: int) -> dict[str, Any]:
     return dict(vocab_size=GPT2_VOCAB, embed_dim=width, num_layers=layers, num_heads=heads,
-                ffn_dim=4 * width, segment_lengths=PAPER_SEGMENTS,
-                dilation_rates=PAPER_DILATIONS, max_train_length=32768)
+                ffn_dim=4 * width, segment_lengths=PAPER_SEGMENT_LENGTHS,
+                dilation_rates=PAPER_DILATION_RATES, max_train_length=PAPER_TRAIN_LENGTH)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # the paper's scaling study (GPT-3 shapes); parameter counts include the (tied) embedding
-    "base": _paper(12, 768, 12),  # ~124M
-    "350m": _paper(24, 1024, 16),  # ~354M
-    "760m": _paper(24, 1536, 16),  # ~757M
-    "2.7b": _paper(32, 2560, 32),  # ~2.65B
+    # the paper's scaling study (GPT-3 shapes): base ~124M, 350m, 760m, 2.7b ~2.65B parameters
+    **{name: _paper(*shape) for name, shape in PAPER_MODEL_SHAPES.items()},
     # CPU-sized: train in minutes; vocab_size is normally set from the tokenizer
     "tiny": dict(vocab_size=4096, embed_dim=192, num_layers=4, num_heads=4, ffn_dim=768,
                  segment_lengths=(64, 128, 256, 512), dilation_rates=(1, 2, 4, 8),

@@ -71,21 +71,12 @@ def cached_forward(model, input_ids: torch.Tensor, cache: DilatedKVCache,
     starts = cache.lengths  # (B,) position of each row's first real token here
     # (B, n): consecutive per row; padding columns get earlier (possibly negative) positions
     positions = (starts - first)[:, None] + torch.arange(n, device=input_ids.device)[None, :]
-    rotary_positions = positions.clamp(min=0)
 
     x = model.embed(input_ids)  # (B, n, E)
     x = torch.where(valid.unsqueeze(-1), x, torch.zeros_like(x))
-    # The block of longnet.models.blocks.LongNetBlock (MAGNETO pre-LN), attention read through
-    # the cache; tests compare with the model's own forward at every step.
+    # each block's own forward, its attention reading and updating the layer cache
     for block, layer in zip(model.blocks, cache.layers):
-        attn = block.attn
-        q, k, v = attn.project(block.attn_norm(x))  # (B, H, n, D), (B, Hkv, n, D) x 2
-        # per-sequence absolute positions (segments and XPos blocks start at position 0, as in
-        # a forward over the whole sequence); padding columns get 0 (never read)
-        q, k = attn.apply_positions(q, k, positions=rotary_positions)
-        a = layer.attend(q, k, v, positions, valid)  # (B, H, n, D)
-        x = x + attn.output(a)
-        x = x + block.ffn(block.ffn_norm(x))
+        x = block(x, valid, cache=layer, positions=positions)
     cache.lengths = starts + count
     if logits == "none":
         return None

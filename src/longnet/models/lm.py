@@ -34,6 +34,10 @@ class LMOutput:
     num_tokens: torch.Tensor | None = None
 
 
+# a pytree node, so that torch.export / torch.compile outputs may hold it
+torch.export.register_dataclass(LMOutput, serialized_type_name="longnet.LMOutput")
+
+
 class LongNetLM(LongNetBase):
     """Token embedding, causal LongNet blocks, final LayerNorm, LM head (tied by default).
 

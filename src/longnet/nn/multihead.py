@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from longnet.nn.positions import build_positions
-from longnet.ops.pattern import DilatedPattern
 from longnet.ops.dilated import dilated_attention
+from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["MultiheadDilatedAttention"]
 
@@ -149,19 +149,35 @@ class MultiheadDilatedAttention(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
-                is_causal: bool | None = None, position_offset: int = 0) -> torch.Tensor:
+                is_causal: bool | None = None, position_offset: int = 0, cache=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """Self-attention over x (B, N, E).
 
         Args:
             key_padding_mask: (B, N) bool, True = real token; padded keys are never read.
             is_causal: override the module's default.
             position_offset: absolute position of ``x[:, 0]`` (continuing a sequence).
+            cache: a layer cache (``attend(q, k, v, positions, valid)``, see
+                :mod:`longnet.models.cache`): x holds new tokens that continue the sequences in
+                the cache, attention reads the cache and updates it (causal).
+            positions: with ``cache``, (B, N) each new token's position in its own sequence
+                (padding columns may hold anything; ``key_padding_mask`` marks them).
         """
         if x.dim() != 3 or x.shape[-1] != self.embed_dim:
             raise ValueError(f"x must be (batch, length, {self.embed_dim}), got {tuple(x.shape)}")
-        causal = self.is_causal if is_causal is None else bool(is_causal)
         q, k, v = self.project(x)
-        # under sequence parallelism this rank's tokens start at rank * N of the full sequence;
+        if cache is not None:
+            if positions is None:
+                raise ValueError("positions (B, N) are required with a cache")
+            valid = key_padding_mask
+            if valid is None:
+                valid = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+            # per-sequence absolute positions (segments and XPos blocks start at position 0, as
+            # in a forward over the whole sequence); padding columns get 0 (never read)
+            q, k = self.apply_positions(q, k, positions=positions.clamp(min=0))
+            return self.output(cache.attend(q, k, v, positions, valid))
+        causal = self.is_causal if is_causal is None else bool(is_causal)
+        # under sequence parallelism this module's tokens start at rank * N of the full sequence;
         # XPos blocks stay anchored at the sequence start, like the operator's segments
         sp_offset = self.sequence_rank * x.shape[1]
         q, k = self.apply_positions(q, k, position_offset + sp_offset,

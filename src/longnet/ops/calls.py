@@ -89,8 +89,11 @@ class _Spec:
 class KernelCall:
     """One dense-kernel call: row views of every per-query and per-key tensor, and its mask."""
 
-    def __init__(self, spec: _Spec, fold, B: int, is_causal: bool, key_padding_mask, dtype):
-        self.spec, self.fold, self.B = spec, fold, B
+    def __init__(self, spec: _Spec, fold, B: int, is_causal: bool, key_padding_mask, dtype,
+                 rows: slice | None = None):
+        self.spec, self.fold, self.rows = spec, fold, rows
+        if rows is not None:  # this call covers only these batch rows
+            B = 1
         self.mask = self.empty = None
         if key_padding_mask is not None:
             ok5 = self._five(key_padding_mask.unsqueeze(1), 0, 1, 1)  # (B, 1, S, m)
@@ -105,6 +108,8 @@ class KernelCall:
     def _five(self, x, h0, step, count):
         """x (B, Hx, >= N, ...) -> (B, count, S, m, ...) view."""
         sp = self.spec
+        if getattr(self, "rows", None) is not None:
+            x = x[self.rows]
         heads = x[:, h0:h0 + (count - 1) * step + 1:step]
         span = heads[:, :, sp.start:sp.start + sp.S * sp.seg]
         return span.unflatten(2, (sp.S, sp.seg))[:, :, :, sp.c::sp.r]
@@ -194,15 +199,32 @@ def _views(spec, query, key, tensors):
     return [probe.q5(t) for t in q] + [probe.kv5(t) for t in kv]
 
 
+def _narrow(spec: _Spec, dim: int, i: int) -> tuple[_Spec, slice | None]:
+    """Piece ``i`` of ``spec`` along ``dim`` (0 batch: a batch slice, 1 a head, 2 a segment)."""
+    if dim == 1:
+        return _Spec(spec.h0 + i * spec.step, spec.kh0 + i * spec.kstep, 1, 1, 1, spec.c, spec.start,
+                     spec.S, spec.seg, spec.r), None
+    if dim == 2:
+        return _Spec(spec.h0, spec.kh0, spec.step, spec.kstep, spec.count, spec.c,
+                     spec.start + i * spec.seg, 1, spec.seg, spec.r), None
+    return spec, slice(i, i + 1)
+
+
 def _fold_or_split(spec, B, query, key, tensors, is_causal, key_padding_mask):
     acc = acc_dtype(query.dtype)
     fold = _fold(_views(spec, query, key, tensors))
     if fold is not None:
         return [KernelCall(spec, fold, B, is_causal, key_padding_mask, acc)]
+    # no fold of all three: split along the smallest dimension (the other two always fold)
+    sizes = {0: B, 1: spec.count, 2: spec.S}
+    dim = min(sizes, key=lambda d: (sizes[d], -d))
     out = []
-    for t in range(spec.count):  # no common fold: one call per head (two big dims always fold)
-        single = _Spec(spec.h0 + t * spec.step, spec.kh0 + t * spec.kstep, 1, 1, 1, spec.c, spec.start,
-                       spec.S, spec.seg, spec.r)
-        out.append(KernelCall(single, _fold(_views(single, query, key, tensors)), B, is_causal,
-                              key_padding_mask, acc))
+    for i in range(sizes[dim]):
+        piece, rows = _narrow(spec, dim, i)
+        if rows is None:
+            views = _views(piece, query, key, tensors)
+            out.append(KernelCall(piece, _fold(views), B, is_causal, key_padding_mask, acc))
+        else:
+            views = [v[rows] for v in _views(piece, query, key, tensors)]
+            out.append(KernelCall(piece, _fold(views), B, is_causal, key_padding_mask, acc, rows=rows))
     return out

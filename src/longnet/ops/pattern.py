@@ -19,7 +19,28 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["DilatedPattern", "BranchLayout"]
+__all__ = ["DilatedPattern", "BranchLayout", "kept", "same_segment", "slot_in_segment"]
+
+
+def kept(positions, heads, segment, dilation):
+    """The selection rule, for explicit segment lengths and rates (ints or tensors, broadcasting):
+    head ``h`` keeps position ``p`` when ``(p mod w) mod r == h mod r`` (and ``p >= 0``).
+    :meth:`DilatedPattern.keeps` is this rule for one branch of a pattern."""
+    ok = (positions % segment) % dilation == heads % dilation
+    return ok & (positions >= 0) if isinstance(ok, torch.Tensor) else ok and positions >= 0
+
+
+def slot_in_segment(positions, segment, dilation):
+    """Index of a kept position among its head's kept positions of its segment: ``(p mod w) // r``."""
+    rel = positions % segment
+    return torch.div(rel, dilation, rounding_mode="floor") if isinstance(rel, torch.Tensor) else rel // dilation
+
+
+def same_segment(a, b, segment):
+    """Whether positions ``a`` and ``b`` fall in the same segment of length ``segment``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.div(a, segment, rounding_mode="floor") == torch.div(b, segment, rounding_mode="floor")
+    return a // segment == b // segment
 
 
 def _as_int_tuple(name: str, values: object) -> tuple[int, ...]:
@@ -137,27 +158,31 @@ class DilatedPattern:
     def slot(self, branch: int, positions, length: int | None = None):
         """Index of each position among the kept positions of its head in its segment:
         ``(p mod w) // r`` (meaningful where :meth:`keeps` holds)."""
-        return (positions % self._segment(branch, length)) // self.dilation_rates[branch]
+        return slot_in_segment(positions, self._segment(branch, length), self.dilation_rates[branch])
 
     def keeps(self, branch: int, positions, heads, length: int | None = None):
         """Whether ``heads`` keep ``positions`` in ``branch`` (broadcasting):
         ``(p mod w) mod r == h mod r``. Negative positions are never kept."""
-        w = self._segment(branch, length)
-        kept = (positions % w) % self.dilation_rates[branch] == self.residue(heads, branch)
-        return kept & (positions >= 0) if isinstance(kept, torch.Tensor) else kept and positions >= 0
+        return kept(positions, heads, self._segment(branch, length), self.dilation_rates[branch])
 
     def reads(self, branch: int, query_positions, key_positions, heads, length: int | None = None,
               *, is_causal: bool = False):
         """Whether a query of ``heads`` at ``query_positions`` reads the key at ``key_positions`` in
         ``branch`` (broadcasting): same segment, both kept by the head, and with ``is_causal`` the key
         not after the query."""
-        ok = (self.segment_index(branch, query_positions, length)
-              == self.segment_index(branch, key_positions, length))
+        ok = same_segment(query_positions, key_positions, self._segment(branch, length))
         ok = ok & self.keeps(branch, query_positions, heads, length) & self.keeps(
             branch, key_positions, heads, length)
         if is_causal:
             ok = ok & (key_positions <= query_positions)
         return ok
+
+    def next_kept_offset(self, branch: int, segment_offset, residue):
+        """From offset ``segment_offset`` inside a segment of ``branch``, how far the first position
+        at or after it that heads of ``residue`` keep lies: ``(residue - offset) mod r``."""
+        r = self.dilation_rates[branch]
+        diff = residue - segment_offset
+        return torch.remainder(diff, r) if isinstance(diff, torch.Tensor) else diff % r
 
     def kept_positions(self, length: int, head: int, branch: int) -> list[int]:
         """Positions (sorted) that ``head`` keeps in ``branch`` for a sequence of ``length``."""
@@ -229,6 +254,21 @@ class DilatedPattern:
     def __repr__(self) -> str:
         inner = ", ".join(f"({w}, {r})" for w, r in self.branches)
         return f"DilatedPattern([{inner}])"
+
+    # ------------------------------------------------------------------ reach
+    def max_hops(self, length: int, num_heads: int, causal: bool = True) -> float:
+        """Most layers any pair needs to pass information (causal: ``i <= j``); ``math.inf``
+        when some pair has no path. Exact; see :mod:`longnet.ops.reach`."""
+        from longnet.ops.reach import max_hops
+
+        return max_hops(self, length, num_heads, causal)
+
+    def unreachable_pairs(self, length: int, num_heads: int, causal: bool = True) -> int:
+        """Pairs (causal: ``i <= j``) that no number of layers connects. Exact; see
+        :mod:`longnet.ops.reach`."""
+        from longnet.ops.reach import unreachable_pairs
+
+        return unreachable_pairs(self, length, num_heads, causal)
 
 
 def _count(seg_len: int, r: int, offset: int) -> int:

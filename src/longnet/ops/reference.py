@@ -21,18 +21,11 @@ def count_matrix(pattern: DilatedPattern, length: int, num_heads: int, *, is_cau
                  device=None) -> torch.Tensor:
     """(H, N, N) float64: how many branches let query ``i`` of head ``h`` read key ``j``."""
     pos = torch.arange(length, device=device)
+    heads = torch.arange(num_heads, device=device).view(-1, 1, 1)
     counts = torch.zeros(num_heads, length, length, dtype=torch.float64, device=device)
-    for b, r in enumerate(pattern.dilation_rates):
-        w = pattern.effective_segment(b, length)
-        seg = pos // w
-        rel = pos - seg * w
-        same_seg = seg[:, None] == seg[None, :]
-        for h in range(num_heads):
-            kept = rel % r == h % r
-            allowed = same_seg & kept[:, None] & kept[None, :]
-            counts[h] += allowed.to(torch.float64)
-    if is_causal:
-        counts = counts * torch.ones(length, length, dtype=torch.float64, device=device).tril()
+    for b in range(len(pattern)):
+        counts += pattern.reads(b, pos.view(1, -1, 1), pos.view(1, 1, -1), heads, length,
+                                is_causal=is_causal).to(torch.float64)
     return counts
 
 

@@ -81,7 +81,8 @@ class _Remote:
         # slot j of member i for pair (g, rho): position i*n + ((rho - i*n) mod r) + j*r of the
         # segment; valid while inside member i's chunk
         off = torch.arange(self.size, device=device).view(1, -1, 1) * n  # (1, s, 1)
-        first = torch.remainder(rho - off, r)  # (U, s, 1)
+        branch = DilatedPattern([pl.segment], [r])  # the selection rule of this branch
+        first = branch.next_kept_offset(0, off, rho)  # (U, s, 1)
         rel = first + torch.arange(m, device=device).view(1, 1, m) * r  # (U, s, m)
         valid = rel < n
         kpos = off + rel  # (U, s, m) position in the segment

@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from longnet.utils.atomic import atomic_write_bytes, atomic_write_text
+
 __all__ = ["init_distributed", "run_workers", "WorkerError", "free_port"]
 
 
@@ -77,13 +79,9 @@ def _child(rank: int, world_size: int, port: int, outdir: str, fn: Callable, arg
     try:
         init_distributed(backend, timeout_s=pg_timeout_s)
         result = fn(rank, world_size, *args)
-        with open(os.path.join(outdir, f"{rank}.tmp"), "wb") as f:
-            pickle.dump(result, f)
-        os.replace(os.path.join(outdir, f"{rank}.tmp"), os.path.join(outdir, f"{rank}.ok"))
+        atomic_write_bytes(os.path.join(outdir, f"{rank}.ok"), pickle.dumps(result))
     except BaseException:  # report any failure to the parent, then exit non-zero
-        with open(os.path.join(outdir, f"{rank}.errtmp"), "w") as f:
-            f.write(traceback.format_exc())
-        os.replace(os.path.join(outdir, f"{rank}.errtmp"), os.path.join(outdir, f"{rank}.err"))
+        atomic_write_text(os.path.join(outdir, f"{rank}.err"), traceback.format_exc())
         raise SystemExit(1) from None
     finally:
         from longnet.parallel.comm import clear_subgroups

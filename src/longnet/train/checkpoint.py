@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -34,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from longnet.models import CheckpointError
+from longnet.utils.atomic import atomic_copy, atomic_write_json, file_mode, fsync_dir, fsync_file
 
 FORMAT_VERSION = 1
 LATEST_FILE = "latest.json"
@@ -61,42 +61,6 @@ class TrainerCheckpoint:
 
 
 # ------------------------------------------------------------------------------------- files
-def fsync_dir(path: Path) -> None:
-    """Flush a folder's entries (renames, new files) to disk; a no-op where unsupported."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on folders; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    """Write ``value`` as JSON to ``path`` via a fsynced temporary file and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def read_json(path: Path, what: str) -> Any:
     """Parse ``path`` or raise :class:`CheckpointError` naming ``what`` it should be."""
     if not path.is_file():
@@ -105,25 +69,6 @@ def read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"{path}: {what} is corrupt or truncated ({err.__class__.__name__})") from err
-
-
-def _file_mode() -> int:
-    """0666 minus the process umask (what ``open`` would give a new file)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def _replace_copy(source: Path, target: Path) -> None:
-    """Make ``target`` a copy of ``source`` atomically (hard link when possible)."""
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(source, tmp)
-    except OSError:  # no hard links here (other filesystem, Windows share): copy instead
-        shutil.copyfile(source, tmp)
-        _fsync_file(tmp)
-    os.replace(tmp, target)
 
 
 # ---------------------------------------------------------------------- optimizer <-> files
@@ -208,10 +153,10 @@ def save_trainer_checkpoint(
         save_file(rng_states(), str(tmp / RNG_FILE))
         state = dict(trainer_state, step=step, format_version=FORMAT_VERSION, optimizer=meta)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        mode = _file_mode()
+        mode = file_mode()
         for path in tmp.iterdir():
             os.chmod(path, mode)  # temp files are created 0600; a run folder is meant to be shared
-            _fsync_file(path)
+            fsync_file(path)
         fsync_dir(tmp)
         if final.exists():  # a leftover of the same step that never became the latest
             shutil.rmtree(final)
@@ -234,7 +179,7 @@ def publish_top_level(run_dir: Path, checkpoint: Path) -> None:
     """
     for name in TOP_LEVEL_FILES:
         if (checkpoint / name).is_file():
-            _replace_copy(checkpoint / name, run_dir / name)
+            atomic_copy(checkpoint / name, run_dir / name)
     fsync_dir(run_dir)
 
 

@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from longnet.utils.atomic import atomic_write_text, save_figure
+
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
 
@@ -29,9 +31,9 @@ class MetricsLog:
         self.path = Path(run_dir) / METRICS_FILE
         if resume_step is not None and self.path.exists():
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None:
-            self.path.write_text("", encoding="utf-8")
+            atomic_write_text(self.path, "")
         self._file = open(self.path, "a", encoding="utf-8")
         self._tb = _tensorboard_writer(Path(run_dir) / "tensorboard", resume_step) if tensorboard else None
 
@@ -100,12 +102,10 @@ def plot_losses(run_dir: Path, title: str = "") -> Path | None:
     if train or evals:
         ax.legend()
     fig.tight_layout()
-    out = run_dir / PLOT_FILE
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    tmp.replace(out)
-    return out
+    try:
+        return save_figure(fig, run_dir / PLOT_FILE)
+    finally:
+        plt.close(fig)
 
 
 def _ema(values: tuple[float, ...], beta: float) -> list[float]:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from longnet.paper import PAPER_BETAS, PAPER_WEIGHT_DECAY
+
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: ``decay`` (linear weights) and ``no_decay`` (everything else).
@@ -38,8 +40,8 @@ def build_optimizer(
     model: nn.Module,
     *,
     lr: float,
-    betas: tuple[float, float] = (0.9, 0.98),
-    weight_decay: float = 0.01,
+    betas: tuple[float, float] = PAPER_BETAS,
+    weight_decay: float = PAPER_WEIGHT_DECAY,
     eps: float = 1e-8,
     fused: bool | None = None,
 ) -> torch.optim.AdamW:

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from longnet.train.checkpoint import LATEST_FILE, atomic_write_json, read_json
+from longnet.train.checkpoint import LATEST_FILE, read_json
+from longnet.utils.atomic import atomic_write_json
 
 RUN_FILE = "run.json"
 RUN_FORMAT = 1

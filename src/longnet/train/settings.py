@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PAPER_LR = 6e-4
-PAPER_WARMUP = 750
-PAPER_BATCH_TOKENS = 524_288
+from longnet.paper import PAPER_BATCH_TOKENS, PAPER_BETAS, PAPER_LR, PAPER_WARMUP_STEPS, PAPER_WEIGHT_DECAY
+
 MICRO_BATCH_TOKENS = 16_384
 """Default micro-batch: the most sequences whose tokens stay within this (at least one)."""
 
@@ -72,9 +71,9 @@ class TrainSettings:
     """``cosine``, ``linear`` or ``constant`` after warmup."""
     decay_steps: int | None = None
     """Step at which the decay ends; None = ``max_steps`` of the first invocation."""
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.98
+    weight_decay: float = PAPER_WEIGHT_DECAY
+    beta1: float = PAPER_BETAS[0]
+    beta2: float = PAPER_BETAS[1]
     grad_clip: float = 2.0
     hf_model: str | None = None
     """A local transformers model folder to fine-tune with dilated attention instead of a preset."""
@@ -103,9 +102,6 @@ class TrainSettings:
     def batch_size(self) -> int:
         """Sequences per optimizer step."""
         return self.batch_tokens // self.seq_len
-
-    def identity(self) -> dict[str, Any]:
-        return {name: getattr(self, name) for name in IDENTITY}
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -173,7 +169,7 @@ class TrainSettings:
         if self.decay_steps is None:
             self.decay_steps = self.max_steps
         if self.warmup_steps is None:
-            self.warmup_steps = min(PAPER_WARMUP, max(1, self.decay_steps // 10))
+            self.warmup_steps = min(PAPER_WARMUP_STEPS, max(1, self.decay_steps // 10))
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad option."""

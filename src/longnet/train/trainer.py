@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm import tqdm
@@ -28,6 +28,7 @@ from tqdm import tqdm
 from longnet.data import EvalBatches, PreparedData, TrainBatches, prepare_data
 from longnet.models import CheckpointError, LongNetConfig, LongNetLM
 from longnet.train.checkpoint import (
+    TrainerCheckpoint,
     latest_checkpoint,
     load_trainer_checkpoint,
     publish_top_level,
@@ -38,7 +39,6 @@ from longnet.train.distributed import (
     Parallel,
     check_in_sync,
     check_pattern_split,
-    check_sequence_parallel,
     local_device,
     local_micro_batch,
     parallel_mean_loss,
@@ -131,21 +131,6 @@ def _check_same_config(saved: LongNetConfig, expected: LongNetConfig, where: Pat
                               f"needs {b.get(k)!r}); use the run's own settings or a new --out")
 
 
-def _prepare(settings: TrainSettings) -> PreparedData:
-    tokenizer = None
-    if settings.hf_model is not None:  # the model's own tokenizer
-        from longnet.integrations.hf_train import load_hf_tokenizer, prepare_hf_config
-
-        tokenizer = load_hf_tokenizer(settings.hf_model, prepare_hf_config(settings.hf_model, seq_len=settings.seq_len))
-    prepared = prepare_data(settings.data, settings.cache_dir, settings.vocab_size, tokenizer=tokenizer,
-                            progress=settings.progress)
-    if prepared.num_tokens["train"] < settings.seq_len + 1:
-        raise ValueError(
-            f"the training split of --data {settings.data!r} has {prepared.num_tokens['train']:,} tokens, fewer "
-            f"than --seq-len {settings.seq_len} + 1; use a shorter --seq-len or more data")
-    return prepared
-
-
 def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
           log=print) -> TrainResult:
     """Train (or resume) the run in ``out``; see ``longnet train --help`` for the settings.
@@ -153,6 +138,10 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
     Under torchrun (``WORLD_SIZE`` set) every process calls this: the processes form a data x
     sequence parallel mesh (``sequence_parallel`` ranks per sequence, see
     :mod:`longnet.train.distributed`) and rank 0 alone logs, writes metrics and checkpoints.
+
+    The run has three steps: :func:`_build` (settings, data, model, optimizer, resumed state),
+    :func:`_run_steps` (the optimizer steps, evaluations and periodic checkpoints) and
+    :func:`_finish` (final checkpoint, plot, report).
 
     Args:
         settings_given: :class:`TrainSettings` fields given explicitly (None = not given).
@@ -165,26 +154,80 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
         TrainingInterrupted: SIGINT/SIGTERM; a checkpoint was saved first.
         TrainingDiverged: the loss became NaN/inf (the last checkpoint is kept).
     """
-    sp = settings_given.get("sequence_parallel") or 1
-    check_sequence_parallel(sp, torchrun_world_size())  # before any process group: one clear error
-    device_name = settings_given.get("device") or "auto"
-    parallel = setup_parallel(sp, resolve_device(device_name)) if torchrun_world_size() is not None else None
-    result = _train(settings_given, out, resume, log, parallel)
+    run_dir, stored = open_run_dir(out, resume)  # reads only: every rank may do it
+    settings = TrainSettings.resolve(settings_given, stored["settings"] if stored else None)
+    device = resolve_device(settings.device)
+    if torchrun_world_size() is not None:
+        device = local_device(device)  # cuda means cuda:LOCAL_RANK
+    # checks --sequence-parallel against the launch before any process group: one clear error
+    parallel = setup_parallel(settings.sequence_parallel, device)
+    if parallel is not None and not parallel.is_main:
+        log = _quiet
+    run = _build(settings, run_dir, resumed=stored is not None, device=device, parallel=parallel, log=log)
+    progress = _run_steps(run)
+    result = _finish(run, progress)
     if parallel is not None:  # on errors the process exits and torchrun ends the others
         parallel.close()
     return result
 
 
-def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, parallel: Parallel | None
-           ) -> TrainResult:
+# ------------------------------------------------------------------------------------ build
+@dataclass
+class _Run:
+    """Everything :func:`_build` sets up; the step loop and :func:`_finish` only read it."""
+
+    settings: TrainSettings
+    run_dir: Path
+    resumed: bool
+    """The run folder held a run (``--resume``)."""
+    device: torch.device
+    dtype: torch.dtype
+    parallel: Parallel | None
+    log: Callable[[str], None]
+    tokenizer: Any
+    model: LongNetLM
+    """The model itself: saved, evaluated."""
+    forward: Callable
+    """What the steps call: the model, DDP-wrapped under torchrun, compiled with --compile."""
+    optimizer: torch.optim.Optimizer
+    params: list[torch.nn.Parameter]
+    batches: TrainBatches
+    val_batches: EvalBatches | None
+    micro: int
+    """Sequences per forward/backward (per rank under torchrun)."""
+    schedule: dict[str, Any]
+    """:func:`learning_rate` keyword arguments."""
+    start: "_Progress"
+    """Where the run starts: step 0, or the resumed checkpoint's figures."""
+
+    @property
+    def main(self) -> bool:
+        return self.parallel is None or self.parallel.is_main
+
+    @property
+    def step_tokens(self) -> int:
+        return self.settings.batch_size * self.settings.seq_len
+
+
+@dataclass
+class _Progress:
+    """What changes as the run goes: step, counters, latest losses, the last checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    elapsed: float = 0.0
+    train_loss: float = math.nan
+    val_loss: float | None = None
+    saved_step: int = 0
+    checkpoint: Path | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: torch.device,
+           parallel: Parallel | None, log) -> _Run:
+    """Data, model, optimizer and (when resuming) the checkpoint's state; writes ``run.json``."""
     main = parallel is None or parallel.is_main
-    if not main:
-        log = _quiet
-    run_dir, stored = open_run_dir(out, resume)
-    settings = TrainSettings.resolve(settings_given, stored["settings"] if stored else None)
-    device = resolve_device(settings.device)
     if parallel is not None:
-        device = local_device(device)
         parallel.barrier()  # every rank has read the run folder before rank 0 writes to it
     dtype = resolve_dtype(settings.dtype, device)
     sp, dp = (parallel.sp, parallel.dp) if parallel is not None else (1, 1)
@@ -197,31 +240,13 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
     else:
         micro = local_micro_batch(settings.batch_size, dp, settings.seq_len // sp, settings.micro_batch,
                                   MICRO_BATCH_TOKENS)
-    if main:
-        prepared = _prepare(settings)  # rank 0 first: it may train the tokenizer and fill the cache
-    if parallel is not None:
-        parallel.barrier()
-        if not main:
-            prepared = _prepare(dataclasses.replace(settings, progress=False))  # reads rank 0's cache
+    prepared = _prepare_data(settings, parallel)
     tokenizer = prepared.tokenizer
     config = build_config(settings, tokenizer.vocab_size)
 
-    ckpt_dir = latest_checkpoint(run_dir) if stored else None
+    ckpt_dir = latest_checkpoint(run_dir) if resumed else None
     torch.manual_seed(settings.seed)
-    model_class = LongNetLM
-    if settings.hf_model is not None:
-        from longnet.integrations.hf_train import HFCausalLM as model_class
-    if ckpt_dir is not None:
-        model = model_class.from_pretrained(ckpt_dir)
-        _check_same_config(model.config, config, ckpt_dir)
-        model.config.grad_checkpointing = settings.grad_checkpointing
-        trainer_ckpt = load_trainer_checkpoint(ckpt_dir, device)
-        if trainer_ckpt.state.get("tokenizer_sha256") != tokenizer.sha256():
-            raise CheckpointError(f"{ckpt_dir}: checkpoint was trained with another tokenizer than the one "
-                                  f"--data {settings.data!r} gives now; the data or its cache changed")
-    else:
-        model = LongNetLM(config) if settings.hf_model is None else model_class.from_run_config(config)
-        trainer_ckpt = None
+    model, trainer_ckpt = _load_or_init_model(config, ckpt_dir, settings, tokenizer, device)
     model.to(device)
     model.train()
     if device.type == "cuda":
@@ -229,26 +254,12 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
         torch.backends.cudnn.allow_tf32 = True
     optimizer = build_optimizer(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
                                 weight_decay=settings.weight_decay, fused=device.type == "cuda")
-    start_step, tokens_seen, elapsed = 0, 0, 0.0
+    start = _Progress(checkpoint=ckpt_dir)
+    batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
     if trainer_ckpt is not None:
-        try:
-            optimizer.load_state_dict(trainer_ckpt.optimizer)
-        except (ValueError, KeyError, RuntimeError) as err:
-            raise CheckpointError(f"{ckpt_dir}: optimizer state does not fit the model ({err})") from err
-        restore_rng_states(trainer_ckpt.rng)
-        start_step = trainer_ckpt.step
-        tokens_seen = int(trainer_ckpt.state.get("tokens", 0))
-        elapsed = float(trainer_ckpt.state.get("elapsed_s", 0.0))
+        start = _resume_state(trainer_ckpt, optimizer, batches)
         if main:
             publish_top_level(run_dir, ckpt_dir)
-
-    batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
-    if trainer_ckpt is not None and "data" in trainer_ckpt.state:
-        try:  # same windows as before the interruption: same sizes and the same token stream
-            batches.load_state_dict(trainer_ckpt.state["data"])
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{ckpt_dir}: cannot continue on this data ({err}); "
-                                  "resume with the data the run started with, or start a new --out") from err
     if main:
         write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
                        num_parameters=model.num_parameters(), data={
@@ -266,131 +277,227 @@ def _train(settings_given: dict[str, Any], out: str | Path, resume: bool, log, p
             f"{settings.seq_len} + 1: no validation loss")
     trained = parallel.data_parallel(model) if parallel is not None else model  # DDP over the data axis
     forward = torch.compile(trained) if settings.compile else trained
-
-    cols = parallel.columns(settings.seq_len) if parallel is not None else (0, settings.seq_len)
-    step_tokens = settings.batch_size * settings.seq_len
-    n_micro = settings.batch_size // dp // micro
-    what = (config.describe() if settings.hf_model is not None
-            else f"{settings.preset} LongNet ({model.config.attention})")
-    log(f"run {run_dir}: {what}, "
-        f"{model.num_parameters():,} parameters, vocab {tokenizer.vocab_size}, on {device} ({str(dtype)[6:]})")
-    if parallel is not None:
-        log(f"torchrun: {parallel.world} processes = {dp} data parallel x {sp} sequence parallel; each rank "
-            f"runs {settings.batch_size // dp} sequence(s) x {settings.seq_len // sp} tokens per step")
-    log(f"data {settings.data!r}: " + ", ".join(f"{k} {v:,}" for k, v in prepared.num_tokens.items())
-        + f" tokens; step = {settings.batch_size} x {settings.seq_len} tokens ({n_micro} micro-batch(es) of "
-        f"{micro}{' per rank' if parallel is not None else ''}); lr {settings.lr:g}, warmup "
-        f"{settings.warmup_steps}, {settings.decay} decay to step {settings.decay_steps}")
-    if start_step:
-        log(f"resuming from {ckpt_dir} at step {start_step}")
-    if start_step >= settings.max_steps:
-        log(f"nothing to do: the run is at step {start_step} >= --max-steps {settings.max_steps}")
-
-    metrics = MetricsLog(run_dir, resume_step=start_step if stored else None) if main else None
-    history: list[dict[str, Any]] = []
-    params = [p for g in optimizer.param_groups for p in g["params"]]
     schedule = dict(peak_lr=settings.lr, warmup_steps=settings.warmup_steps,
                     decay_steps=settings.decay_steps, decay=settings.decay,
                     min_lr_ratio=settings.min_lr_ratio)
-    step, last_loss, val_loss, saved_step = start_step, math.nan, None, start_step
-    if trainer_ckpt is not None:  # figures of the checkpoint, until new steps replace them
-        last_loss = float(trainer_ckpt.state.get("train_loss") or math.nan)
-        val_loss = trainer_ckpt.state.get("val_loss")
-    last_path: Path | None = ckpt_dir
+    run = _Run(settings=settings, run_dir=run_dir, resumed=resumed, device=device, dtype=dtype, parallel=parallel,
+               log=log, tokenizer=tokenizer, model=model, forward=forward, optimizer=optimizer,
+               params=[p for g in optimizer.param_groups for p in g["params"]], batches=batches,
+               val_batches=val_batches, micro=micro, schedule=schedule, start=start)
+    _log_start(run, prepared)
+    return run
 
-    def save() -> Path | None:
-        nonlocal saved_step, last_path
-        if parallel is not None:
-            check_in_sync(params, parallel)  # every replica took the same steps
-        saved_step = step
-        if main:
-            state = {"tokens": tokens_seen, "elapsed_s": elapsed, "data": batches.state_dict() | {"step": step},
-                     "tokenizer_sha256": tokenizer.sha256(), "schedule": schedule, "train_loss": last_loss,
-                     "val_loss": val_loss}
-            last_path = save_trainer_checkpoint(
-                run_dir, step=step, write_model=model.save_pretrained, write_tokenizer=tokenizer.save,
-                optimizer_state=optimizer.state_dict(), trainer_state=state)
-        if parallel is not None:
-            parallel.barrier()  # the checkpoint is complete before any rank moves on (or exits)
-            if not main:
-                last_path = latest_checkpoint(run_dir)
-        return last_path
 
-    def stopping(stop: _StopFlag) -> bool:
-        if parallel is None:
-            return stop.signum is not None
-        return parallel.any(stop.signum is not None, device)  # every rank stops at the same step
+def _prepare(settings: TrainSettings) -> PreparedData:
+    tokenizer = None
+    if settings.hf_model is not None:  # the model's own tokenizer
+        from longnet.integrations.hf_train import load_hf_tokenizer, prepare_hf_config
 
-    bar = tqdm(total=settings.max_steps, initial=start_step, unit="step", desc="train", dynamic_ncols=True,
-               disable=(not main) or (None if settings.progress is None else not settings.progress),
-               file=sys.stderr)
+        tokenizer = load_hf_tokenizer(settings.hf_model, prepare_hf_config(settings.hf_model, seq_len=settings.seq_len))
+    prepared = prepare_data(settings.data, settings.cache_dir, settings.vocab_size, tokenizer=tokenizer,
+                            progress=settings.progress)
+    if prepared.num_tokens["train"] < settings.seq_len + 1:
+        raise ValueError(
+            f"the training split of --data {settings.data!r} has {prepared.num_tokens['train']:,} tokens, fewer "
+            f"than --seq-len {settings.seq_len} + 1; use a shorter --seq-len or more data")
+    return prepared
+
+
+def _prepare_data(settings: TrainSettings, parallel: Parallel | None) -> PreparedData:
+    """Token files and tokenizer: rank 0 first (it may train the tokenizer and fill the cache)."""
+    if parallel is None:
+        return _prepare(settings)
+    prepared = _prepare(settings) if parallel.is_main else None
+    parallel.barrier()
+    if prepared is None:
+        prepared = _prepare(dataclasses.replace(settings, progress=False))  # reads rank 0's cache
+    return prepared
+
+
+def _load_or_init_model(config: LongNetConfig, ckpt_dir: Path | None, settings: TrainSettings, tokenizer,
+                        device: torch.device) -> tuple[LongNetLM, TrainerCheckpoint | None]:
+    """A new model of ``config``, or the checkpoint's model and trainer state (checked to fit)."""
+    model_class = LongNetLM
+    if settings.hf_model is not None:
+        from longnet.integrations.hf_train import HFCausalLM as model_class
+    if ckpt_dir is None:
+        return (LongNetLM(config) if settings.hf_model is None else model_class.from_run_config(config)), None
+    model = model_class.from_pretrained(ckpt_dir)
+    _check_same_config(model.config, config, ckpt_dir)
+    model.config.grad_checkpointing = settings.grad_checkpointing
+    trainer_ckpt = load_trainer_checkpoint(ckpt_dir, device)
+    if trainer_ckpt.state.get("tokenizer_sha256") != tokenizer.sha256():
+        raise CheckpointError(f"{ckpt_dir}: checkpoint was trained with another tokenizer than the one "
+                              f"--data {settings.data!r} gives now; the data or its cache changed")
+    return model, trainer_ckpt
+
+
+def _resume_state(ckpt: TrainerCheckpoint, optimizer: torch.optim.Optimizer, batches: TrainBatches) -> _Progress:
+    """Load the optimizer, RNG and data position of ``ckpt``; the progress it records."""
+    try:
+        optimizer.load_state_dict(ckpt.optimizer)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"{ckpt.path}: optimizer state does not fit the model ({err})") from err
+    restore_rng_states(ckpt.rng)
+    if "data" in ckpt.state:
+        try:  # same windows as before the interruption: same sizes and the same token stream
+            batches.load_state_dict(ckpt.state["data"])
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"{ckpt.path}: cannot continue on this data ({err}); "
+                                  "resume with the data the run started with, or start a new --out") from err
+    # the figures of the checkpoint, until new steps replace them
+    return _Progress(step=ckpt.step, tokens=int(ckpt.state.get("tokens", 0)),
+                     elapsed=float(ckpt.state.get("elapsed_s", 0.0)),
+                     train_loss=float(ckpt.state.get("train_loss") or math.nan),
+                     val_loss=ckpt.state.get("val_loss"), saved_step=ckpt.step, checkpoint=ckpt.path)
+
+
+def _log_start(run: _Run, prepared: PreparedData) -> None:
+    s, parallel, log = run.settings, run.parallel, run.log
+    dp = parallel.dp if parallel is not None else 1
+    what = run.model.describe() if s.hf_model is not None else f"{s.preset} LongNet ({run.model.config.attention})"
+    log(f"run {run.run_dir}: {what}, "
+        f"{run.model.num_parameters():,} parameters, vocab {run.tokenizer.vocab_size}, on {run.device} "
+        f"({str(run.dtype)[6:]})")
+    if parallel is not None:
+        log(f"torchrun: {parallel.world} processes = {dp} data parallel x {parallel.sp} sequence parallel; each "
+            f"rank runs {s.batch_size // dp} sequence(s) x {s.seq_len // parallel.sp} tokens per step")
+    log(f"data {s.data!r}: " + ", ".join(f"{k} {v:,}" for k, v in prepared.num_tokens.items())
+        + f" tokens; step = {s.batch_size} x {s.seq_len} tokens ({s.batch_size // dp // run.micro} micro-batch(es) "
+        f"of {run.micro}{' per rank' if parallel is not None else ''}); lr {s.lr:g}, warmup "
+        f"{s.warmup_steps}, {s.decay} decay to step {s.decay_steps}")
+    if run.start.step:
+        log(f"resuming from {run.start.checkpoint} at step {run.start.step}")
+    if run.start.step >= s.max_steps:
+        log(f"nothing to do: the run is at step {run.start.step} >= --max-steps {s.max_steps}")
+
+
+# -------------------------------------------------------------------------------- step loop
+def _run_steps(run: _Run) -> _Progress:
+    """Optimizer steps up to ``--max-steps``, evaluating and saving on schedule.
+
+    Raises :class:`TrainingInterrupted` after saving when SIGINT/SIGTERM arrives (on any rank).
+    """
+    s = run.settings
+    progress = dataclasses.replace(run.start, history=[])
+    metrics = MetricsLog(run.run_dir, resume_step=progress.step if run.resumed else None) if run.main else None
+    bar = tqdm(total=s.max_steps, initial=progress.step, unit="step", desc="train", dynamic_ncols=True,
+               disable=(not run.main) or (None if s.progress is None else not s.progress), file=sys.stderr)
     try:
         with _StopFlag() as stop:
-            while step < settings.max_steps and not stopping(stop):
-                t0 = time.perf_counter()
-                lr = learning_rate(step, **schedule)
-                if parallel is None:
-                    input_ids, labels = batches.get(step)  # (batch_size, seq_len) each
-                else:  # this rank's rows and sequence chunk: (batch_size / dp, seq_len / sp)
-                    input_ids, labels = batches.get(step, *cols, rank=parallel.dp_rank, world=dp)
-                last_loss, grad_norm = train_step(forward, params, optimizer, input_ids, labels,
-                                                  lr=lr, grad_clip=settings.grad_clip, micro=micro,
-                                                  device=device, dtype=dtype, parallel=parallel)
-                step += 1
-                tokens_seen += step_tokens
-                dt = time.perf_counter() - t0
-                elapsed += dt
-                if not math.isfinite(last_loss):
-                    raise TrainingDiverged(
-                        f"the training loss is {last_loss} at step {step}; lower --lr (now {settings.lr:g}) "
-                        f"and resume from the last checkpoint ({last_path or 'none yet'}) with a new --out")
-                record = {"kind": "train", "step": step, "loss": last_loss, "lr": lr,
-                          "grad_norm": grad_norm, "tokens": tokens_seen,
-                          "tokens_per_s": step_tokens / dt, "time": elapsed}
+            while progress.step < s.max_steps and not _stopping(run, stop):
+                record = _one_step(run, progress)
                 if metrics is not None:
                     metrics.log(record)
-                history.append(record)
-                bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{step_tokens / dt:,.0f}",
-                                refresh=False)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_s']:,.0f}", refresh=False)
                 bar.update(1)
-                if val_batches is not None and (step % settings.eval_every == 0 or step == settings.max_steps):
-                    if parallel is None:
-                        val_loss, _ = mean_loss(model, val_batches, device, dtype)
-                    else:
-                        val_loss, _ = parallel_mean_loss(model, val_batches, device, dtype, parallel)
-                    record = {"kind": "eval", "step": step, "val_loss": val_loss,
-                              "val_perplexity": math.exp(min(val_loss, 700.0)), "tokens": tokens_seen}
-                    history.append(record)
-                    if main:
-                        metrics.log(record)
-                        tqdm.write(f"step {step}: train loss {last_loss:.4f}, validation loss {val_loss:.4f} "
-                                   f"(perplexity {record['val_perplexity']:.2f})", file=sys.stderr)
-                        plot_losses(run_dir)
-                if step % settings.save_every == 0 or step == settings.max_steps:
-                    save()
-            if stop.signum is not None or (parallel is not None and step < settings.max_steps):
+                step = progress.step
+                if run.val_batches is not None and (step % s.eval_every == 0 or step == s.max_steps):
+                    _evaluate(run, progress, metrics)
+                if step % s.save_every == 0 or step == s.max_steps:
+                    _save(run, progress)
+            if stop.signum is not None or (run.parallel is not None and progress.step < s.max_steps):
                 bar.close()
-                if step > saved_step or last_path is None:
-                    save()
-                if main:
-                    plot_losses(run_dir)
-                raise TrainingInterrupted(stop.signum or signal.SIGTERM, step, run_dir)
+                if progress.step > progress.saved_step or progress.checkpoint is None:
+                    _save(run, progress)
+                if run.main:
+                    plot_losses(run.run_dir)
+                raise TrainingInterrupted(stop.signum or signal.SIGTERM, progress.step, run.run_dir)
     finally:
         bar.close()
         if metrics is not None:
             metrics.close()
-    if step > saved_step or last_path is None:
-        save()
-    elif parallel is not None:
-        check_in_sync(params, parallel)
-    png = plot_losses(run_dir) if main else None
-    if main and png is None:
-        log("note: matplotlib is not installed, so no loss plot; pip install matplotlib")
-    log(f"done: step {step}, {tokens_seen:,} tokens, train loss {last_loss:.4f}"
-        + (f", validation loss {val_loss:.4f}" if val_loss is not None else "")
-        + f"; checkpoint {last_path}" + (f"; plot {png}" if png else ""))
-    return TrainResult(run_dir=run_dir, step=step, tokens=tokens_seen, train_loss=last_loss, val_loss=val_loss,
-                       checkpoint=last_path, history=history)
+    return progress
+
+
+def _stopping(run: _Run, stop: _StopFlag) -> bool:
+    if run.parallel is None:
+        return stop.signum is not None
+    return run.parallel.any(stop.signum is not None, run.device)  # every rank stops at the same step
+
+
+def _one_step(run: _Run, progress: _Progress) -> dict[str, Any]:
+    """Run optimizer step ``progress.step``, advance ``progress``; the step's metrics record."""
+    s, parallel = run.settings, run.parallel
+    t0 = time.perf_counter()
+    lr = learning_rate(progress.step, **run.schedule)
+    if parallel is None:
+        input_ids, labels = run.batches.get(progress.step)  # (batch_size, seq_len) each
+    else:  # this rank's rows and sequence chunk: (batch_size / dp, seq_len / sp)
+        input_ids, labels = run.batches.get(progress.step, *parallel.columns(s.seq_len), rank=parallel.dp_rank,
+                                            world=parallel.dp)
+    loss, grad_norm = train_step(run.forward, run.params, run.optimizer, input_ids, labels, lr=lr,
+                                 grad_clip=s.grad_clip, micro=run.micro, device=run.device, dtype=run.dtype,
+                                 parallel=parallel)
+    progress.train_loss = loss
+    progress.step += 1
+    progress.tokens += run.step_tokens
+    dt = time.perf_counter() - t0
+    progress.elapsed += dt
+    if not math.isfinite(loss):
+        raise TrainingDiverged(
+            f"the training loss is {loss} at step {progress.step}; lower --lr (now {s.lr:g}) and resume "
+            f"from the last checkpoint ({progress.checkpoint or 'none yet'}) with a new --out")
+    record = {"kind": "train", "step": progress.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+              "tokens": progress.tokens, "tokens_per_s": run.step_tokens / dt, "time": progress.elapsed}
+    progress.history.append(record)
+    return record
+
+
+def _evaluate(run: _Run, progress: _Progress, metrics: MetricsLog | None) -> None:
+    """Validation loss now (every rank takes part under torchrun); rank 0 logs and plots it."""
+    if run.parallel is None:
+        val_loss, _ = mean_loss(run.model, run.val_batches, run.device, run.dtype)
+    else:
+        val_loss, _ = parallel_mean_loss(run.model, run.val_batches, run.device, run.dtype, run.parallel)
+    progress.val_loss = val_loss
+    record = {"kind": "eval", "step": progress.step, "val_loss": val_loss,
+              "val_perplexity": math.exp(min(val_loss, 700.0)), "tokens": progress.tokens}
+    progress.history.append(record)
+    if run.main:
+        metrics.log(record)
+        tqdm.write(f"step {progress.step}: train loss {progress.train_loss:.4f}, validation loss {val_loss:.4f} "
+                   f"(perplexity {record['val_perplexity']:.2f})", file=sys.stderr)
+        plot_losses(run.run_dir)
+
+
+def _save(run: _Run, progress: _Progress) -> None:
+    """Checkpoint the current step (rank 0 writes; every rank waits until it is complete)."""
+    parallel = run.parallel
+    if parallel is not None:
+        check_in_sync(run.params, parallel)  # every replica took the same steps
+    progress.saved_step = progress.step
+    if run.main:
+        state = {"tokens": progress.tokens, "elapsed_s": progress.elapsed,
+                 "data": run.batches.state_dict() | {"step": progress.step},
+                 "tokenizer_sha256": run.tokenizer.sha256(), "schedule": run.schedule,
+                 "train_loss": progress.train_loss, "val_loss": progress.val_loss}
+        progress.checkpoint = save_trainer_checkpoint(
+            run.run_dir, step=progress.step, write_model=run.model.save_pretrained,
+            write_tokenizer=run.tokenizer.save, optimizer_state=run.optimizer.state_dict(), trainer_state=state)
+    if parallel is not None:
+        parallel.barrier()  # the checkpoint is complete before any rank moves on (or exits)
+        if not run.main:
+            progress.checkpoint = latest_checkpoint(run.run_dir)
+
+
+# ----------------------------------------------------------------------------------- finish
+def _finish(run: _Run, progress: _Progress) -> TrainResult:
+    """The final checkpoint (unless the last step was saved), the loss plot and the closing line."""
+    if progress.step > progress.saved_step or progress.checkpoint is None:
+        _save(run, progress)
+    elif run.parallel is not None:
+        check_in_sync(run.params, run.parallel)
+    png = plot_losses(run.run_dir) if run.main else None
+    if run.main and png is None:
+        run.log("note: matplotlib is not installed, so no loss plot; pip install matplotlib")
+    run.log(f"done: step {progress.step}, {progress.tokens:,} tokens, train loss {progress.train_loss:.4f}"
+            + (f", validation loss {progress.val_loss:.4f}" if progress.val_loss is not None else "")
+            + f"; checkpoint {progress.checkpoint}" + (f"; plot {png}" if png else ""))
+    return TrainResult(run_dir=run.run_dir, step=progress.step, tokens=progress.tokens,
+                       train_loss=progress.train_loss, val_loss=progress.val_loss, checkpoint=progress.checkpoint,
+                       history=progress.history)
 
 
 def _quiet(message: str) -> None:

@@ -1,4 +1,11 @@
-"""Causal dilated attention over a bounded cache, for decoding and chunked prefill.
+"""A second, independent bounded cache, kept as a test reference (like :mod:`longnet.ops.reference`).
+
+Generation uses :class:`longnet.models.cache.SlotLayerCache`: measured on CPU
+(``benchmarks/decode.py``) it decodes 2-3x and prefills about 10x faster than this cache, which
+therefore has no user; tests compare the two, and ``make_cache(layer_cache=DilatedLayerCache)``
+still builds a model cache from it.
+
+Causal dilated attention over a bounded cache, for decoding and chunked prefill.
 
 A causal query at position ``p`` only reads keys of its own segment (per branch), and per head
 only the positions at that head's residue. So one head needs at most ``ceil(w_i / r_i)`` cached
@@ -17,31 +24,12 @@ import math
 
 import torch
 
+from longnet.ops.cache_tokens import new_tokens
 from longnet.ops.pattern import DilatedPattern
 
-__all__ = ["DilatedLayerCache", "new_tokens"]
+__all__ = ["DilatedLayerCache"]
 
 _NEG_INF = float("-inf")
-
-
-def new_tokens(cache, query, key, value, positions, valid):
-    """Check new tokens against a layer cache (``.B``, ``.H``, ``.D``, ``.dtype``).
-
-    Returns ``(valid (B, n) bool, key, value)`` with key/value expanded to the query heads
-    (B, H, n, D) in the cache's dtype (heads of one GQA group keep different residues).
-    """
-    B, H, n, D = query.shape
-    if (B, H, D) != (cache.B, cache.H, cache.D):
-        raise ValueError(f"query of shape {tuple(query.shape)} does not fit a cache made for "
-                         f"batch {cache.B}, {cache.H} heads, head dim {cache.D}")
-    if positions.shape != (B, n):
-        raise ValueError(f"positions must have shape {(B, n)}, got {tuple(positions.shape)}")
-    Hkv = key.shape[1]
-    if H % Hkv:
-        raise ValueError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv})")
-    valid = torch.ones(B, n, dtype=torch.bool, device=query.device) if valid is None else valid
-    kv_heads = torch.arange(H, device=query.device) // (H // Hkv)
-    return valid, key[:, kv_heads].to(cache.dtype), value[:, kv_heads].to(cache.dtype)
 
 
 class DilatedLayerCache:
@@ -100,14 +88,14 @@ class DilatedLayerCache:
         out = torch.zeros(B, H, n, D, dtype=acc, device=query.device)
         lse = torch.full((B, H, n), _NEG_INF, dtype=acc, device=query.device)
         q = query.to(acc)
-        for b, r in enumerate(self.pattern.dilation_rates):
+        for b in range(len(self.pattern)):
             w = self.pattern.segment_lengths[b]
             keys = torch.cat([self.keys[b], k_new], dim=2)  # (B, H, M + n, D)
             vals = torch.cat([self.values[b], v_new], dim=2)
             k_pos = torch.cat([self.positions[b], new_pos], dim=2)  # (B, H, M + n)
             # which tokens each head keeps in this branch: residue h % r inside the segment
-            q_kept = ((q_pos % w) % r == heads % r) & valid.unsqueeze(1)  # (B, H, n)
-            k_kept = (k_pos >= 0) & ((k_pos % w) % r == heads % r)  # (B, H, M + n)
+            q_kept = self.pattern.keeps(b, q_pos, heads) & valid.unsqueeze(1)  # (B, H, n)
+            k_kept = self.pattern.keeps(b, k_pos, heads)  # (B, H, M + n)
             allowed = (q_kept.unsqueeze(-1) & k_kept.unsqueeze(-2)
                        & ((q_pos // w).unsqueeze(-1) == (k_pos // w).unsqueeze(-2))
                        & (k_pos.unsqueeze(-2) <= q_pos.unsqueeze(-1)))  # (B, H, n, M + n)

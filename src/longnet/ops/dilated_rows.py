@@ -48,9 +48,9 @@ def _row_keys(pattern: DilatedPattern, rel: torch.Tensor, num_heads: int, length
     for b, r in enumerate(pattern.dilation_rates):
         w = pattern.effective_segment(b, length)
         m = -(-w // r)
-        start = torch.div(rel4, w, rounding_mode="floor") * w  # (B, 1, q, 1)
-        res = heads % r  # (1, H, 1, 1)
-        kept = ((rel4 - start) % r == res) & (rel4 >= 0)  # (B, H, q, 1): the query's row exists
+        start = pattern.segment_index(b, rel4, length) * w  # (B, 1, q, 1)
+        res = pattern.residue(heads, b)  # (1, H, 1, 1)
+        kept = pattern.keeps(b, rel4, heads, length)  # (B, H, q, 1): the query's row exists
         pos = start + res + torch.arange(m, device=device).view(1, 1, 1, m) * r  # (B, H, q, m)
         ok = kept & (pos < torch.clamp(start + w, max=length))
         if is_causal:

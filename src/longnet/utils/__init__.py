@@ -1,0 +1,1 @@
+"""Small helpers that every layer of longnet may use (they import nothing from longnet)."""
