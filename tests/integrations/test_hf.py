@@ -55,7 +55,7 @@ def with_impl(model, impl: str):
 
 
 def pattern_bias(config: LlamaConfig, length: int, dtype=torch.float64) -> torch.Tensor:
-    """(1, H, N, N) additive mask: log(branch count), -inf where no branch (the DESIGN reference)."""
+    """(1, H, N, N) additive mask: log(branch count), -inf where no branch (the one-softmax reference of docs/design.md)."""
     pattern = DilatedPattern(config.segment_lengths, config.dilation_rates)
     counts = count_matrix(pattern, length, config.num_attention_heads, is_causal=True)
     return counts.log().to(dtype).unsqueeze(0)

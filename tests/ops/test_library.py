@@ -31,22 +31,23 @@ def _qkv(B, H, Hkv, N, D, layout="bhnd", dtype=torch.float64, seed=0):
     return make(H), make(Hkv), make(Hkv)
 
 
-CASES = [  # (B, H, Hkv, N, D, ws, rs, causal, pad)
-    (2, 4, 2, 37, 8, [8, 16], [1, 2], True, False),
-    (1, 6, 3, 50, 4, [5, 12, 64], [1, 3, 4], False, True),
-    (2, 3, 3, 23, 5, [4, 8], [2, 3], True, True),
+CASES = [  # (B, H, Hkv, N, D, ws, rs, shift, causal, pad)
+    (2, 4, 2, 37, 8, [8, 16], [1, 2], 0, True, False),
+    (1, 6, 3, 50, 4, [5, 12, 64], [1, 3, 4], 0, False, True),
+    (2, 3, 3, 23, 5, [4, 8], [2, 3], 0, True, True),
+    (2, 4, 2, 41, 4, [8, 16], [1, 2], 4, True, True),
 ]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_opcheck(case):
-    B, H, Hkv, N, D, ws, rs, causal, pad = case
+    B, H, Hkv, N, D, ws, rs, shift, causal, pad = case
     q, k, v = _qkv(B, H, Hkv, N, D, layout="bnhd")
     kpm = (torch.rand(B, N, generator=torch.Generator().manual_seed(1)) > 0.3) if pad else None
-    torch.library.opcheck(dilated_attention_op, (q, k, v, kpm, ws, rs, causal, 0.37, "auto"))
-    out, lse = dilated_attention_op(q, k, v, kpm, ws, rs, causal, 0.37, "auto")
+    torch.library.opcheck(dilated_attention_op, (q, k, v, kpm, ws, rs, shift, causal, 0.37, "auto"))
+    out, lse = dilated_attention_op(q, k, v, kpm, ws, rs, shift, causal, 0.37, "auto")
     args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse.detach(),
-            torch.randn_like(lse), kpm, ws, rs, causal, 0.37, "auto")
+            torch.randn_like(lse), kpm, ws, rs, shift, causal, 0.37, "auto")
     torch.library.opcheck(dilated_attention_backward_op, args)
 
 
@@ -55,14 +56,15 @@ def test_opcheck(case):
        D=st.integers(1, 6), branches=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 5)),
                                                min_size=1, max_size=3),
        causal=st.booleans(), layout=st.sampled_from(["bhnd", "bnhd", "slice"]),
-       seed=st.integers(0, 99))
+       shift=st.sampled_from([0, 0, 1, 3, 17]), seed=st.integers(0, 99))
 def test_head_batched_calls_match_the_reference_in_every_layout(B, Hkv, group, N, D, branches,
-                                                                 causal, layout, seed):
+                                                                 causal, layout, shift, seed):
     ws, rs = [w for w, _ in branches], [r for _, r in branches]
+    pattern = DilatedPattern(ws, rs, shift=shift)
     q, k, v = _qkv(B, Hkv * group, Hkv, N, D, layout=layout, seed=seed)
-    out, lse = dilated_attention(q, k, v, segment_lengths=ws, dilation_rates=rs, is_causal=causal,
+    out, lse = dilated_attention(q, k, v, segment_lengths=pattern, is_causal=causal,
                                  enable_gqa=True, return_lse=True)
-    ref, r_lse = reference_dilated_attention(q, k, v, ws, rs, is_causal=causal, enable_gqa=True)
+    ref, r_lse = reference_dilated_attention(q, k, v, pattern, None, is_causal=causal, enable_gqa=True)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     finite = torch.isfinite(r_lse)
     torch.testing.assert_close(lse[finite], r_lse[finite], rtol=1e-10, atol=1e-10)

@@ -1,5 +1,7 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longnet import DilatedPattern
 from longnet.ops.reference import count_matrix
@@ -67,3 +69,35 @@ def test_bad_patterns_name_the_argument(w, r, exc, word):
 def test_pattern_accepts_tensors_and_single_ints():
     assert DilatedPattern(torch.tensor([4, 8]), (1, 2)).branches == ((4, 1), (8, 2))
     assert DilatedPattern(4, 2).branches == ((4, 2),)
+
+
+# ------------------------------------------------------------------------- shifted segments
+@settings(max_examples=60, deadline=None)
+@given(w=st.integers(1, 12), r=st.integers(1, 4), shift=st.integers(0, 30), N=st.integers(1, 40),
+       H=st.integers(1, 5), causal=st.booleans())
+def test_shifted_reads_match_an_explicit_segment_list(w, r, shift, N, H, causal):
+    """Segments [k w - s, (k + 1) w - s) clipped to [0, N), s = shift mod min(w, N) (0 when one
+    segment covers the sequence); head h keeps the positions at offset h mod r of each (unclipped)
+    segment; queries read kept keys of their segment."""
+    p = DilatedPattern([w], [r], shift=shift)
+    we = min(w, N)
+    s = 0 if we >= N else shift % we
+    seg_of = {pos: (pos + s) // we for pos in range(N)}
+    for h in range(H):
+        for i in range(N):
+            for j in range(N):
+                want = (seg_of[i] == seg_of[j] and (i + s) % we % r == h % r
+                        and (j + s) % we % r == h % r and (not causal or j <= i))
+                got = bool(p.reads(0, torch.tensor(i), torch.tensor(j), h, N, is_causal=causal))
+                assert got == want, (h, i, j)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ws=st.lists(st.integers(1, 12), min_size=1, max_size=3), shift=st.integers(0, 20),
+       N=st.integers(1, 40), H=st.integers(1, 4), causal=st.booleans())
+def test_shifted_flops_count_the_pairs_read(ws, shift, N, H, causal):
+    from longnet.ops.reference import count_matrix
+
+    p = DilatedPattern(ws, [1 + i for i in range(len(ws))], shift=shift)
+    pairs = count_matrix(p, N, H, is_causal=causal).sum().item()
+    assert p.flops(N, 1, H, is_causal=causal) == pytest.approx(4.0 * pairs)

@@ -45,7 +45,7 @@ class LongNetBase(nn.Module):
             raise TypeError(f"config must be a LongNetConfig, got {type(config).__name__}")
         self.config = config
         self.blocks = nn.ModuleList(
-            LongNetBlock(config, is_causal=self.is_causal) for _ in range(config.num_layers))
+            LongNetBlock(config, is_causal=self.is_causal, layer=i) for i in range(config.num_layers))
         self.norm = nn.LayerNorm(config.embed_dim, eps=config.norm_eps)
         self.drop = nn.Dropout(config.dropout)
 
@@ -106,13 +106,10 @@ class LongNetBase(nn.Module):
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
         c = self.config
-        pattern = c.pattern()
         kw = dict(is_causal=self.is_causal, backward=True)
-        if pattern is None:
-            attn = DilatedPattern.dense_flops(seq_len, c.head_dim, c.num_heads, **kw)
-        else:
-            attn = pattern.flops(seq_len, c.head_dim, c.num_heads, **kw)
-        return 6.0 * self._matmul_params() + c.num_layers * attn / seq_len
+        attn = sum(DilatedPattern.dense_flops(seq_len, c.head_dim, c.num_heads, **kw) if pattern is None
+                   else pattern.flops(seq_len, c.head_dim, c.num_heads, **kw) for pattern in c.patterns())
+        return 6.0 * self._matmul_params() + attn / seq_len
 
     # ------------------------------------------------------------------------------ files
     def _extra(self) -> dict[str, Any]:

@@ -48,10 +48,10 @@ class FeedForward(nn.Module):
 class LongNetBlock(nn.Module):
     """One pre-LN block: dilated self-attention and feed-forward, each with a residual."""
 
-    def __init__(self, config: LongNetConfig, *, is_causal: bool):
+    def __init__(self, config: LongNetConfig, *, is_causal: bool, layer: int = 0):
         super().__init__()
         c = config
-        pattern = c.pattern()
+        pattern = c.pattern(layer)
         self.attn_norm = nn.LayerNorm(c.embed_dim, eps=c.norm_eps)
         self.attn = MultiheadDilatedAttention(
             c.embed_dim, c.num_heads, segment_lengths=pattern, num_kv_heads=c.num_kv_heads,

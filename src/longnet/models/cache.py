@@ -40,7 +40,7 @@ class SlotLayerCache:
     new token is written in place (overwriting a slot of a finished segment) and nothing is ever
     compacted. The slots of all branches are one array of ``S = sum_i ceil(w_i / r_i)`` slots per
     head, and attention is a single softmax over it: a key held by several branches sits in several
-    slots, which is exactly the branch mixture (the one-softmax identity of DESIGN.md). A slot is
+    slots, which is exactly the branch mixture (the one-softmax identity of docs/design.md). A slot is
     read by a query when it holds a real position of the query's segment (in the slot's branch), at
     or before the query, and the query itself is kept by that branch and head.
 
@@ -394,8 +394,12 @@ def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None, devi
     dtype = param.dtype if dtype is None else dtype
     device = param.device if device is None else device
     layers, patterns = [], []
-    for block in model.blocks:
+    for i, block in enumerate(model.blocks):
         attn = block.attn
+        if attn.pattern is not None and attn.pattern.shift:
+            raise ValueError(f"the generation cache does not support shifted segments (layer {i}: "
+                             f"{attn.pattern!r}, LongNetConfig.shift_segments); generate with a model "
+                             "trained without shift_segments, or recompute model(ids) at each step")
         if attn.pattern is None:
             layers.append(DenseLayerCache(batch_size, attn.num_heads, attn.head_dim,
                                           num_kv_heads=attn.num_kv_heads, dtype=dtype,

@@ -100,6 +100,11 @@ class LongNetConfig:
     """MAGNETO init scale on fc1, fc2, v_proj, out_proj; None = ``sqrt(log(2 * num_layers))``."""
     backend: str = "auto"
     """Kernel family of :func:`longnet.dilated_attention`."""
+    shift_segments: bool = False
+    """Odd-numbered layers (1, 3, ...) move every branch's segment boundaries half the shortest
+    segment earlier (``DilatedPattern(..., shift=min(w) // 2)``): a causal model then has no pair of
+    positions that every layer cuts apart (see ``longnet reach --shifted``). Dilated attention
+    only; the generation cache and sequence parallelism refuse it."""
 
     # ---------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:
@@ -165,6 +170,10 @@ class LongNetConfig:
         real("rope_theta", 1.0, math.inf, lo_open=True)
         real("xpos_scale_base", 0.0, math.inf, lo_open=True)
         real("init_gamma", 0.0, math.inf, lo_open=True, allow_none=True)
+        if self.shift_segments is not False and self.shift_segments is not True:
+            raise bad("shift_segments", "must be a bool")
+        if self.shift_segments and self.attention != "dilated":
+            raise bad("shift_segments", f"needs attention='dilated' (attention={self.attention!r})")
         for name in ("bias", "sub_ln", "tie_embeddings", "grad_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be a bool")
@@ -188,14 +197,20 @@ class LongNetConfig:
             return float(self.init_gamma)
         return math.sqrt(math.log(2 * self.num_layers))
 
-    def pattern(self) -> DilatedPattern | None:
-        """The dilated pattern the attention runs (``None`` for dense attention)."""
+    def pattern(self, layer: int = 0) -> DilatedPattern | None:
+        """The dilated pattern layer ``layer`` runs (``None`` for dense attention); with
+        ``shift_segments`` odd layers are shifted by half the shortest segment."""
         if self.attention == "dense":
             return None
         if self.attention == "sparse":
             stride = self.sparse_block if self.sparse_stride is None else self.sparse_stride
             return DilatedPattern((self.sparse_block, self.max_train_length), (1, stride))
-        return DilatedPattern(self.segment_lengths, self.dilation_rates)
+        shift = min(self.segment_lengths) // 2 if self.shift_segments and layer % 2 else 0
+        return DilatedPattern(self.segment_lengths, self.dilation_rates, shift=shift)
+
+    def patterns(self) -> list[DilatedPattern | None]:
+        """The pattern of every layer, in order."""
+        return [self.pattern(i) for i in range(self.num_layers)]
 
     def for_eval_length(self, length: int) -> "LongNetConfig":
         """The configuration to evaluate at ``length`` tokens (same weights).

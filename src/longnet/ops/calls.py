@@ -174,19 +174,21 @@ def plan_branch(pattern: DilatedPattern, b: int, query, key, *, is_causal: bool,
     Hkv = key.shape[1]
     r = pattern.dilation_rates[b]
     w = pattern.effective_segment(b, N)
-    full, tail = divmod(N, w)
     on_cpu = (device_type or query.device.type) == "cpu"
     calls = []
     for h0, kh0, step, kstep, count in head_sets(H, Hkv, r):
-        c = pattern.residue(h0, b)
+        residue = pattern.residue(h0, b)
         rows = B * count * -(-w // r) * D * acc_dtype(query.dtype).itemsize  # one segment, all heads
-        chunk = max(1, CPU_CALL_BYTES // rows) if on_cpu else max(full, 1)
-        pieces = [(s0 * w, min(chunk, full - s0), w) for s0 in range(0, full, chunk)]
-        for start, S, seg in (*pieces, (full * w, 1, tail)):
-            if not S or seg <= c:  # the heads keep no position of these segments
+        chunk = max(1, CPU_CALL_BYTES // rows) if on_cpu else None
+        for start, n_seg, seg, first in pattern.segment_pieces(b, N):
+            c = pattern.next_kept_offset(b, first, residue)  # first kept position of the piece
+            if seg <= c:  # the heads keep no position of these segments
                 continue
-            spec = _Spec(h0, kh0, step, kstep, count, c, start, S, seg, r)
-            calls.extend(_fold_or_split(spec, B, query, key, tensors, is_causal, key_padding_mask))
+            per_call = n_seg if chunk is None else chunk
+            for s0 in range(0, n_seg, per_call):
+                spec = _Spec(h0, kh0, step, kstep, count, c, start + s0 * seg, min(per_call, n_seg - s0),
+                             seg, r)
+                calls.extend(_fold_or_split(spec, B, query, key, tensors, is_causal, key_padding_mask))
     return calls
 
 

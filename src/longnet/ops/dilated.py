@@ -112,8 +112,7 @@ class _GatherCall:
             keyok = key_padding_mask[:, lay.index]  # (B, H, T)
             if lay.valid is not None:
                 keyok = keyok & lay.valid
-        elif lay.valid is not None and not is_causal:
-            # causal needs no mask: padded slots sit after every real slot of their segment
+        elif lay.valid is not None:
             keyok = lay.valid.unsqueeze(0)
         self.mask = None
         if keyok is not None:
@@ -183,6 +182,7 @@ def dilated_attention(
     dilation_rates=None, is_causal: bool = False, scale: float | None = None,
     key_padding_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
     enable_gqa: bool = False, return_lse: bool = False, backend: str = "auto",
+    segment_shift: int = 0,
 ):
     """Dilated attention (LongNet), a drop-in for ``F.scaled_dot_product_attention``.
 
@@ -200,6 +200,9 @@ def dilated_attention(
         enable_gqa: allow fewer key/value heads than query heads.
         return_lse: also return the log-sum-exp (B, H, N), natural log, float32 (float64 for
             float64 inputs), ``-inf`` where a query has no key. It is differentiable.
+        segment_shift: move every branch's segment boundaries this many positions earlier (see
+            :class:`DilatedPattern`, ``shift``); a pattern passed as ``segment_lengths`` carries
+            its own.
         backend: ``"auto"`` (fastest exact kernel for the device), or one of
             ``"cpu_flash"``, ``"cuda"``, ``"cuda_flash"``, ``"cuda_efficient"``, ``"math"``.
             A named backend that cannot run raises ``ValueError``.
@@ -210,7 +213,7 @@ def dilated_attention(
     A query kept by no branch outputs 0. NaN or inf in query/key/value propagate to the outputs
     that read them (as with SDPA); they are not checked for.
     """
-    pattern = DilatedPattern.coerce(segment_lengths, dilation_rates)
+    pattern = DilatedPattern.coerce(segment_lengths, dilation_rates, segment_shift)
     check_attention_inputs(query, key, value, key_padding_mask, enable_gqa=enable_gqa)
     _check_scalar_args(scale, dropout_p, is_causal)
     if not isinstance(return_lse, bool):
@@ -226,5 +229,5 @@ def dilated_attention(
             raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
         out, lse = dilated_attention_op(query, key, value, key_padding_mask,
                                         list(pattern.segment_lengths), list(pattern.dilation_rates),
-                                        is_causal, scale, backend)
+                                        pattern.shift, is_causal, scale, backend)
     return (out, lse) if return_lse else out

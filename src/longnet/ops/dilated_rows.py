@@ -7,7 +7,7 @@ With a KV cache the queries of a forward pass are the last ``q`` positions of th
 ``(p - s) % r == h % r`` (``s = (p // w_eff) * w_eff`` its segment start) and then reads the keys
 ``s + h % r + j * r`` of its segment (``<= p`` when causal). All branches' keys go into one
 softmax, a key counted once per branch that holds it, which is the branch mixture of the paper
-(see DESIGN.md, "One softmax"). A query read by no branch outputs 0.
+(see docs/design.md, "One softmax over the union"). A query read by no branch outputs 0.
 
 Cost per query: ``sum_i ceil(w_i / r_i)`` keys, so decoding a token reads a bounded number of keys
 whatever the context length. Plain autograd; used where the fast operator (which needs

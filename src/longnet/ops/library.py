@@ -1,7 +1,7 @@
 """Dilated attention as registered PyTorch ops, so compiled and exported graphs hold it whole.
 
 ``torch.ops.longnet.dilated_attention(query, key, value, key_padding_mask, segment_lengths,
-dilation_rates, is_causal, scale, backend) -> (out, lse)`` and its backward
+dilation_rates, shift, is_causal, scale, backend) -> (out, lse)`` and its backward
 ``torch.ops.longnet.dilated_attention_backward(...) -> (dq, dk, dv)`` are ``torch.library``
 custom ops with fake (meta) implementations and a registered autograd formula. ``torch.compile``
 traces them as one node each (no graph break, whatever the pattern), ``torch.export`` keeps them,
@@ -33,10 +33,10 @@ def _like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 def dilated_attention_op(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     key_padding_mask: torch.Tensor | None, segment_lengths: list[int], dilation_rates: list[int],
-    is_causal: bool, scale: float, backend: str,
+    shift: int, is_causal: bool, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dilated attention ``(out (B, H, N, D), lse (B, H, N))``; inputs already checked."""
-    pattern = DilatedPattern(segment_lengths, dilation_rates)
+    pattern = DilatedPattern(segment_lengths, dilation_rates, shift)
     out, lse, _ = dilated_attention_forward(query, key, value, pattern, is_causal=is_causal,
                                             scale=scale, key_padding_mask=key_padding_mask,
                                             backend=backend)
@@ -44,7 +44,7 @@ def dilated_attention_op(
 
 
 @dilated_attention_op.register_fake
-def _(query, key, value, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale,
+def _(query, key, value, key_padding_mask, segment_lengths, dilation_rates, shift, is_causal, scale,
       backend):
     B, H, N, _ = query.shape
     return torch.empty_like(query), query.new_empty((B, H, N), dtype=acc_dtype(query.dtype))
@@ -55,10 +55,10 @@ def dilated_attention_backward_op(
     grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     out: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor | None,
     key_padding_mask: torch.Tensor | None, segment_lengths: list[int], dilation_rates: list[int],
-    is_causal: bool, scale: float, backend: str,
+    shift: int, is_causal: bool, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact ``(dq, dk, dv)`` given the merged ``out`` and ``lse`` (see :mod:`longnet.ops.engine`)."""
-    pattern = DilatedPattern(segment_lengths, dilation_rates)
+    pattern = DilatedPattern(segment_lengths, dilation_rates, shift)
     d_q, d_k, d_v = dilated_attention_backward(
         grad_out, query, key, value, out, lse, pattern, is_causal=is_causal, scale=scale,
         key_padding_mask=key_padding_mask, backend=backend, grad_lse=grad_lse)
@@ -67,15 +67,15 @@ def dilated_attention_backward_op(
 
 @dilated_attention_backward_op.register_fake
 def _(grad_out, query, key, value, out, lse, grad_lse, key_padding_mask, segment_lengths,
-      dilation_rates, is_causal, scale, backend):
+      dilation_rates, shift, is_causal, scale, backend):
     return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
 
 
 def _setup_context(ctx, inputs, output):
-    query, key, value, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend = inputs
+    query, key, value, key_padding_mask, segment_lengths, dilation_rates, shift, is_causal, scale, backend = inputs
     out, lse = output
     ctx.save_for_backward(query, key, value, key_padding_mask, out, lse)
-    ctx.args = (list(segment_lengths), list(dilation_rates), is_causal, scale, backend)
+    ctx.args = (list(segment_lengths), list(dilation_rates), shift, is_causal, scale, backend)
     ctx.set_materialize_grads(False)  # an unused lse gets None, so its extra terms are skipped
 
 
@@ -85,7 +85,7 @@ def _backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     d_q, d_k, d_v = dilated_attention_backward_op(grad_out, query, key, value, out, lse, grad_lse,
                                                   key_padding_mask, *ctx.args)
-    return d_q, d_k, d_v, None, None, None, None, None, None
+    return d_q, d_k, d_v, None, None, None, None, None, None, None
 
 
 dilated_attention_op.register_autograd(_backward, setup_context=_setup_context)

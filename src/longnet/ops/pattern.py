@@ -96,6 +96,11 @@ class DilatedPattern:
     Args:
         segment_lengths: segment length ``w_i`` of each branch, positive ints.
         dilation_rates: dilation rate ``r_i`` of each branch, positive ints, same count.
+        shift: move every branch's segment boundaries ``shift`` positions earlier: segment ``k``
+            of a branch covers ``[k * w - s, (k + 1) * w - s)`` clipped to the sequence, with
+            ``s = shift mod min(w, N)`` (``0`` for a branch whose segment covers the whole
+            sequence). Causal models alternate shifted and unshifted layers so that no pair of
+            positions is cut apart by every layer (``docs/design.md``, "Shifted segments").
 
     Example::
 
@@ -106,8 +111,9 @@ class DilatedPattern:
 
     segment_lengths: tuple[int, ...]
     dilation_rates: tuple[int, ...]
+    shift: int = 0
 
-    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int]):
+    def __init__(self, segment_lengths: Sequence[int], dilation_rates: Sequence[int], shift: int = 0):
         w = _as_int_tuple("segment_lengths", segment_lengths)
         r = _as_int_tuple("dilation_rates", dilation_rates)
         if len(w) != len(r):
@@ -115,15 +121,21 @@ class DilatedPattern:
                 f"segment_lengths and dilation_rates must have the same length, "
                 f"got {len(w)} and {len(r)}"
             )
+        if isinstance(shift, bool) or not isinstance(shift, numbers.Integral) or shift < 0:
+            raise ValueError(f"shift must be a non-negative int, got {shift!r}")
         object.__setattr__(self, "segment_lengths", w)
         object.__setattr__(self, "dilation_rates", r)
+        object.__setattr__(self, "shift", int(shift))
 
     @classmethod
-    def coerce(cls, segment_lengths, dilation_rates) -> "DilatedPattern":
+    def coerce(cls, segment_lengths, dilation_rates, shift: int = 0) -> "DilatedPattern":
         """Build from arguments that may already be a pattern (``segment_lengths`` a pattern)."""
         if isinstance(segment_lengths, DilatedPattern):
+            if shift and shift != segment_lengths.shift:
+                raise ValueError(f"segment_shift={shift} conflicts with the pattern's shift "
+                                 f"{segment_lengths.shift}")
             return segment_lengths
-        return cls(segment_lengths, dilation_rates)
+        return cls(segment_lengths, dilation_rates, shift)
 
     # ------------------------------------------------------------------ basics
     @property
@@ -151,26 +163,58 @@ class DilatedPattern:
         w = self.segment_lengths[branch]
         return w if length is None else self.effective_segment(branch, length)
 
+    def branch_shift(self, branch: int, length: int | None = None) -> int:
+        """How many positions earlier the segment boundaries of ``branch`` lie at length ``N``:
+        ``shift mod min(w, N)``, 0 when one segment covers the sequence."""
+        if not self.shift:
+            return 0
+        w = self._segment(branch, length)
+        return 0 if length is not None and w >= length else self.shift % w
+
+    def segment_pieces(self, branch: int, length: int) -> list[tuple[int, int, int, int]]:
+        """The segments of ``branch`` as runs ``(start, count, seg_len, first_offset)``: ``count``
+        consecutive segments of ``seg_len`` positions from ``start``, whose first position sits at
+        offset ``first_offset`` of its (unclipped) segment. A shifted pattern starts with a short
+        segment; the last one may be short."""
+        w, s = self._segment(branch, length), self.branch_shift(branch, length)
+        pieces = []
+        head = min(w - s, length) if s else 0
+        if head:
+            pieces.append((0, 1, head, s))
+        full, tail = divmod(length - head, w)
+        if full:
+            pieces.append((head, full, w, 0))
+        if tail:
+            pieces.append((head + full * w, 1, tail, 0))
+        return pieces
+
     def segment_index(self, branch: int, positions, length: int | None = None):
         """Which segment of ``branch`` each position falls in."""
-        return positions // self._segment(branch, length)
+        return (positions + self.branch_shift(branch, length)) // self._segment(branch, length)
 
     def slot(self, branch: int, positions, length: int | None = None):
         """Index of each position among the kept positions of its head in its segment:
         ``(p mod w) // r`` (meaningful where :meth:`keeps` holds)."""
-        return slot_in_segment(positions, self._segment(branch, length), self.dilation_rates[branch])
+        return slot_in_segment(positions + self.branch_shift(branch, length), self._segment(branch, length),
+                               self.dilation_rates[branch])
 
     def keeps(self, branch: int, positions, heads, length: int | None = None):
         """Whether ``heads`` keep ``positions`` in ``branch`` (broadcasting):
-        ``(p mod w) mod r == h mod r``. Negative positions are never kept."""
-        return kept(positions, heads, self._segment(branch, length), self.dilation_rates[branch])
+        ``((p + s) mod w) mod r == h mod r`` (``s`` the branch's shift, 0 unless shifted).
+        Negative positions are never kept."""
+        s = self.branch_shift(branch, length)
+        ok = kept(positions + s, heads, self._segment(branch, length), self.dilation_rates[branch])
+        if not s:
+            return ok
+        return ok & (positions >= 0) if isinstance(ok, torch.Tensor) else ok and positions >= 0
 
     def reads(self, branch: int, query_positions, key_positions, heads, length: int | None = None,
               *, is_causal: bool = False):
         """Whether a query of ``heads`` at ``query_positions`` reads the key at ``key_positions`` in
         ``branch`` (broadcasting): same segment, both kept by the head, and with ``is_causal`` the key
         not after the query."""
-        ok = same_segment(query_positions, key_positions, self._segment(branch, length))
+        s = self.branch_shift(branch, length)
+        ok = same_segment(query_positions + s, key_positions + s, self._segment(branch, length))
         ok = ok & self.keeps(branch, query_positions, heads, length) & self.keeps(
             branch, key_positions, heads, length)
         if is_causal:
@@ -197,16 +241,17 @@ class DilatedPattern:
         """Gather indices of ``branch`` for ``num_heads`` heads over ``length`` positions."""
         w = self.effective_segment(branch, length)
         r = self.dilation_rates[branch]
-        nseg = -(-length // w)
+        s = self.branch_shift(branch, length)
+        nseg = -(-(length + s) // w)
         slots = -(-w // r)
-        seg = torch.arange(nseg, device=device).view(1, nseg, 1) * w
+        seg = torch.arange(nseg, device=device).view(1, nseg, 1) * w - s
         off = self.residue(torch.arange(num_heads, device=device), branch).view(num_heads, 1, 1)
         slot = torch.arange(slots, device=device).view(1, 1, slots) * r
         rel = off + slot  # (H, 1, slots) offset inside the segment
         pos = seg + rel  # (H, nseg, slots)
         seg_end = torch.clamp(seg + w, max=length)
-        valid = pos < seg_end
-        aligned = length % w == 0 and w % r == 0
+        valid = (pos < seg_end) & (pos >= 0)
+        aligned = length % w == 0 and w % r == 0 and s == 0
         index = torch.where(valid, pos, torch.zeros_like(pos)).reshape(num_heads, nseg * slots)
         return BranchLayout(
             segment=w,
@@ -230,14 +275,11 @@ class DilatedPattern:
         """
         total = 0.0
         for b in range(len(self)):
-            w = self.effective_segment(b, length)
             r = self.dilation_rates[b]
             for h in range(min(num_heads, r)):
                 reps = len(range(h, num_heads, r))
-                n_full, tail = divmod(length, w)
-                pairs = n_full * _pairs(_count(w, r, h), is_causal)
-                if tail:
-                    pairs += _pairs(_count(tail, r, h), is_causal)
+                pairs = sum(count * _pairs(_count(seg, r, self.next_kept_offset(b, first, h % r)), is_causal)
+                            for _, count, seg, first in self.segment_pieces(b, length))
                 total += reps * 4.0 * pairs * head_dim
         total *= batch_size
         return total * 3.5 if backward else total
@@ -253,7 +295,7 @@ class DilatedPattern:
 
     def __repr__(self) -> str:
         inner = ", ".join(f"({w}, {r})" for w, r in self.branches)
-        return f"DilatedPattern([{inner}])"
+        return f"DilatedPattern([{inner}]" + (f", shift={self.shift})" if self.shift else ")")
 
     # ------------------------------------------------------------------ reach
     def max_hops(self, length: int, num_heads: int, causal: bool = True) -> float:

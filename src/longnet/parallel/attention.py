@@ -11,7 +11,7 @@ Each rank of ``group`` holds one contiguous chunk of ``n`` positions. Per branch
   slots past a chunk's end). With ``is_causal`` only the rows of ranks up to this one are used.
 
 All branches merge by log-sum-exp. Backward evaluates each branch's kernel backward with the merged
-output and log-sum-exp (the exact-merge identity, DESIGN.md section 1); the gradients of the
+output and log-sum-exp (the exact-merge identity, docs/design.md "Backward"); the gradients of the
 gathered rows go back to their owners with one reduce-scatter per remote branch, in the same
 branch order on every rank. Communication per rank and branch is
 ``(s - 1) * batch * pairs * ceil(n / r) * (2 D) * bytes``: independent of ``N`` for a fixed chunk.

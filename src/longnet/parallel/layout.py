@@ -69,6 +69,9 @@ def place_branches(pattern: DilatedPattern, seq_len: int, world: int) -> list[Br
         seq_len: the full length ``N`` (all ranks together).
         world: number of ranks ``P``; ``N`` must be a multiple of it.
     """
+    if pattern.shift:
+        raise ValueError(f"shifted segments (shift={pattern.shift}) are not supported under sequence "
+                         "parallelism; use an unshifted pattern")
     if world < 1:
         raise ValueError(f"world size must be >= 1, got {world}")
     if seq_len < 1 or seq_len % world:

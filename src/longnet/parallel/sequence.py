@@ -36,6 +36,10 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     if dense:
         raise ValueError(f"dense attention cannot run sequence-parallel (modules {dense[:3]}); use "
                          "attention='dilated' (a single branch (N, 1) is dense attention)")
+    shifted = [name for name, m in model.named_modules() if m in mods and m.pattern.shift]
+    if shifted:
+        raise ValueError(f"shifted segments cannot run sequence-parallel (modules {shifted[:3]}); "
+                         "use a model without LongNetConfig.shift_segments")
     return mods
 
 

@@ -78,6 +78,9 @@ def check_pattern_split(config: LongNetConfig, seq_len: int, sp: int, *, compile
     if seq_len % sp:
         raise ParallelSettingsError(f"--seq-len {seq_len} is not divisible by --sequence-parallel {sp}; every "
                                     f"rank holds an equal chunk (use a multiple of {sp})")
+    if config.shift_segments:
+        raise ParallelSettingsError(f"--sequence-parallel {sp} does not support shifted segments "
+                                    "(LongNetConfig.shift_segments); train without them or on one process")
     pattern = config.pattern()
     if pattern is None:
         raise ParallelSettingsError(f"--sequence-parallel {sp} needs dilated attention (the model's attention "
