@@ -47,11 +47,13 @@ def main() -> None:
 
     model.eval()
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    cache = longnet.hf.DilatedCache(model.config)  # bounded: what later queries can read
     with torch.no_grad():
         out = model.generate(prompt, attention_mask=torch.ones_like(prompt),
-                             max_new_tokens=20, do_sample=False)  # uses the KV cache
+                             max_new_tokens=20, do_sample=False, cache=cache)
     print("prompt   ", prompt[0].tolist())
     print("generated", out[0, prompt.shape[1]:].tolist())
+    print(f"cache    {cache.nbytes:,} bytes ({cache.slots_per_head} keys per head and layer)")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ Usage::
     config.dilation_rates = [1, 2]
     model = AutoModelForCausalLM.from_config(config, attn_implementation="dilated")
     # or: model.set_attn_implementation("dilated") on a loaded model
+    cache = longnet.hf.DilatedCache(model.config)   # bounded KV cache for generate
+    model.generate(ids, attention_mask=mask, max_new_tokens=100, cache=cache); cache.nbytes
 
 Needs the optional dependency: ``pip install 'longnet-torch[hf]'``. The code lives in
 :mod:`longnet.integrations.transformers`.
@@ -17,14 +19,17 @@ try:
     import transformers  # noqa: F401
 except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     raise ImportError(
-        "longnet.hf needs Hugging Face transformers (>= 5): pip install 'longnet-torch[hf]'"
+        "longnet.hf needs Hugging Face transformers (>= 5.24): pip install 'longnet-torch[hf]'"
     ) from exc
-if int(transformers.__version__.split(".")[0]) < 5:
+from packaging.version import Version  # noqa: E402  (a dependency of transformers)
+
+if Version(transformers.__version__).release[:2] < (5, 24):
     raise ImportError(
-        f"longnet.hf needs transformers >= 5 (found {transformers.__version__}): "
+        f"longnet.hf needs transformers >= 5.24 (found {transformers.__version__}): "
         "pip install -U 'longnet-torch[hf]'"
     )
 
+from longnet.integrations.hf_cache import DilatedCache, cache_argument  # noqa: E402
 from longnet.integrations.transformers import (  # noqa: E402
     dilated_attention_forward,
     dilated_attention_mask,
@@ -35,6 +40,8 @@ from longnet.integrations.transformers import (  # noqa: E402
 )
 
 __all__ = [
+    "DilatedCache",
+    "cache_argument",
     "register",
     "unregister",
     "registered_names",

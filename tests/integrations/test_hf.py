@@ -308,11 +308,11 @@ def test_cached_logits_equal_full_recomputation():
     with torch.no_grad():
         full = model(x).logits
         out = model(x[:, :9], use_cache=True)
-        parts, cache = [out.logits], out.past_key_values
+        parts, cache = [out.logits], out.cache
         for a, b in ((9, 10), (10, 13), (13, 14), (14, 20)):  # one token and chunks
-            out = model(x[:, a:b], past_key_values=cache, use_cache=True)
+            out = model(x[:, a:b], cache=cache, use_cache=True)
             parts.append(out.logits)
-            cache = out.past_key_values
+            cache = out.cache
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-10, rtol=0)
 
 

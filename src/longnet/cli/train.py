@@ -37,6 +37,11 @@ examples:
   longnet train --preset base --data 'code/**/*.py' --attention dense --seq-len 8192 \\
       --device cuda --out runs/dense-8k
 
+  # long-context fine-tuning of a local Hugging Face causal LM (config, weights, tokenizer.json)
+  # with dilated attention (default pattern: its original context L, 2L, ... with rates 1, 2, ...)
+  longnet train --hf-model ./my-llama --seq-len 32768 --batch-tokens 65536 --max-steps 200 \
+      --out runs/llama-32k     # then from_pretrained('runs/llama-32k', attn_implementation='dilated')
+
   # 4 processes = 2 data parallel x 2 sequence parallel (each holds half of every sequence;
   # gloo on CPU, NCCL with one GPU per process); rank 0 writes the run folder
   torchrun --nproc-per-node 4 -m longnet train --sequence-parallel 2 --preset tiny \\
@@ -68,6 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                "(default: the preset's, dilated)")
     _flag(model, "--model-overrides", metavar="JSON", type=_json_object,
           help='[run] LongNetConfig fields overriding the preset, e.g. \'{"num_layers": 2}\'')
+    _flag(model, "--hf-model", metavar="DIR",
+          help="[run] fine-tune this local transformers causal LM folder (config.json, weights, tokenizer.json) "
+               "with dilated attention instead of a LongNet preset; it keeps its tokenizer, the run folder "
+               "is a transformers folder (--model-overrides then sets its config fields)")
+    _flag(model, "--segment-lengths", metavar="W,...", type=_int_list,
+          help="[run] with --hf-model: the dilated pattern's segment lengths, e.g. 2048,4096,8192 (default: "
+               "the model's original context L, 2L, 4L, ... up to --seq-len)")
+    _flag(model, "--dilation-rates", metavar="R,...", type=_int_list,
+          help="[run] with --hf-model: the dilation rate of each segment length, e.g. 1,2,4 (default: 1, 2, 4, ...)")
     _flag(model, "--grad-checkpointing", action=argparse.BooleanOptionalAction,
           help="recompute each block in backward to save memory (default: off)")
     data = parser.add_argument_group("data")
@@ -111,6 +125,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="show progress bars (default: when stderr is a terminal)")
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers ({text!r})") from err
+    if not values:
+        raise argparse.ArgumentTypeError("needs at least one integer")
+    return values
+
+
 def _json_object(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -124,7 +148,8 @@ def _json_object(text: str) -> dict:
 SETTING_ARGS = ("preset", "model_overrides", "grad_checkpointing", "data", "vocab_size", "seq_len", "cache_dir",
                 "batch_tokens", "micro_batch", "max_steps", "lr", "warmup_steps", "decay", "decay_steps",
                 "min_lr_ratio", "weight_decay", "grad_clip", "seed", "device", "dtype", "compile", "eval_every",
-                "eval_tokens", "save_every", "progress", "sequence_parallel")
+                "eval_tokens", "save_every", "progress", "sequence_parallel", "hf_model", "segment_lengths",
+                "dilation_rates")
 
 
 def report_error(message: object) -> None:

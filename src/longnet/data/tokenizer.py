@@ -9,6 +9,7 @@ text, so data can never inject a document separator.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -22,6 +23,8 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 SPECIAL_TOKENS = (EOS_TOKEN, PAD_TOKEN)
 TOKENIZER_FILE = "tokenizer.json"
+SPECIAL_TOKENS_FILE = "special_tokens.json"
+"""Names of the end-of-sequence and padding tokens when they are not the two above."""
 DEFAULT_MAX_TRAIN_BYTES = 16 * 1024 * 1024
 """Tokenizer training reads at most this much text (16 MiB: about 9 s for 8192 ids on 2 cores)."""
 
@@ -31,15 +34,17 @@ _MIN_VOCAB = 256 + len(SPECIAL_TOKENS)
 class Tokenizer:
     """A thin wrapper over a byte-level BPE ``tokenizers.Tokenizer``."""
 
-    def __init__(self, backend: _HFTokenizer) -> None:
+    def __init__(self, backend: _HFTokenizer, *, eos_token: str = EOS_TOKEN, pad_token: str = PAD_TOKEN) -> None:
         if not isinstance(backend, _HFTokenizer):
             raise TypeError(f"backend must be a tokenizers.Tokenizer, got {type(backend).__name__}")
-        eos_id = backend.token_to_id(EOS_TOKEN)
-        pad_id = backend.token_to_id(PAD_TOKEN)
+        eos_id = backend.token_to_id(eos_token)
+        pad_id = backend.token_to_id(pad_token)
         if eos_id is None or pad_id is None:
-            raise ValueError(f"backend lacks the special tokens {SPECIAL_TOKENS}")
+            raise ValueError(f"backend lacks the special tokens {(eos_token, pad_token)}")
         backend.encode_special_tokens = True  # "<|endoftext|>" inside text is plain text
         self.backend = backend
+        # other special tokens (a Hugging Face model's own tokenizer) are saved next to it
+        self.special_tokens = {"eos_token": eos_token, "pad_token": pad_token}
         self.eos_id: int = eos_id
         self.pad_id: int = pad_id
 
@@ -77,6 +82,8 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / TOKENIZER_FILE
         atomic_write_text(path, self.to_str())
+        if self.special_tokens != {"eos_token": EOS_TOKEN, "pad_token": PAD_TOKEN}:
+            atomic_write_text(directory / SPECIAL_TOKENS_FILE, json.dumps(self.special_tokens) + "\n")
         return path
 
     @classmethod
@@ -87,7 +94,9 @@ class Tokenizer:
             path = path / TOKENIZER_FILE
         if not path.is_file():
             raise ValueError(f"tokenizer file {path} not found")
-        return cls(_HFTokenizer.from_file(str(path)))
+        special = path.parent / SPECIAL_TOKENS_FILE
+        names = json.loads(special.read_text(encoding="utf-8")) if special.is_file() else {}
+        return cls(_HFTokenizer.from_file(str(path)), **names)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id})"

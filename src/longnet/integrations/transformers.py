@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.masking_utils import (
     AttentionMaskInterface,
     bidirectional_mask_function,
     causal_mask_function,
 )
 
+from longnet.integrations.hf_cache import DilatedCache, layer_of
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.dilated_rows import dilated_attention_rows
 from longnet.ops.pattern import DilatedPattern
@@ -48,9 +50,9 @@ __all__ = [
 
 _BUILTIN = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2", "flash_attention_3",
                       "flash_attention_4", "paged|eager"})
-# keyword arguments some models pass that dilated attention cannot honour when set
-# (``cache``: the paged cache of continuous batching)
-_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias", "cache")
+# keyword arguments some models pass that dilated attention cannot honour when set (a ``cache``
+# keyword is handled by _cache_layer: only a paged cache, continuous batching's, is refused)
+_UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
 
 
 # ----------------------------------------------------------------------------------- pattern
@@ -131,6 +133,28 @@ def _shift(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.view(B, 1, n, 1).expand(B, H, n, D))
 
 
+def _cache_layer(module, key, kwargs):
+    """The :class:`~longnet.integrations.hf_cache.DilatedLayer` serving this call, or ``None``.
+
+    Found from the tag on ``key`` (what ``DilatedCache.update`` returned) or, for models that hand
+    the cache itself to the attention function (transformers' ``cache`` keyword, the new name of
+    ``past_key_values``), from ``cache.layers[module.layer_idx]``. Any other ``Cache`` passed that
+    way has given the full keys already; a paged cache (continuous batching) is refused.
+    """
+    layer = layer_of(key)
+    cache = kwargs.get("cache")
+    if layer is None and isinstance(cache, DilatedCache):
+        idx = getattr(module, "layer_idx", None)
+        if idx is None:
+            raise ValueError(f"{type(module).__name__} has no layer_idx to find its DilatedCache layer")
+        layer = cache.layers[idx]
+    elif layer is None and cache is not None and (isinstance(cache, PagedAttentionCache)
+                                                  or type(cache).__name__.startswith("Paged")):
+        raise ValueError(f"dilated attention does not support a paged cache ({type(cache).__name__}, "
+                         "continuous batching); use generate() with a DilatedCache or DynamicCache")
+    return layer
+
+
 def _check_kwargs(module, kwargs) -> None:
     for name in _UNSUPPORTED:
         if kwargs.get(name) is not None:
@@ -170,13 +194,18 @@ def dilated_attention_forward(
     causal = bool(causal)
     B, H, q, D = query.shape
     n = key.shape[2]
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        raise ValueError(
+            "dilated attention got an attention_mask of shape "
+            f"{tuple(attention_mask.shape)} / {attention_mask.dtype}; it needs the 2-D bool "
+            "padding mask its mask function builds (a prepared 4-D mask cannot be honoured: "
+            "pass the 2-D attention_mask to the model instead)")
+    layer = _cache_layer(module, key, kwargs)
+    if layer is not None:  # a DilatedCache: the layer attends over its slots
+        out = layer.attend(query, key, value, attention_mask, scale=scaling, causal=causal,
+                           dropout=float(dropout))
+        return out.transpose(1, 2).contiguous(), None
     if attention_mask is not None:
-        if attention_mask.dim() != 2 or attention_mask.dtype != torch.bool:
-            raise ValueError(
-                "dilated attention got an attention_mask of shape "
-                f"{tuple(attention_mask.shape)} / {attention_mask.dtype}; it needs the 2-D bool "
-                "padding mask its mask function builds (a prepared 4-D mask cannot be honoured: "
-                "pass the 2-D attention_mask to the model instead)")
         n = attention_mask.shape[1]
         if n > key.shape[2]:
             raise ValueError(f"attention_mask covers {n} keys but only {key.shape[2]} were given")

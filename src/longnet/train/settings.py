@@ -30,8 +30,12 @@ PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
 IDENTITY = (
     "preset", "model_overrides", "data", "vocab_size", "seq_len", "batch_tokens", "seed", "lr",
     "min_lr_ratio", "warmup_steps", "decay", "decay_steps", "weight_decay", "beta1", "beta2",
-    "grad_clip",
+    "grad_clip", "hf_model", "segment_lengths", "dilation_rates",
 )
+HF_IDENTITY = ("hf_model", "segment_lengths", "dilation_rates")
+"""Identity settings added with ``--hf-model``: runs stored before them had them unset (None)."""
+HF_LR = 2e-5
+"""Default peak rate when fine-tuning a Hugging Face model (``--hf-model``)."""
 
 
 def default_cache_dir() -> str:
@@ -71,6 +75,11 @@ class TrainSettings:
     beta1: float = PAPER_BETAS[0]
     beta2: float = PAPER_BETAS[1]
     grad_clip: float = 2.0
+    hf_model: str | None = None
+    """A local transformers model folder to fine-tune with dilated attention instead of a preset."""
+    segment_lengths: list[int] | None = None
+    """Dilated pattern of ``hf_model``; None = derived from its original context."""
+    dilation_rates: list[int] | None = None
     # free: may change when resuming
     max_steps: int = 1000
     micro_batch: int | None = None
@@ -112,6 +121,8 @@ class TrainSettings:
         values: dict[str, Any] = {}
         if stored is not None:
             for name in IDENTITY:
+                if name not in stored and name in HF_IDENTITY:
+                    stored = {**stored, name: None}
                 if name not in stored:
                     raise ValueError(f"run.json lacks the setting {name!r}: not a run of this longnet version")
                 if name in given and _normal(given[name]) != _normal(stored[name]):
@@ -137,6 +148,16 @@ class TrainSettings:
             raise ValueError(f"unknown preset {self.preset!r}; choose one of: {', '.join(sorted(PRESETS))}")
         preset = PRESETS[self.preset]
         extra = PRESET_DEFAULTS.get(self.preset, {})
+        if self.hf_model is not None:  # the model folder's config, not a preset, gives the sizes
+            from longnet.integrations.hf_train import read_hf_config
+
+            config = read_hf_config(self.hf_model)
+            preset = {"vocab_size": config.get("vocab_size"),
+                      "max_train_length": config.get("max_position_embeddings") or 2048}
+            extra = {"lr": HF_LR}
+        if self.hf_model is not None and self.vocab_size not in (None, preset["vocab_size"]):
+            raise ValueError(f"--vocab-size {self.vocab_size} does not apply to --hf-model, which keeps its "
+                             f"tokenizer and {preset['vocab_size']} embeddings; drop --vocab-size")
         if self.vocab_size is None:
             self.vocab_size = int(self.model_overrides.get("vocab_size") or preset.get("vocab_size") or 8192)
         if self.seq_len is None:
@@ -182,6 +203,14 @@ class TrainSettings:
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
         if not isinstance(self.model_overrides, dict):
             raise ValueError(f"--model-overrides must be a JSON object, got {self.model_overrides!r}")
+        if (self.segment_lengths is None) != (self.dilation_rates is None):
+            raise ValueError("give both --segment-lengths and --dilation-rates, or neither")
+        if self.hf_model is not None and "attention" in self.model_overrides:
+            raise ValueError("--attention does not apply to --hf-model: its attention becomes dilated (choose the "
+                             "pattern with --segment-lengths / --dilation-rates)")
+        if self.segment_lengths is not None and self.hf_model is None:
+            raise ValueError("--segment-lengths / --dilation-rates choose the pattern of --hf-model; for a "
+                             "LongNet preset use --model-overrides '{\"segment_lengths\": [...], ...}'")
 
     @property
     def micro_batch_size(self) -> int:

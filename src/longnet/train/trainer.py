@@ -110,7 +110,12 @@ class _StopFlag:
 
 def build_config(settings: TrainSettings, vocab_size: int) -> LongNetConfig:
     """The model configuration of a run: preset + overrides, the tokenizer's vocabulary size,
-    ``max_train_length = seq_len`` and the runtime flags."""
+    ``max_train_length = seq_len`` and the runtime flags (``--hf-model``: that model's config
+    switched to dilated attention, :class:`~longnet.integrations.hf_train.HFRunConfig`)."""
+    if settings.hf_model is not None:
+        from longnet.integrations.hf_train import HFRunConfig
+
+        return HFRunConfig.from_settings(settings)
     overrides = dict(settings.model_overrides)
     overrides.update(vocab_size=vocab_size, max_train_length=settings.seq_len,
                      grad_checkpointing=settings.grad_checkpointing)
@@ -226,8 +231,10 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
         parallel.barrier()  # every rank has read the run folder before rank 0 writes to it
     dtype = resolve_dtype(settings.dtype, device)
     sp, dp = (parallel.sp, parallel.dp) if parallel is not None else (1, 1)
-    # the pattern does not depend on the vocabulary: check the split before any data work
-    check_pattern_split(build_config(settings, settings.vocab_size), settings.seq_len, sp, compile=settings.compile)
+    if settings.hf_model is not None and parallel is not None:
+        raise ValueError("--hf-model trains on one process (not under torchrun) in this version")
+    if settings.hf_model is None:  # the pattern does not depend on the vocabulary: check it before any data work
+        check_pattern_split(build_config(settings, settings.vocab_size), settings.seq_len, sp, compile=settings.compile)
     if parallel is None:
         micro = settings.micro_batch_size
     else:
@@ -282,7 +289,13 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
 
 
 def _prepare(settings: TrainSettings) -> PreparedData:
-    prepared = prepare_data(settings.data, settings.cache_dir, settings.vocab_size, progress=settings.progress)
+    tokenizer = None
+    if settings.hf_model is not None:  # the model's own tokenizer
+        from longnet.integrations.hf_train import load_hf_tokenizer, prepare_hf_config
+
+        tokenizer = load_hf_tokenizer(settings.hf_model, prepare_hf_config(settings.hf_model, seq_len=settings.seq_len))
+    prepared = prepare_data(settings.data, settings.cache_dir, settings.vocab_size, tokenizer=tokenizer,
+                            progress=settings.progress)
     if prepared.num_tokens["train"] < settings.seq_len + 1:
         raise ValueError(
             f"the training split of --data {settings.data!r} has {prepared.num_tokens['train']:,} tokens, fewer "
@@ -304,9 +317,12 @@ def _prepare_data(settings: TrainSettings, parallel: Parallel | None) -> Prepare
 def _load_or_init_model(config: LongNetConfig, ckpt_dir: Path | None, settings: TrainSettings, tokenizer,
                         device: torch.device) -> tuple[LongNetLM, TrainerCheckpoint | None]:
     """A new model of ``config``, or the checkpoint's model and trainer state (checked to fit)."""
+    model_class = LongNetLM
+    if settings.hf_model is not None:
+        from longnet.integrations.hf_train import HFCausalLM as model_class
     if ckpt_dir is None:
-        return LongNetLM(config), None
-    model = LongNetLM.from_pretrained(ckpt_dir)
+        return (LongNetLM(config) if settings.hf_model is None else model_class.from_run_config(config)), None
+    model = model_class.from_pretrained(ckpt_dir)
     _check_same_config(model.config, config, ckpt_dir)
     model.config.grad_checkpointing = settings.grad_checkpointing
     trainer_ckpt = load_trainer_checkpoint(ckpt_dir, device)
@@ -339,7 +355,8 @@ def _resume_state(ckpt: TrainerCheckpoint, optimizer: torch.optim.Optimizer, bat
 def _log_start(run: _Run, prepared: PreparedData) -> None:
     s, parallel, log = run.settings, run.parallel, run.log
     dp = parallel.dp if parallel is not None else 1
-    log(f"run {run.run_dir}: {s.preset} LongNet ({run.model.config.attention}), "
+    what = run.model.describe() if s.hf_model is not None else f"{s.preset} LongNet ({run.model.config.attention})"
+    log(f"run {run.run_dir}: {what}, "
         f"{run.model.num_parameters():,} parameters, vocab {run.tokenizer.vocab_size}, on {run.device} "
         f"({str(run.dtype)[6:]})")
     if parallel is not None:

@@ -1,0 +1,357 @@
+"""Long-context fine-tuning of an existing Hugging Face causal LM in longnet's trainer.
+
+``longnet train --hf-model DIR`` loads a local transformers model folder (``config.json``, the
+weights, ``tokenizer.json``), switches it to dilated attention with a pattern (given, or derived
+from the model's original context by :func:`default_pattern`) and trains it with the same loop as
+a :class:`~longnet.LongNetLM`. :class:`HFCausalLM` is the adapter: it wraps the transformers model
+behind the interface the trainer uses (``forward(input_ids, labels=) -> .loss``, ``config`` with
+``to_dict()`` / ``grad_checkpointing``, ``num_parameters()``, ``save_pretrained``,
+``from_pretrained``). Checkpoints are transformers folders: ``from_pretrained(RUN,
+attn_implementation="dilated")`` loads the run (after ``longnet.hf.register()``).
+
+Labels follow longnet's convention (``labels[t]`` is the target at position ``t``, already
+shifted; ``-100`` is ignored), so the loss is the mean next-token cross-entropy, as for LongNetLM.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from longnet.models.lm import IGNORE_INDEX
+
+__all__ = ["HFCausalLM", "HFModelConfig", "HFRunConfig", "config_dict", "default_pattern", "is_hf_checkpoint",
+           "load_hf_tokenizer", "prepare_hf_config", "read_hf_config"]
+
+# config fields that describe where and how a folder was written, not the model
+_METADATA = frozenset({"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype",
+                       "_attn_implementation_autoset", "attn_implementation", "_commit_hash",
+                       "use_cache", "output_attentions", "output_hidden_states", "return_dict"})
+
+
+def default_pattern(original_context: int, seq_len: int) -> tuple[list[int], list[int]]:
+    """LongNet's geometric pattern from a model's original context ``L`` up to ``seq_len``.
+
+    Segments ``L, 2L, 4L, ...`` (the last is the first one ``>= seq_len``) with dilation rates
+    ``1, 2, 4, ...``: branch 0 is the model's own dense attention over windows of its original
+    context, and every branch reads ``L`` keys per query, so each query attends to about
+    ``L * branches`` keys. ``seq_len <= L`` gives the single branch ``(L, 1)`` (dense).
+    """
+    for name, v in (("original_context", original_context), ("seq_len", seq_len)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+    segments, rates = [original_context], [1]
+    while segments[-1] < seq_len:
+        segments.append(segments[-1] * 2)
+        rates.append(rates[-1] * 2)
+    return segments, rates
+
+
+def read_hf_config(folder: str | Path) -> dict:
+    """``folder/config.json`` of a transformers model folder, as a dict (no transformers import).
+
+    Raises ``ValueError`` naming ``--hf-model`` when the folder or its config is missing or is not
+    a transformers config.
+    """
+    path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise ValueError(f"--hf-model {folder}: no such folder")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ValueError(f"--hf-model {folder}: not a transformers model folder (no config.json)") from err
+    except ValueError as err:
+        raise ValueError(f"--hf-model {folder}: config.json is not valid JSON ({err})") from err
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"--hf-model {folder}: config.json is not a transformers config (no model_type)")
+    return config
+
+
+def is_hf_checkpoint(folder: str | Path) -> bool:
+    """True when ``folder/config.json`` is a transformers config (it names a ``model_type``)."""
+    path = Path(folder) / "config.json"
+    try:
+        return "model_type" in json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_hf_tokenizer(folder: str | Path, config=None):
+    """The model folder's ``tokenizer.json`` as a :class:`longnet.data.Tokenizer`.
+
+    Documents are separated by the model's end-of-sequence token (``config.eos_token_id``, else
+    ``tokenizer_config.json``'s ``eos_token``); padding is ``config.pad_token_id`` or that token.
+    Raises ``ValueError`` when the folder has no ``tokenizer.json`` or no end-of-sequence token,
+    or when the tokenizer has more ids than the model's vocabulary.
+    """
+    from tokenizers import Tokenizer as Backend
+
+    from longnet.data.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise ValueError(f"--hf-model {folder}: no tokenizer.json (a fast tokenizer file is needed; save "
+                         "it with tokenizer.save_pretrained(folder) from transformers)")
+    backend = Backend.from_file(str(path))
+
+    def name(token_id):
+        if isinstance(token_id, (list, tuple)):
+            token_id = token_id[0] if token_id else None
+        return None if token_id is None else backend.id_to_token(int(token_id))
+
+    eos = name(getattr(config, "eos_token_id", None))
+    extra = folder / "tokenizer_config.json"
+    if eos is None and extra.is_file():
+        value = json.loads(extra.read_text(encoding="utf-8")).get("eos_token")
+        eos = value.get("content") if isinstance(value, dict) else value
+    if eos is None or backend.token_to_id(eos) is None:
+        raise ValueError(f"--hf-model {folder}: no end-of-sequence token (config.eos_token_id or "
+                         "tokenizer_config.json eos_token), needed to separate documents")
+    pad = name(getattr(config, "pad_token_id", None)) or eos
+    tokenizer = Tokenizer(backend, eos_token=eos, pad_token=pad)
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and tokenizer.vocab_size > vocab:
+        raise ValueError(f"--hf-model {folder}: the tokenizer has {tokenizer.vocab_size} ids but the model "
+                         f"only {vocab} embeddings")
+    return tokenizer
+
+
+class HFRunConfig:
+    """The model config of an ``--hf-model`` run (what ``build_config`` gives the trainer):
+    the model folder and its transformers config switched to dilated attention."""
+
+    attention = "dilated"
+
+    def __init__(self, folder: str | Path, hf_config, grad_checkpointing: bool = False):
+        self.folder, self.hf, self.grad_checkpointing = Path(folder), hf_config, grad_checkpointing
+
+    @classmethod
+    def from_settings(cls, settings) -> "HFRunConfig":
+        """From ``TrainSettings`` (``hf_model``, ``seq_len``, the pattern, ``model_overrides``)."""
+        config = prepare_hf_config(settings.hf_model, seq_len=settings.seq_len,
+                                   segment_lengths=settings.segment_lengths,
+                                   dilation_rates=settings.dilation_rates, overrides=settings.model_overrides)
+        return cls(settings.hf_model, config, settings.grad_checkpointing)
+
+    def to_dict(self) -> dict:
+        return config_dict(self.hf, self.grad_checkpointing)
+
+    def describe(self) -> str:
+        return describe(self.folder.name, self.hf)
+
+
+def describe(name: str, hf_config) -> str:
+    """One line naming the model, its type and its dilated pattern (the trainer's start line)."""
+    return (f"{name} ({hf_config.model_type}, dilated: segments {hf_config.segment_lengths}, "
+            f"dilations {hf_config.dilation_rates})")
+
+
+@dataclass
+class HFOutput:
+    """What :meth:`HFCausalLM.forward` returns (as ``LongNetLM``'s output)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+
+
+class HFModelConfig:
+    """The part of a transformers config the trainer reads: ``to_dict()``, ``attention``,
+    ``grad_checkpointing`` (which switches the model's own gradient checkpointing)."""
+
+    attention = "dilated"
+
+    def __init__(self, owner: "HFCausalLM"):
+        self._owner = owner
+
+    @property
+    def hf(self):
+        return self._owner.model.config
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        model = self._owner.model
+        flag = "is_activation_checkpointing" if hasattr(model, "is_activation_checkpointing") else \
+            "is_gradient_checkpointing"
+        return bool(getattr(model, flag, False))
+
+    @grad_checkpointing.setter
+    def grad_checkpointing(self, on: bool) -> None:
+        model = self._owner.model
+        new = hasattr(model, "activation_checkpointing_enable")  # transformers >= 5.2x names
+        if on:
+            if new:
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        elif self.grad_checkpointing:
+            (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+
+    def to_dict(self) -> dict:
+        """The model's config fields (JSON types), without where/how it was saved."""
+        return config_dict(self.hf, self.grad_checkpointing)
+
+
+def config_dict(hf_config, grad_checkpointing: bool = False) -> dict:
+    """A transformers config as JSON types, without the fields saying where or how it was saved
+    (so that a checkpoint's config equals the one the run builds from the model folder)."""
+    data = hf_config.to_dict()
+    out = {k: v for k, v in data.items() if k not in _METADATA and not k.startswith("_")}
+    out["grad_checkpointing"] = bool(grad_checkpointing)
+    return json.loads(json.dumps(out, default=str))
+
+
+def prepare_hf_config(folder: str | Path, *, seq_len: int, segment_lengths=None, dilation_rates=None,
+                      overrides: dict | None = None):
+    """The config of ``folder`` switched to dilated attention, with ``overrides`` applied.
+
+    Args:
+        folder: a local transformers model folder.
+        seq_len: the training length (for the default pattern).
+        segment_lengths, dilation_rates: the pattern; both or neither (then
+            :func:`default_pattern` of ``config.max_position_embeddings`` and ``seq_len``).
+        overrides: config fields to set (e.g. ``{"rope_theta": 1e6}``).
+
+    Sliding windows and chunked attention are switched off (dilated attention replaces them).
+    """
+    from transformers import AutoConfig
+
+    from longnet.ops.pattern import DilatedPattern
+
+    read_hf_config(folder)  # clear errors for a missing folder or config
+    if (segment_lengths is None) != (dilation_rates is None):
+        raise ValueError("give both --segment-lengths and --dilation-rates, or neither (then a pattern is "
+                         "derived from the model's original context)")
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"--hf-model {folder}: cannot read its config ({err})") from err
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"--hf-model {folder}: an encoder-decoder model; a causal LM is needed")
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ValueError(f"--model-overrides: {type(config).__name__} has no field {key!r}")
+        setattr(config, key, value)
+    if segment_lengths is None:
+        original = getattr(config, "max_position_embeddings", None)
+        if not original:
+            raise ValueError(f"--hf-model {folder}: config has no max_position_embeddings to derive a "
+                             "pattern from; give --segment-lengths and --dilation-rates")
+        segment_lengths, dilation_rates = default_pattern(int(original), seq_len)
+    try:
+        pattern = DilatedPattern(list(segment_lengths), list(dilation_rates))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"--segment-lengths / --dilation-rates: {err}") from err
+    config.segment_lengths = list(pattern.segment_lengths)
+    config.dilation_rates = list(pattern.dilation_rates)
+    for field in ("sliding_window", "attention_chunk_size"):
+        if getattr(config, field, None) is not None:
+            setattr(config, field, None)
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = ["full_attention"] * len(config.layer_types)
+    return config
+
+
+class HFCausalLM(nn.Module):
+    """A transformers causal LM with dilated attention, behind the trainer's model interface.
+
+    Args:
+        model: a transformers ``PreTrainedModel`` for causal LM whose config carries
+            ``segment_lengths`` / ``dilation_rates``; it is switched to dilated attention.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        import longnet.hf
+
+        name = longnet.hf.register()
+        longnet.hf.pattern_from_config(model.config)  # clear error when the pattern is missing
+        model.config.use_cache = False
+        model.set_attn_implementation(name)
+        self.model = model
+        self._config = HFModelConfig(self)
+
+    @property
+    def config(self) -> HFModelConfig:
+        return self._config
+
+    # ---------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, seq_len: int, segment_lengths=None, dilation_rates=None,
+                    overrides: dict | None = None) -> "HFCausalLM":
+        """Load a transformers model folder (float32) for fine-tuning at ``seq_len`` with dilated
+        attention; arguments as :func:`prepare_hf_config`."""
+        config = prepare_hf_config(folder, seq_len=seq_len, segment_lengths=segment_lengths,
+                                   dilation_rates=dilation_rates, overrides=overrides)
+        return cls.from_run_config(HFRunConfig(folder, config))
+
+    @classmethod
+    def from_run_config(cls, run: HFRunConfig) -> "HFCausalLM":
+        """The weights of ``run.folder`` under the run's config."""
+        from transformers import AutoModelForCausalLM
+
+        folder, config = run.folder, run.hf
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, config=config, local_files_only=True,
+                                                         dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--hf-model {folder}: cannot load the model ({err})") from err
+        out = cls(model)
+        out.config.grad_checkpointing = run.grad_checkpointing
+        return out
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> "HFCausalLM":
+        """Reload a checkpoint :meth:`save_pretrained` wrote (its config holds the pattern)."""
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        except (OSError, ValueError) as err:
+            from longnet.models import CheckpointError
+
+            raise CheckpointError(f"{folder}: cannot load the transformers checkpoint ({err})") from err
+        return cls(model)
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """Write ``model.safetensors`` + ``config.json`` (+ ``generation_config.json``); quietly,
+        since the trainer saves while its own progress bar runs."""
+        from transformers.utils import logging as hf_logging
+
+        quiet = hf_logging.is_progress_bar_enabled()
+        if quiet:
+            hf_logging.disable_progress_bar()
+        try:
+            self.model.save_pretrained(folder, safe_serialization=True)
+        finally:
+            if quiet:
+                hf_logging.enable_progress_bar()
+
+    # ---------------------------------------------------------------------------------- running
+    def describe(self) -> str:
+        """One line: the model folder's name, its type and its dilated pattern."""
+        name = Path(getattr(self.model.config, "_name_or_path", "") or type(self.model).__name__).name
+        return describe(name, self.model.config)
+
+    def num_parameters(self) -> int:
+        """Parameters, tied ones counted once."""
+        return sum(p.numel() for p in {id(p): p for p in self.model.parameters()}.values())
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> HFOutput:
+        """Logits ``(B, N, V)``; with ``labels`` (B, N, already shifted, -100 ignored) the mean
+        cross-entropy over the labelled tokens (float32) and their count."""
+        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        if labels is None:
+            return HFOutput(logits=logits)
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {tuple(labels.shape)}")
+        count = (labels != IGNORE_INDEX).sum()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return HFOutput(logits=logits, loss=loss, num_tokens=count)
