@@ -162,13 +162,15 @@ def head_sets(num_heads: int, num_kv_heads: int, dilation: int) -> list[tuple[in
 
 
 def plan_branch(pattern: DilatedPattern, b: int, query, key, *, is_causal: bool,
-                key_padding_mask=None, tensors=(), device_type: str | None = None
-                ) -> list[KernelCall]:
+                key_padding_mask=None, tensors=(), device_type: str | None = None,
+                heads=None, residue=None) -> list[KernelCall]:
     """The kernel calls of branch ``b`` for ``query`` (B, H, N, D) and ``key`` (B, Hkv, N, D).
 
     ``tensors``: further (per-query or per-key, per-head) tensors the calls will take views of
     (accumulators, gradients); the fold chosen is a view for all of them. ``device_type``
     overrides ``query.device.type`` for planning (the call count test plans CUDA calls on CPU).
+    ``heads`` (head sets as :func:`head_sets` gives them) and ``residue`` (head -> kept offset)
+    replace the paper's rule for another one (torchscale's, :mod:`longnet.ops.torchscale_compat`).
     """
     B, H, N, D = query.shape
     Hkv = key.shape[1]
@@ -176,12 +178,13 @@ def plan_branch(pattern: DilatedPattern, b: int, query, key, *, is_causal: bool,
     w = pattern.effective_segment(b, N)
     on_cpu = (device_type or query.device.type) == "cpu"
     calls = []
-    for h0, kh0, step, kstep, count in head_sets(H, Hkv, r):
-        residue = pattern.residue(h0, b)
+    sets = head_sets(H, Hkv, r) if heads is None else heads
+    for h0, kh0, step, kstep, count in sets:
+        kept = pattern.residue(h0, b) if residue is None else residue(h0)
         rows = B * count * -(-w // r) * D * acc_dtype(query.dtype).itemsize  # one segment, all heads
         chunk = max(1, CPU_CALL_BYTES // rows) if on_cpu else None
         for start, n_seg, seg, first in pattern.segment_pieces(b, N):
-            c = pattern.next_kept_offset(b, first, residue)  # first kept position of the piece
+            c = pattern.next_kept_offset(b, first, kept)  # first kept position of the piece
             if seg <= c:  # the heads keep no position of these segments
                 continue
             per_call = n_seg if chunk is None else chunk

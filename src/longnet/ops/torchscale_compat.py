@@ -37,14 +37,14 @@ import math
 import torch
 
 from longnet.ops.backends import AttentionBackend, get_backend
+from longnet.ops.calls import alloc_like, plan_branch
 from longnet.ops.dilated import check_attention_inputs
+from longnet.ops.merge import acc_dtype
 from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["torchscale_dilated_attention", "torchscale_head_offset", "check_torchscale_length"]
 
 _NEG_INF = float("-inf")
-# On CPU a kernel call covers at most this many bytes of output rows (as the paper operator)
-_CPU_CALL_BYTES = 8 << 20
 
 
 def torchscale_head_offset(head: int, num_heads: int, dilation: int) -> int:
@@ -70,87 +70,75 @@ def _count(n: int, r: int, offset: int) -> int:
     return 0 if offset >= n else (n - offset - 1) // r + 1
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _head_sets(H: int, Hkv: int, r: int) -> list[tuple[int, int, int, int, int]]:
+    """torchscale's heads of one offset are a contiguous block; within it every ``g``-th head
+    (``g = H / Hkv``) reads consecutive key/value heads: ``(h0, kh0, step, kstep, count)`` sets."""
+    block, g = -(-H // r), H // Hkv
+    sets = []
+    for start in range(0, H, block):
+        stop = min(start + block, H)
+        for h0 in range(start, min(start + g, stop)):
+            sets.append((h0, h0 // g, g, 1, len(range(h0, stop, g))))
+    return sets
 
 
-class _Call:
-    """Head ``h`` (key/value head ``hk``), offset ``c``: the rows of ``S`` consecutive segments of
-    length ``seg`` from ``start``, and how many zero keys each of their groups adds."""
-
-    def __init__(self, h, hk, c, start, S, seg, r, zeros):
-        self.h, self.hk, self.c, self.start, self.S, self.seg, self.r = h, hk, c, start, S, seg, r
-        self.log_zeros = math.log(zeros) if zeros else None
-
-    def rows(self, x, head):  # x (B, H, N, ...) -> (B, S, m, ...)
-        span = x[:, head, self.start:self.start + self.S * self.seg]
-        return span.unflatten(1, (self.S, self.seg))[:, :, self.c::self.r]
-
-    def pad(self, out, lse):
-        """Add the group's zero keys to a kernel result (acc dtype)."""
-        if self.log_zeros is None:
-            return out, lse
-        padded = torch.logaddexp(lse, torch.full_like(lse, self.log_zeros))
-        return out * torch.exp(lse - padded).unsqueeze(-1), padded
-
-
-def _calls(pattern: DilatedPattern, b: int, B: int, H: int, Hkv: int, N: int, D: int,
-           is_causal: bool, acc: torch.dtype, device: torch.device) -> list[_Call]:
+def _calls(pattern, b, q, k, is_causal, tensors):
+    """The branch's kernel calls (head-batched strided views, :func:`longnet.ops.calls.plan_branch`)
+    with torchscale's offsets, each with ``log_zeros``: log of the zero keys its groups add."""
+    H, N = q.shape[1], q.shape[2]
     r = pattern.dilation_rates[b]
-    w = pattern.effective_segment(b, N)
-    slots = -(-w // r)  # slots per offset of a padded segment
-    full, tail = divmod(N, w)
-    per_segment = B * slots * D * acc.itemsize
-    chunk = max(1, _CPU_CALL_BYTES // per_segment) if device.type == "cpu" else max(full, 1)
-    group = H // Hkv
-    calls = []
-    for h in range(H):
-        c = torchscale_head_offset(h, H, r)
-        pieces = [(s0 * w, min(chunk, full - s0), w) for s0 in range(0, full, chunk)]
-        for start, S, seg in (*pieces, (full * w, 1, tail)):
-            if S and seg > c:
-                zeros = 0 if is_causal else slots - _count(seg, r, c)
-                calls.append(_Call(h, h // group, c, start, S, seg, r, zeros))
+    slots = -(-pattern.effective_segment(b, N) // r)  # slots per offset of a padded segment
+    calls = plan_branch(pattern, b, q, k, is_causal=is_causal, tensors=tensors,
+                        heads=_head_sets(H, k.shape[1], r),
+                        residue=lambda h: torchscale_head_offset(h, H, r))
+    for call in calls:
+        zeros = 0 if is_causal else slots - _count(call.spec.seg, r, call.spec.c)
+        call.log_zeros = math.log(zeros) if zeros else None
     return calls
+
+
+def _pad(call, out, lse):
+    """Add the group's zero keys to a kernel result (acc dtype)."""
+    if call.log_zeros is None:
+        return out, lse
+    padded = torch.logaddexp(lse, torch.full_like(lse, call.log_zeros))
+    return out * torch.exp(lse - padded).unsqueeze(-1), padded
 
 
 def _forward(q, k, v, pattern, is_causal, scale, backend):
     B, H, N, D = q.shape
-    acc = _acc_dtype(q.dtype)
-    out = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
-    lse = torch.full((B, H, N), _NEG_INF, dtype=acc, device=q.device)
+    acc = acc_dtype(q.dtype)
+    out = alloc_like(q, (B, H, N, D), acc, fill=0.0)
+    lse = alloc_like(q, (B, H, N), acc, fill=_NEG_INF)
     for b in range(len(pattern)):
-        for call in _calls(pattern, b, B, H, k.shape[1], N, D, is_causal, acc, q.device):
-            ob, lb, _ = backend.forward(call.rows(q, call.h), call.rows(k, call.hk),
-                                        call.rows(v, call.hk), None, is_causal, scale)
-            ob, lb = call.pad(ob.to(acc), lb.to(acc))
-            o_view, l_view = call.rows(out, call.h), call.rows(lse, call.h)
-            merged = torch.logaddexp(l_view, lb)
-            o_view.copy_(o_view * torch.exp(l_view - merged).unsqueeze(-1)
-                         + ob * torch.exp(lb - merged).unsqueeze(-1))
-            l_view.copy_(merged)
+        for call in _calls(pattern, b, q, k, is_causal, (v, out, lse)):
+            ob, lb, _ = backend.forward(call.q_rows(q), call.kv_rows(k), call.kv_rows(v), None,
+                                        is_causal, scale)
+            ob, lb = _pad(call, ob.to(acc), lb.to(acc))
+            call.merge_(out, lse, ob, lb, first=False)
     return out.to(q.dtype), lse
 
 
 def _backward(grad_out, q, k, v, lse, pattern, is_causal, scale, backend):
     B, H, N, D = q.shape
-    acc = _acc_dtype(q.dtype)
-    d_q = torch.zeros(B, H, N, D, dtype=acc, device=q.device)
-    d_k = torch.zeros(k.shape, dtype=acc, device=q.device)
-    d_v = torch.zeros(v.shape, dtype=acc, device=q.device)
+    acc = acc_dtype(q.dtype)
+    d_q = alloc_like(q, (B, H, N, D), acc, fill=0.0)
+    d_k = alloc_like(k, tuple(k.shape), acc, fill=0.0)
+    d_v = alloc_like(k, tuple(v.shape), acc, fill=0.0)
+    grad_out = alloc_like(q, tuple(grad_out.shape), grad_out.dtype).copy_(grad_out)
+    lse = alloc_like(q, tuple(lse.shape), lse.dtype).copy_(lse)
     for b in range(len(pattern)):
-        for call in _calls(pattern, b, B, H, k.shape[1], N, D, is_causal, acc, q.device):
-            qb, kb, vb = call.rows(q, call.h), call.rows(k, call.hk), call.rows(v, call.hk)
+        for call in _calls(pattern, b, q, k, is_causal, (v, grad_out, lse, d_q, d_k, d_v)):
+            qb, kb, vb = call.q_rows(q), call.kv_rows(k), call.kv_rows(v)
             ob, lb, aux = backend.forward(qb, kb, vb, None, is_causal, scale)
-            ob, _ = call.pad(ob.to(acc), lb.to(acc))
+            ob, _ = _pad(call, ob.to(acc), lb.to(acc))
             # this branch's own (padded) output with the merged lse: the mixing weight is a
             # constant and P_merged = weight * P_branch, as torchscale differentiates it
-            dqb, dkb, dvb = backend.backward(call.rows(grad_out, call.h), qb, kb, vb,
-                                             ob.to(q.dtype), call.rows(lse, call.h), aux, None,
-                                             is_causal, scale)
-            call.rows(d_q, call.h).add_(dqb)
-            call.rows(d_k, call.hk).add_(dkb)
-            call.rows(d_v, call.hk).add_(dvb)
+            dqb, dkb, dvb = backend.backward(call.q_rows(grad_out), qb, kb, vb, ob.to(q.dtype),
+                                             call.q_rows(lse), aux, None, is_causal, scale)
+            call.add_q_(d_q, dqb)
+            call.add_kv_(d_k, dkb)
+            call.add_kv_(d_v, dvb)
     return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
 
 
