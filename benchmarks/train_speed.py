@@ -29,6 +29,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import re
 import sys
 import time
 import traceback
@@ -92,6 +93,12 @@ def _positive_float(text: str) -> float:
     return v
 
 
+def _tag(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", text):
+        raise argparse.ArgumentTypeError(f"--tag must be letters, digits, '.', '_' or '-', got {text!r}")
+    return text
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -119,6 +126,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: benchmarks/results)")
+    p.add_argument("--tag", type=_tag, default=None,
+                   help="appended to the file names: train_speed_<device>_<tag>.json (e.g. 8k)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p.parse_args(argv)
@@ -177,6 +186,11 @@ def _step_fn(model, opt, ids, labels, device: torch.device, dtype: torch.dtype):
     return step
 
 
+def _error(err: BaseException) -> str:
+    first = (str(err).strip().splitlines() or [""])[0]
+    return f"error: {type(err).__name__}: {first[:300]}"
+
+
 def _rate(tokens: int, seconds: float | None) -> float | None:
     return None if not seconds else tokens / seconds
 
@@ -203,11 +217,16 @@ def bench_preset(name: str, args, device, dtype, peak: float | None, progress) -
     steps, status = {}, {}
     for mode, model in copies.items():
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-        runner = model if mode == "eager" else torch.compile(model, backend=args.compile_backend)
-        steps[mode] = _step_fn(runner, opt, ids, labels, device, dtype)
         status[mode] = "ok"
+        try:
+            runner = model if mode == "eager" else torch.compile(model, backend=args.compile_backend)
+        except Exception as err:  # noqa: BLE001 - e.g. an unknown backend: keep the eager figures
+            status[mode] = _error(err)
+            print(f"{name}: torch.compile failed: {status[mode]}", file=sys.stderr)
+            runner = model
+        steps[mode] = _step_fn(runner, opt, ids, labels, device, dtype)
 
-    if "compiled" in steps:  # first step: compile forward and backward
+    if status.get("compiled") == "ok":  # first step: compile forward and backward
         progress(f"{name}: compiling ({args.compile_backend})")
         try:
             _sync(device)
@@ -216,7 +235,7 @@ def bench_preset(name: str, args, device, dtype, peak: float | None, progress) -
             _sync(device)
             rec["first_step_s"] = time.perf_counter() - t0
         except Exception as err:  # noqa: BLE001 - a failed compile must not lose the eager figures
-            status["compiled"] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            status["compiled"] = _error(err)
             rec["compiled_traceback"] = traceback.format_exc()[-4000:]
             print(f"{name}: compiled step failed: {status['compiled']}", file=sys.stderr)
             _free(device)
@@ -230,7 +249,7 @@ def bench_preset(name: str, args, device, dtype, peak: float | None, progress) -
             try:
                 fn()
             except Exception as err:  # noqa: BLE001 - e.g. out of memory in one mode
-                status[mode] = f"error: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                status[mode] = _error(err)
                 print(f"{name}: {mode} step failed: {status[mode]}", file=sys.stderr)
                 _free(device)
         fns.append(progress.counting(guarded))
@@ -401,7 +420,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"train_speed_{device_slug(device)}"
+    stem = f"train_speed_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
     doc = {
         "benchmark": "train_speed", "complete": False, "note": None,
