@@ -43,20 +43,24 @@ PY="${GPU_CHECK_PYTHON:-python3}"
 export PYTHONPATH="$REPO/src${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
 
-if ! "$PY" -c "import torch" 2>/dev/null; then
-    echo "gpu_check.sh: '$PY' cannot import torch; set GPU_CHECK_PYTHON to a python with torch" >&2
+# one python start: can it import torch and longnet, is CUDA there, the CPU's file-name slug
+PROBE="$("$PY" -c 'import torch; from longnet.bench.report import device_slug
+print(int(torch.cuda.is_available()), device_slug(torch.device("cpu")))' 2>/dev/null)"
+if [ -z "$PROBE" ]; then
+    echo "gpu_check.sh: '$PY' cannot import torch and longnet; set GPU_CHECK_PYTHON to a python with torch" >&2
     exit 2
 fi
+read -r HAS_CUDA CPU_SLUG <<< "$PROBE"
 
 if [ "$DRY_RUN" = "1" ]; then
     DEVICE="cpu"
-    SLUG="dryrun-$("$PY" -c 'import torch; from longnet.bench.report import device_slug; print(device_slug(torch.device("cpu")))')"
+    SLUG="dryrun-$CPU_SLUG"
 else
     if ! command -v nvidia-smi >/dev/null 2>&1; then
         echo "gpu_check.sh: nvidia-smi not found: this is not a GPU machine (use --dry-run to test the script on CPU)" >&2
         exit 2
     fi
-    if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    if [ "$HAS_CUDA" != "1" ]; then
         echo "gpu_check.sh: torch.cuda.is_available() is False for '$PY' (CPU-only torch build?)" >&2
         exit 2
     fi
