@@ -196,6 +196,7 @@ def _check_args(pattern, length, num_heads, causal, layers=None):
         raise TypeError(f"causal must be a bool, got {causal!r}")
     if layers is not None:
         layers = _check_int("layers", layers)
+        patterns = patterns[:layers]  # the layers a bounded path can use
     return patterns, length, num_heads, layers
 
 
