@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longnet import LongNetConfig, LongNetLM
-from longnet.ops.pattern import DilatedPattern
 from longnet.models.config import PRESETS
+from longnet.ops.pattern import DilatedPattern
 from longnet.ops.reach import alternating_shift, hops_from, log2_edges, max_hops, reach, unreachable_pairs
 
 

@@ -79,7 +79,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import numpy as np
 
@@ -639,8 +639,8 @@ def hops_from(pattern, length: int, num_heads: int, source: int, causal: bool = 
     pos = np.arange(n)
     cls = blk.class_of
     if causal:
-        def on_new(hop, s, k, lo, hi):
-            for kk, a, z in zip(k.tolist(), lo.tolist(), hi.tolist()):
+        def on_new(hop, s, k, lo, hi):  # lo: a member of class k, so members step by L
+            for a, z in zip(lo.tolist(), hi.tolist()):
                 out[offset + np.arange(a, z, blk.L)] = hop
 
         _causal(blk, cycle, layers, np.array([i], dtype=np.int64), on_new)
