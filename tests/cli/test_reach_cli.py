@@ -9,9 +9,10 @@ import sys
 import numpy as np
 
 from longnet.cli.main import main
+from longnet.cli.reach import print_report
 from longnet.models.config import PRESETS
 from longnet.ops.pattern import DilatedPattern
-from longnet.ops.reach import reach
+from longnet.ops.reach import alternating_shift, reach
 
 
 def _run(capsys, *argv):
@@ -45,7 +46,7 @@ def test_non_causal_connects_every_pair_in_four_layers(capsys):
                         "1,2,4,8,16", "--heads", "8", "--seq-len", "128", "--non-causal")
     r = json.loads(lines[-1])
     assert rc == 0 and (r["max_hops"], r["unreachable_pairs"], r["pairs"]) == (4, 0, 128 * 128)
-    assert r["examples"] == [] and "max hops: 4" in lines[1]
+    assert r["examples"] == [] and any("max hops: 4" in line for line in lines)
 
 
 def test_preset_supplies_pattern_heads_and_length(capsys):
@@ -82,3 +83,44 @@ def test_registered_as_a_command():
     out = subprocess.run([sys.executable, "-m", "longnet", "reach", "--help"], capture_output=True,
                          text=True, check=True).stdout
     assert "--non-causal" in out and "hops against distance" in out
+
+
+def test_shifted_layers_have_no_blind_spots_and_match_the_analysis(capsys):
+    """--shifted: the layers of LongNetConfig(shift_segments=True); issue 11's 639 -> 0."""
+    rc, lines, _ = _run(capsys, "--segment-lengths", "8,16,32,64,128", "--dilation-rates",
+                        "1,2,4,8,16", "--heads", "8", "--seq-len", "128", "--shifted")
+    r = json.loads(lines[-1])
+    cycle = alternating_shift(DilatedPattern([8, 16, 32, 64, 128], [1, 2, 4, 8, 16]))
+    want = reach(cycle, 128, 8)
+    assert rc == 0 and r["shifted"] and r["shifts"] == [0, 4] and r["layers"] is None
+    assert (r["unreachable_pairs"], r["max_hops"], r["examples"]) == (0, want.max_hops, [])
+    assert r["hop_counts"] == list(want.hop_counts) and sum(b["pairs"] for b in r["distance_table"]) == 8256
+    text = "\n".join(lines[:-1])
+    assert "shift 0, shift 4" in text and "0 of 8,256 pairs" in text
+
+
+def test_layers_bounds_the_depth(capsys):
+    argv = ["--segment-lengths", "8,16,32", "--dilation-rates", "1,2,4", "--heads", "4", "--seq-len", "100"]
+    _, lines, _ = _run(capsys, *argv, "--shifted", "--layers", "3")
+    r = json.loads(lines[-1])
+    cycle = alternating_shift(DilatedPattern([8, 16, 32], [1, 2, 4]))
+    want = reach(cycle, 100, 4, layers=3, examples=5)
+    assert r["layers"] == 3 and r["unreachable_pairs"] == want.unreachable > 0
+    assert [tuple(e) for e in r["examples"]] == list(want.examples)
+    assert any("first 3 layers" in line for line in lines) and any("in 3 layers" in line for line in lines)
+    _, lines, _ = _run(capsys, *argv, "--shifted")
+    assert json.loads(lines[-1])["unreachable_pairs"] == 0  # more layers cross every cut
+    rc, _, err = _run(capsys, *argv, "--layers", "0")
+    assert rc == 2 and "--layers must be a positive int" in err
+
+
+def test_pieces_are_explained(capsys):
+    """One layer of --shifted is the unshifted pattern (blocks); a shifted pattern alone has a short
+    first piece."""
+    _, lines, _ = _run(capsys, "--segment-lengths", "4,8", "--dilation-rates", "1,2", "--heads", "2",
+                       "--seq-len", "30", "--shifted", "--layers", "1")
+    assert json.loads(lines[-1])["shifts"] == [0] and any("blocks: 3 of 8 tokens and one of 6" in x for x in lines)
+    rep = reach(DilatedPattern([4, 8], [1, 2], shift=2), 30, 2)
+    assert rep.pieces == ((0, 6, 1), (6, 8, 3))
+    print_report(rep, [DilatedPattern([4, 8], [1, 2], shift=2)], 0.0)
+    assert "pieces: one of 6 tokens, 3 of 8 tokens;" in capsys.readouterr().out
