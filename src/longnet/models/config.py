@@ -215,8 +215,8 @@ class LongNetConfig:
         if self.attention == "sparse":
             stride = self.sparse_block if self.sparse_stride is None else self.sparse_stride
             return DilatedPattern((self.sparse_block, self.max_train_length), (1, stride))
-        shift = min(self.segment_lengths) // 2 if self.shift_segments and layer % 2 else 0
-        return DilatedPattern(self.segment_lengths, self.dilation_rates, shift=shift)
+        pattern = DilatedPattern(self.segment_lengths, self.dilation_rates)
+        return pattern.for_layer(layer) if self.shift_segments else pattern
 
     def patterns(self) -> list[DilatedPattern | None]:
         """The pattern of every layer, in order."""

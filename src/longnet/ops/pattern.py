@@ -221,6 +221,13 @@ class DilatedPattern:
             ok = ok & (key_positions <= query_positions)
         return ok
 
+    def for_layer(self, layer: int) -> "DilatedPattern":
+        """The pattern layer ``layer`` of a model with alternating shifted segments runs: even
+        layers unshifted, odd layers shifted by half the shortest segment
+        (``LongNetConfig.shift_segments``)."""
+        shift = min(self.segment_lengths) // 2 if layer % 2 else 0
+        return DilatedPattern(self.segment_lengths, self.dilation_rates, shift=shift)
+
     def next_kept_offset(self, branch: int, segment_offset, residue):
         """From offset ``segment_offset`` inside a segment of ``branch``, how far the first position
         at or after it that heads of ``residue`` keep lies: ``(residue - offset) mod r``."""

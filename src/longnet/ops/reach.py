@@ -229,13 +229,9 @@ def _check_edges(edges, length: int) -> np.ndarray:
 def alternating_shift(pattern, layers: int = 2) -> list:
     """The layer patterns of ``LongNetConfig(shift_segments=True)`` for ``pattern``: even layers
     unshifted, odd layers shifted by half the shortest segment (``layers`` of them)."""
-    from longnet.ops.pattern import DilatedPattern
-
     (p,) = _check_patterns(pattern)
     layers = _check_int("layers", layers)
-    shift = min(p.segment_lengths) // 2
-    return [DilatedPattern(p.segment_lengths, p.dilation_rates, shift=shift if t % 2 else 0)
-            for t in range(layers)]
+    return [p.for_layer(t) for t in range(layers)]
 
 
 # ---------------------------------------------------------------------------------- structure
