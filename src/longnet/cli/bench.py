@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from longnet.cli.options import int_list
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
 
@@ -28,18 +29,8 @@ _QUICK = dict(seq_lens=(128, 256), segment_lengths=(64, 128), dilation_rates=(1,
               head_dim=16, repeats=1, warmup=0)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(x) for x in text.replace(",", " ").split())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
-    if not values or any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
-    return values
-
-
 def _positive(text: str) -> int:
-    v = _int_list(text)
+    v = int_list(text)
     if len(v) != 1:
         raise argparse.ArgumentTypeError(f"expected one positive int, got {text!r}")
     return v[0]
@@ -48,7 +39,7 @@ def _positive(text: str) -> int:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=WHAT, help="what to benchmark")
     g = parser.add_argument_group("lengths")
-    g.add_argument("--seq-lens", type=_int_list, default=None,
+    g.add_argument("--seq-lens", type=int_list, default=None,
                    help="comma-separated N to run (default: powers of two from 2048 to "
                         "--max-seq-len)")
     g.add_argument("--max-seq-len", type=_positive, default=None,
@@ -70,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--heads", type=_positive, default=12)
     s.add_argument("--head-dim", type=_positive, default=64)
     s.add_argument("--batch-size", type=_positive, default=1)
-    s.add_argument("--segment-lengths", type=_int_list, default=None,
+    s.add_argument("--segment-lengths", type=int_list, default=None,
                    help="default: the paper's " + ",".join(map(str, PAPER_SEGMENT_LENGTHS)))
-    s.add_argument("--dilation-rates", type=_int_list, default=None,
+    s.add_argument("--dilation-rates", type=int_list, default=None,
                    help="default: the paper's " + ",".join(map(str, PAPER_DILATION_RATES)))
     s.add_argument("--backend", default="auto", help="dilated attention backend")
     r = parser.add_argument_group("running")

@@ -18,6 +18,7 @@ import json
 import math
 import sys
 
+from longnet.cli.options import int_list
 from longnet.models.config import PRESETS, LongNetConfig
 from longnet.ops.pattern import DilatedPattern
 from longnet.paper import GPT2_VOCAB
@@ -34,12 +35,6 @@ FLAG_FIELDS = {"layers": "num_layers", "embed_dim": "embed_dim", "heads": "num_h
 _ACT_D, _ACT_F = 9, 2
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per sequence N")
@@ -54,9 +49,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-heads", type=int, help="key/value heads (GQA), default = heads")
     parser.add_argument("--ffn-dim", type=int, help="FFN hidden width")
     parser.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's)")
-    parser.add_argument("--segment-lengths", type=_int_list,
+    parser.add_argument("--segment-lengths", type=int_list,
                         help="w_i, comma-separated (default: the preset's)")
-    parser.add_argument("--dilation-rates", type=_int_list,
+    parser.add_argument("--dilation-rates", type=int_list,
                         help="r_i, comma-separated (default: the preset's)")
     parser.add_argument("--batch-size", type=int, default=1, help="sequences per step")
     parser.add_argument("--dtype-bytes", type=int, default=2,

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 
+from longnet.cli.options import int_list
 from longnet.models.config import PRESETS
 from longnet.ops.pattern import DilatedPattern
 from longnet.ops.reach import alternating_shift, reach, work
@@ -24,12 +25,6 @@ from longnet.paper import PAPER_SEGMENT_LENGTHS as PAPER_SEGMENTS
 _SLOW = 7 * 10**7  # block * classes above which the causal analysis takes over a minute (2 cores)
 _DILATED_PRESETS = sorted(k for k, v in PRESETS.items() if "segment_lengths" in v)
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from e
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -49,10 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "--shifted (no blind spots)")
     parser.add_argument("--preset", choices=_DILATED_PRESETS, default=argparse.SUPPRESS,
                         help="take pattern, heads and (default) length from a model preset")
-    parser.add_argument("--segment-lengths", type=_int_list, default=argparse.SUPPRESS,
+    parser.add_argument("--segment-lengths", type=int_list, default=argparse.SUPPRESS,
                         help="w_i, comma-separated (default: the preset's, else the paper's "
                              f"{','.join(map(str, PAPER_SEGMENTS))})")
-    parser.add_argument("--dilation-rates", type=_int_list, default=argparse.SUPPRESS,
+    parser.add_argument("--dilation-rates", type=int_list, default=argparse.SUPPRESS,
                         help="r_i, comma-separated (default: the preset's, else the paper's "
                              f"{','.join(map(str, PAPER_DILATIONS))})")
     parser.add_argument("--heads", type=int, default=argparse.SUPPRESS,

@@ -7,6 +7,8 @@ import json
 import os
 import sys
 
+from longnet.cli.options import int_list
+
 DESCRIPTION = """\
 Train a LongNet language model on a text corpus, with the paper's recipe: AdamW (betas 0.9/0.98,
 weight decay 0.01 on the weight matrices only: not on biases, norms or embeddings), peak learning
@@ -77,10 +79,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="[run] fine-tune this local transformers causal LM folder (config.json, weights, tokenizer.json) "
                "with dilated attention instead of a LongNet preset; it keeps its tokenizer, the run folder "
                "is a transformers folder (--model-overrides then sets its config fields)")
-    _flag(model, "--segment-lengths", metavar="W,...", type=_int_list,
+    _flag(model, "--segment-lengths", metavar="W,...", type=int_list,
           help="[run] with --hf-model: the dilated pattern's segment lengths, e.g. 2048,4096,8192 (default: "
                "the model's original context L, 2L, 4L, ... up to --seq-len)")
-    _flag(model, "--dilation-rates", metavar="R,...", type=_int_list,
+    _flag(model, "--dilation-rates", metavar="R,...", type=int_list,
           help="[run] with --hf-model: the dilation rate of each segment length, e.g. 1,2,4 (default: 1, 2, 4, ...)")
     _flag(model, "--grad-checkpointing", action=argparse.BooleanOptionalAction,
           help="recompute each block in backward to save memory (default: off)")
@@ -124,15 +126,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _flag(run, "--progress", action=argparse.BooleanOptionalAction,
           help="show progress bars (default: when stderr is a terminal)")
 
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not a comma-separated list of integers ({text!r})") from err
-    if not values:
-        raise argparse.ArgumentTypeError("needs at least one integer")
-    return values
 
 
 def _json_object(text: str) -> dict:
