@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from longnet import LongNetConfig, LongNetLM
+from longnet.bench.report import write_results
 from longnet.models.generation import cached_forward
 from longnet.ops.reference_cache import DilatedLayerCache
 
@@ -251,12 +252,7 @@ def main(argv=None) -> int:
                "warmup": args.warmup,
                "prefill_chunk_size": args.prefill_chunk_size, "config": config.to_dict(),
                "dense_config_changes": {"attention": "dense", "position": "rope"}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"decode-{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json and .png", file=sys.stderr)
+    write_results(args.out, f"decode-{device.type}", results, plot)
     print(json.dumps(summary))
     return 0
 

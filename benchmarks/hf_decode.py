@@ -258,12 +258,9 @@ def main(argv=None) -> int:
                "steps": args.steps, "rounds": args.rounds, "warmup": args.warmup,
                "config": {k: v for k, v in model.config.to_dict().items()
                           if isinstance(v, (int, float, str, list, bool, type(None)))}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"hf_decode-{device.type}"
-    (out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
-    plot(results, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json and .png", file=sys.stderr)
+    from longnet.bench.report import write_results
+
+    write_results(args.out, f"hf_decode-{device.type}", results, plot)
     print(json.dumps(summary))
     return 0
 

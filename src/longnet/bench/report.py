@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import platform
 import re
+import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-from longnet.utils.atomic import save_figure
+from longnet.utils.atomic import atomic_write_json, save_figure
 
 __all__ = ["device_name", "device_slug", "format_table", "plot_attention"]
 
@@ -111,3 +113,16 @@ def plot_attention(doc: dict, path: Path) -> None:
         save_figure(fig, path, dpi=100)
     finally:
         plt.close(fig)
+
+
+def write_results(out_dir: str | Path, stem: str, results: dict, plot: Callable[[dict, Path], None] | None = None
+                  ) -> Path:
+    """Write ``<out_dir>/<stem>.json`` (atomically) and, with ``plot``, ``<stem>.png``; say so on stderr."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{stem}.json"
+    atomic_write_json(path, results, indent=2, sort_keys=False)
+    if plot is not None:
+        plot(results, out / f"{stem}.png")
+    print(f"wrote {out / stem}.json" + (" and .png" if plot is not None else ""), file=sys.stderr)
+    return path
