@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -56,7 +57,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="SPEC", default=None, help="corpus (default: stdlib, the Python standard library)")
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size")
     p.add_argument("--eval-tokens", type=int, default=None,
-                   help="held-out tokens scored per length (default: the whole validation split)")
+                   help="held-out tokens scored per length, rounded down to whole 32K windows "
+                        "(default: 393,216; 0 = the whole split)")
+    p.add_argument("--split", choices=("validation", "test"), default=None,
+                   help="held-out split to score (default: test, 0.93M tokens of the stdlib corpus)")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="token-file cache (default: ~/.cache/longnet)")
     p.add_argument("--results-dir", metavar="DIR", default=None,
                    help="also write table2-<device>.json/.png here (e.g. benchmarks/results)")
@@ -89,7 +93,9 @@ def _table2(args: argparse.Namespace) -> int:
     plan = Table2Plan.preset(scale, rows=tuple(args.rows) if args.rows else None, steps=args.steps,
                              tokens_per_step=args.tokens_per_step, lr=args.lr, embed_dim=args.embed_dim,
                              num_layers=args.num_layers, seed=args.seed, data=args.data, vocab_size=args.vocab_size,
-                             eval_tokens=args.eval_tokens)
+                             split=args.split, eval_tokens=args.eval_tokens or None)
+    if args.eval_tokens == 0:  # the whole split
+        plan = dataclasses.replace(plan, eval_tokens=None)
     out = Path(args.out or ("runs/table2-quick" if scale == "quick" else "runs/table2")).expanduser()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     doc = run_table2(plan, out, cache_dir=args.cache_dir, device=args.device, progress=args.progress, log=log)
@@ -101,6 +107,7 @@ def _table2(args: argparse.Namespace) -> int:
         log("note: matplotlib is not installed, so no plot; pip install matplotlib")
     write_results(out, "table2", doc, plot)
     if args.results_dir:
+        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
         stem = f"table2-{device_slug(resolve_device(args.device))}" + ("-quick" if scale == "quick" else "")
         for ext in (".json", ".png") if plot else (".json",):
             atomic_copy(out / f"table2{ext}", Path(args.results_dir) / f"{stem}{ext}")
