@@ -157,3 +157,20 @@ def test_forward_input_errors():
         model(torch.randn(2, 3, 24), torch.zeros(2, 3, 2), torch.tensor([[True] * 3, [False] * 3]))
     with pytest.raises(ValueError, match="real tokens first"):
         model(torch.randn(1, 3, 24), torch.zeros(1, 3, 2), torch.tensor([[True, False, True]]))
+
+
+def test_convert_command(tmp_path, capsys):
+    from longnet.gigapath.convert import main as convert_main
+
+    torch.manual_seed(0)
+    src = SlideEncoder(SMALL).eval()
+    torch.save({"model": _gigapath_state(src)}, tmp_path / "slide_encoder.pth")
+    dest = tmp_path / "gigapath.safetensors"
+    assert convert_main([str(tmp_path / "slide_encoder.pth"), str(dest), "--num-heads", "4"]) == 0
+    assert f"wrote {dest}" in capsys.readouterr().out
+    feats, coords = torch.randn(1, 9, 24), torch.rand(1, 9, 2) * 5000
+    with torch.no_grad():
+        torch.testing.assert_close(load_slide_encoder(dest)(feats, coords), src(feats, coords), rtol=0, atol=0)
+    assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "x.safetensors").exists()
