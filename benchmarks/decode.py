@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from longnet import LongNetConfig, LongNetLM
-from longnet.bench.report import write_results
+from longnet.bench.report import plot_decode, write_results
 from longnet.models.generation import cached_forward
 from longnet.ops.reference_cache import DilatedLayerCache
 
@@ -127,35 +127,9 @@ def bench_dense(model, P: int, args, device) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["rows"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("dilated", "dilated KV cache (slots)"),
-                       ("compact", "dilated KV cache (compact)"), ("dense", "dense KV cache")):
-        pts = [(r["position"], r[key]) for r in rows if r.get(key)]
-        if not pts:
-            continue
-        x = [p for p, _ in pts]
-        line, = a.plot(x, [m["ms_per_token"] for _, m in pts], "o-", label=f"{label}, wall")
-        a.plot(x, [m["cpu_ms_per_token"] for _, m in pts], "x--", color=line.get_color(),
-               label=f"{label}, CPU")
-        b.plot(x, [m["cache_bytes"] / 2 ** 20 for _, m in pts], "o-", label=label)
-    for ax, title, unit in ((a, "latency per token", "ms / token"),
-                            (b, "cache size", "MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context position (tokens)")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.axvline(results["largest_segment"], color="gray", ls=":", lw=1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"decoding, {results['model']} on {results['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_decode(results, path, [("dilated", "dilated KV cache (slots)"), ("compact", "dilated KV cache (compact)"),
+                 ("dense", "dense KV cache")],
+                f"decoding, {results['model']} on {results['device_name']}")
 
 
 def main(argv=None) -> int:

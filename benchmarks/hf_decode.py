@@ -143,33 +143,11 @@ def start_dense(model, P: int, args, device) -> Run:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longnet.bench.report import plot_decode
 
-    rows = results["rows"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("dilated", "DilatedCache"), ("dense", "DynamicCache, dilated attention"),
-                       ("dense_sdpa", "DynamicCache, sdpa (dense Llama)")):
-        pts = [(r["position"], r[key]) for r in rows if r.get(key)]
-        if not pts:
-            continue
-        x = [p for p, _ in pts]
-        a.plot(x, [m["ms_per_token"] for _, m in pts], "o-", label=label)
-        b.plot(x, [m["cache_bytes"] / 2 ** 20 for _, m in pts], "o-", label=label)
-    for ax, title, unit in ((a, "latency per token", "ms / token"), (b, "cache size", "MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context position (tokens)")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.axvline(results["largest_segment"], color="gray", ls=":", lw=1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"HF Llama decoding ({results['parameters'] / 1e6:.1f}M) on "
-                 f"{results['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_decode(results, path, [("dilated", "DilatedCache"), ("dense", "DynamicCache, dilated attention"),
+                 ("dense_sdpa", "DynamicCache, sdpa (dense Llama)")],
+                f"HF Llama decoding ({results['parameters'] / 1e6:.1f}M) on {results['device_name']}")
 
 
 def main(argv=None) -> int:
