@@ -83,34 +83,26 @@ class Run:
     """A cache at some position, stepped token by token (greedy)."""
 
     def __init__(self, model, cache, device, nbytes):
-        self.model, self.cache, self.device, self.nbytes = model, cache, device, nbytes
+        from longnet.bench.measure import StepTimes
+
+        self.model, self.cache, self.nbytes = model, cache, nbytes
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.times: list[float] = []
-        self.cpu: list[float] = []
+        self.timer = StepTimes(device)
+
+    def _step(self) -> None:
+        with torch.no_grad():
+            logits = self.model(input_ids=self.token, cache=self.cache, use_cache=True,
+                                logits_to_keep=1).logits
+        self.token = logits[:, -1].argmax(-1, keepdim=True)
 
     def steps(self, count: int, record: bool = True) -> None:
         for _ in range(count):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t, c = time.perf_counter(), time.process_time()
-            with torch.no_grad():
-                logits = self.model(input_ids=self.token, cache=self.cache, use_cache=True,
-                                    logits_to_keep=1).logits
-            self.token = logits[:, -1].argmax(-1, keepdim=True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            if record:
-                self.times.append(time.perf_counter() - t)
-                self.cpu.append(time.process_time() - c)
+            self.timer.run(self._step, record)
 
     def result(self, P: int) -> dict:
         if self.cache.get_seq_length() != P:
             raise RuntimeError(f"expected {P} tokens in the cache, got {self.cache.get_seq_length()}")
-        t = self.times
-        return {"ms_per_token": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t),
-                "ms_mean": 1e3 * statistics.fmean(t), "timed_steps": len(t),
-                "cpu_ms_per_token": 1e3 * statistics.median(self.cpu),
-                "cache_bytes": self.nbytes(self.cache)}
+        return {**self.timer.summary(), "cache_bytes": self.nbytes(self.cache)}
 
 
 def start_dilated(model, P: int, args, device) -> tuple[Run, float]:
