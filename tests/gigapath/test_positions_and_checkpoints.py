@@ -174,3 +174,24 @@ def test_convert_command(tmp_path, capsys):
     assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
     assert capsys.readouterr().err.startswith("error: ")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_only_the_states_asked_for_are_kept():
+    # the slide embedding needs the last layer only: hidden_states keeps one (B, 1 + N, E) state
+    # instead of depth + 1 of them, and the outputs are the same
+    torch.manual_seed(0)
+    model = SlideEncoder(SMALL).eval()
+    feats, coords = torch.randn(2, 9, 24), torch.rand(2, 9, 2) * 5000
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+    with torch.no_grad():
+        every = model.hidden_states(feats, coords, mask)
+        last = model.hidden_states(feats, coords, mask, all_states=False)
+        assert len(every) == SMALL.depth + 1 and len(last) == 1
+        assert torch.equal(last[0], every[-1])
+        for kw in (dict(), dict(return_tiles=True), dict(global_pool=True)):
+            a, b = model.readout(last, mask, **kw), model.readout(every, mask, **kw)
+            for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                assert torch.equal(x, y)
+        with pytest.raises(ValueError, match="all_states=True"):
+            model.readout(last, mask, all_layers=True)
+        assert model(feats, coords, mask, all_layers=True).shape == (SMALL.depth + 1, 2, 32)

@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         feats, coords, mask = pad_slides([(s.features, s.coords) for s in batch])
         feats, coords, mask = feats.to(device, dtype), coords.to(device), mask.to(device)
         with torch.no_grad():
-            states = model.hidden_states(feats, coords, mask)
+            states = model.hidden_states(feats, coords, mask, all_states=args.all_layers)
             res = model.readout(states, mask, return_tiles=args.tiles)
             layers = model.readout(states, mask, all_layers=True) if args.all_layers else None
         del states
