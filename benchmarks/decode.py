@@ -39,7 +39,8 @@ from pathlib import Path
 import torch
 
 from longnet import LongNetConfig, LongNetLM
-from longnet.bench.report import write_results
+from longnet.bench.measure import StepTimes
+from longnet.bench.report import plot_decode, write_results
 from longnet.models.generation import cached_forward
 from longnet.ops.reference_cache import DilatedLayerCache
 
@@ -73,32 +74,23 @@ class Run:
     """A cache brought to ``P - warmup - rounds * steps`` tokens, then stepped token by token."""
 
     def __init__(self, model, cache, device):
-        self.model, self.cache, self.device = model, cache, device
+        self.model, self.cache = model, cache
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.times: list[float] = []  # wall-clock seconds per step
-        self.cpu: list[float] = []  # CPU seconds of this process per step (robust to load)
+        self.timer = StepTimes(device)
+
+    def _step(self) -> None:
+        logits = cached_forward(self.model, self.token, self.cache)
+        self.token = logits.argmax(-1, keepdim=True)  # (1, 1)
 
     def steps(self, count: int, record: bool = True) -> None:
         for _ in range(count):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t, c = time.perf_counter(), time.process_time()
-            logits = cached_forward(self.model, self.token, self.cache)
-            self.token = logits.argmax(-1, keepdim=True)  # (1, 1)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            if record:
-                self.times.append(time.perf_counter() - t)
-                self.cpu.append(time.process_time() - c)
+            self.timer.run(self._step, record)
 
     def result(self, P: int) -> dict:
         if int(self.cache.lengths[0]) != P:  # the timed steps ended at position P - 1
             raise RuntimeError(f"expected {P} tokens in the cache, got {int(self.cache.lengths[0])}")
-        t = self.times
-        return {"ms_per_token": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t),
-                "ms_mean": 1e3 * statistics.fmean(t), "timed_steps": len(t),
-                "cpu_ms_per_token": 1e3 * statistics.median(self.cpu),
-                "cache_bytes": self.cache.nbytes, "cache_bytes_bound": self.cache.max_nbytes}
+        return {**self.timer.summary(), "cache_bytes": self.cache.nbytes,
+                "cache_bytes_bound": self.cache.max_nbytes}
 
 
 def start_dilated(model, P: int, args, device, layer_cache) -> tuple[Run, float]:
@@ -127,35 +119,9 @@ def bench_dense(model, P: int, args, device) -> dict:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = results["rows"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("dilated", "dilated KV cache (slots)"),
-                       ("compact", "dilated KV cache (compact)"), ("dense", "dense KV cache")):
-        pts = [(r["position"], r[key]) for r in rows if r.get(key)]
-        if not pts:
-            continue
-        x = [p for p, _ in pts]
-        line, = a.plot(x, [m["ms_per_token"] for _, m in pts], "o-", label=f"{label}, wall")
-        a.plot(x, [m["cpu_ms_per_token"] for _, m in pts], "x--", color=line.get_color(),
-               label=f"{label}, CPU")
-        b.plot(x, [m["cache_bytes"] / 2 ** 20 for _, m in pts], "o-", label=label)
-    for ax, title, unit in ((a, "latency per token", "ms / token"),
-                            (b, "cache size", "MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context position (tokens)")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.axvline(results["largest_segment"], color="gray", ls=":", lw=1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"decoding, {results['model']} on {results['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_decode(results, path, [("dilated", "dilated KV cache (slots)"), ("compact", "dilated KV cache (compact)"),
+                 ("dense", "dense KV cache")],
+                f"decoding, {results['model']} on {results['device_name']}")
 
 
 def main(argv=None) -> int:

@@ -83,34 +83,26 @@ class Run:
     """A cache at some position, stepped token by token (greedy)."""
 
     def __init__(self, model, cache, device, nbytes):
-        self.model, self.cache, self.device, self.nbytes = model, cache, device, nbytes
+        from longnet.bench.measure import StepTimes
+
+        self.model, self.cache, self.nbytes = model, cache, nbytes
         self.token = torch.zeros(1, 1, dtype=torch.long, device=device)
-        self.times: list[float] = []
-        self.cpu: list[float] = []
+        self.timer = StepTimes(device)
+
+    def _step(self) -> None:
+        with torch.no_grad():
+            logits = self.model(input_ids=self.token, cache=self.cache, use_cache=True,
+                                logits_to_keep=1).logits
+        self.token = logits[:, -1].argmax(-1, keepdim=True)
 
     def steps(self, count: int, record: bool = True) -> None:
         for _ in range(count):
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            t, c = time.perf_counter(), time.process_time()
-            with torch.no_grad():
-                logits = self.model(input_ids=self.token, cache=self.cache, use_cache=True,
-                                    logits_to_keep=1).logits
-            self.token = logits[:, -1].argmax(-1, keepdim=True)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            if record:
-                self.times.append(time.perf_counter() - t)
-                self.cpu.append(time.process_time() - c)
+            self.timer.run(self._step, record)
 
     def result(self, P: int) -> dict:
         if self.cache.get_seq_length() != P:
             raise RuntimeError(f"expected {P} tokens in the cache, got {self.cache.get_seq_length()}")
-        t = self.times
-        return {"ms_per_token": 1e3 * statistics.median(t), "ms_min": 1e3 * min(t),
-                "ms_mean": 1e3 * statistics.fmean(t), "timed_steps": len(t),
-                "cpu_ms_per_token": 1e3 * statistics.median(self.cpu),
-                "cache_bytes": self.nbytes(self.cache)}
+        return {**self.timer.summary(), "cache_bytes": self.nbytes(self.cache)}
 
 
 def start_dilated(model, P: int, args, device) -> tuple[Run, float]:
@@ -143,33 +135,11 @@ def start_dense(model, P: int, args, device) -> Run:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from longnet.bench.report import plot_decode
 
-    rows = results["rows"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("dilated", "DilatedCache"), ("dense", "DynamicCache, dilated attention"),
-                       ("dense_sdpa", "DynamicCache, sdpa (dense Llama)")):
-        pts = [(r["position"], r[key]) for r in rows if r.get(key)]
-        if not pts:
-            continue
-        x = [p for p, _ in pts]
-        a.plot(x, [m["ms_per_token"] for _, m in pts], "o-", label=label)
-        b.plot(x, [m["cache_bytes"] / 2 ** 20 for _, m in pts], "o-", label=label)
-    for ax, title, unit in ((a, "latency per token", "ms / token"), (b, "cache size", "MiB")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context position (tokens)")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.axvline(results["largest_segment"], color="gray", ls=":", lw=1)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"HF Llama decoding ({results['parameters'] / 1e6:.1f}M) on "
-                 f"{results['device_name']}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plot_decode(results, path, [("dilated", "DilatedCache"), ("dense", "DynamicCache, dilated attention"),
+                 ("dense_sdpa", "DynamicCache, sdpa (dense Llama)")],
+                f"HF Llama decoding ({results['parameters'] / 1e6:.1f}M) on {results['device_name']}")
 
 
 def main(argv=None) -> int:

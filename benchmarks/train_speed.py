@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from longnet.cli.options import non_negative_int, positive_float, positive_int
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # dense (not sparse) bf16 tensor-core peaks in TFLOP/s, most specific name first
@@ -63,36 +65,6 @@ def _presets(text: str) -> tuple[str, ...]:
     return names
 
 
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return v
-
-
-def _non_negative(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return v
-
-
 def _tag(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", text):
         raise argparse.ArgumentTypeError(f"--tag must be letters, digits, '.', '_' or '-', got {text!r}")
@@ -105,11 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--presets", type=_presets, default=("tiny", "small"),
                    help="comma-separated LongNetConfig presets (default: tiny,small)")
-    p.add_argument("--seq-len", type=_positive, default=2048, help="tokens per sequence (default: 2048)")
-    p.add_argument("--batch-size", type=_positive, default=1, help="sequences per step (default: 1)")
-    p.add_argument("--steps", type=_positive, default=5,
+    p.add_argument("--seq-len", type=positive_int, default=2048, help="tokens per sequence (default: 2048)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="sequences per step (default: 1)")
+    p.add_argument("--steps", type=positive_int, default=5,
                    help="timed steps per mode (median reported; default: 5)")
-    p.add_argument("--warmup", type=_non_negative, default=2,
+    p.add_argument("--warmup", type=non_negative_int, default=2,
                    help="untimed steps per mode after the compiled copy's first step (default: 2)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
@@ -119,10 +91,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also measure torch.compile(model) (default: yes)")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend (default: inductor; aot_eager for a fast smoke run)")
-    p.add_argument("--peak-tflops", type=_positive_float, default=None,
+    p.add_argument("--peak-tflops", type=positive_float, default=None,
                    help="peak TFLOP/s for MFU (default on CUDA bf16: the device's dense bf16 peak "
                         "when known, H100/H200; required on other CUDA devices)")
-    p.add_argument("--threads", type=_positive, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is steadier on a shared machine)")
     p.add_argument("--seed", type=int, default=0, help="model init and data seed")
     p.add_argument("--out", type=Path, default=RESULTS, help="results directory (default: benchmarks/results)")

@@ -84,3 +84,14 @@ def test_sources_never_cite_files_outside_the_repository():
         text = path.read_text()
         assert "../shared" not in text.replace('"../shared" not in', ""), path
         assert "DESIGN.md" not in text.replace('"DESIGN.md" not in', ""), path
+
+
+def test_the_accumulator_dtype_rule_lives_only_in_ops_merge():
+    # "float64 stays float64, everything else accumulates in float32" is ops.merge.acc_dtype; the
+    # operator, its backends, caches and the parallel code call it rather than restating it
+    import re
+
+    rule = re.compile(r"torch\.float64\s+if\s+[\w.]+\s*==\s*torch\.float64\s+else\s+torch\.float32")
+    places = [p.relative_to(SRC).as_posix() for folder in ("ops", "parallel", "models", "integrations")
+              for p in sorted((SRC / folder).rglob("*.py")) if rule.search(p.read_text())]
+    assert places == ["ops/merge.py"], places

@@ -210,3 +210,18 @@ def test_an_out_of_memory_case_stops_its_series_only(monkeypatch):
     assert status == {("dilated", 32): "ok", ("dense", 32): "ok", ("dilated", 64): "ok",
                       ("dense", 64): "oom", ("dilated", 128): "ok",
                       ("dense", 128): "skipped: out of memory at N=64"}
+
+
+def test_step_times_summarise_the_timed_steps_only():
+    from longnet.bench.measure import StepTimes
+
+    timer = StepTimes("cpu")
+    calls = []
+    assert timer.run(lambda: calls.append(1) or "out", record=False) == "out"  # warmup: not timed
+    for _ in range(3):
+        timer.run(lambda: sum(range(20000)))
+    s = timer.summary()
+    assert len(calls) == 1 and s["timed_steps"] == 3 and len(timer.wall) == len(timer.cpu) == 3
+    assert 0 < s["ms_min"] <= s["ms_per_token"] and s["ms_mean"] > 0 and s["cpu_ms_per_token"] >= 0
+    with pytest.raises(RuntimeError, match="no timed steps"):
+        StepTimes("cpu").summary()

@@ -36,6 +36,13 @@ def reference_model(gp, depth: int, seed: int = 0, keep_layers: int | None = Non
     model.pos_embed = reference_table(gp, X_CELLS * 1000 + 1)
     with torch.no_grad():
         model.cls_token.normal_()
+    return randomise_norms_and_biases(model)
+
+
+def randomise_norms_and_biases(model: nn.Module) -> nn.Module:
+    """Non-trivial LayerNorm weights and biases and Linear biases (a fresh model has 1 and 0s,
+    which would hide a swapped or missing norm); returns the model in float64, eval mode."""
+    with torch.no_grad():
         for mod in model.modules():
             if isinstance(mod, nn.LayerNorm):
                 mod.weight.copy_(1 + 0.2 * torch.randn_like(mod.weight))

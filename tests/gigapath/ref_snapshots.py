@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import os
 import sys
 import tarfile
 import types
@@ -21,7 +22,17 @@ from pathlib import Path
 
 import torch
 
-REFERENCE_DIR = Path("/work/shared/reference")
+
+def _reference_dir() -> Path:
+    """``$LONGNET_REFERENCE_DIR``, else ``shared/reference`` beside the checkout, else the one in
+    /work (a worktree elsewhere still finds it)."""
+    if os.environ.get("LONGNET_REFERENCE_DIR"):
+        return Path(os.environ["LONGNET_REFERENCE_DIR"])
+    beside = Path(__file__).resolve().parents[3] / "shared" / "reference"
+    return beside if beside.is_dir() else Path("/work/shared/reference")
+
+
+REFERENCE_DIR = _reference_dir()
 TORCHSCALE_TAR = "torchscale-4d1e0e8.tar.gz"
 GIGAPATH_TAR = "prov-gigapath-09d8e87.tar.gz"
 

@@ -157,3 +157,41 @@ def test_forward_input_errors():
         model(torch.randn(2, 3, 24), torch.zeros(2, 3, 2), torch.tensor([[True] * 3, [False] * 3]))
     with pytest.raises(ValueError, match="real tokens first"):
         model(torch.randn(1, 3, 24), torch.zeros(1, 3, 2), torch.tensor([[True, False, True]]))
+
+
+def test_convert_command(tmp_path, capsys):
+    from longnet.gigapath.convert import main as convert_main
+
+    torch.manual_seed(0)
+    src = SlideEncoder(SMALL).eval()
+    torch.save({"model": _gigapath_state(src)}, tmp_path / "slide_encoder.pth")
+    dest = tmp_path / "gigapath.safetensors"
+    assert convert_main([str(tmp_path / "slide_encoder.pth"), str(dest), "--num-heads", "4"]) == 0
+    assert f"wrote {dest}" in capsys.readouterr().out
+    feats, coords = torch.randn(1, 9, 24), torch.rand(1, 9, 2) * 5000
+    with torch.no_grad():
+        torch.testing.assert_close(load_slide_encoder(dest)(feats, coords), src(feats, coords), rtol=0, atol=0)
+    assert convert_main([str(tmp_path / "missing.pth"), str(tmp_path / "x.safetensors")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_only_the_states_asked_for_are_kept():
+    # the slide embedding needs the last layer only: hidden_states keeps one (B, 1 + N, E) state
+    # instead of depth + 1 of them, and the outputs are the same
+    torch.manual_seed(0)
+    model = SlideEncoder(SMALL).eval()
+    feats, coords = torch.randn(2, 9, 24), torch.rand(2, 9, 2) * 5000
+    mask = torch.tensor([[True] * 9, [True] * 5 + [False] * 4])
+    with torch.no_grad():
+        every = model.hidden_states(feats, coords, mask)
+        last = model.hidden_states(feats, coords, mask, all_states=False)
+        assert len(every) == SMALL.depth + 1 and len(last) == 1
+        assert torch.equal(last[0], every[-1])
+        for kw in (dict(), dict(return_tiles=True), dict(global_pool=True)):
+            a, b = model.readout(last, mask, **kw), model.readout(every, mask, **kw)
+            for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+                assert torch.equal(x, y)
+        with pytest.raises(ValueError, match="all_states=True"):
+            model.readout(last, mask, all_layers=True)
+        assert model(feats, coords, mask, all_layers=True).shape == (SMALL.depth + 1, 2, 32)

@@ -104,3 +104,47 @@ def test_bad_options_exit_2(setup, capsys):
     assert main(["slide-embed", "--checkpoint", str(ckpt), "--features", str(tmp / "none"),
                  "--out", str(tmp / "o")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_malformed_h5_files_are_reported_and_skipped(setup, capsys):
+    # a group where a dataset belongs, a scalar, strings, bytes that are not HDF5: each is that
+    # file's failure (named in the summary); the good files are still embedded
+    h5py = pytest.importorskip("h5py")
+    import numpy as np
+
+    tmp, ckpt, feats, _ = setup
+    with h5py.File(feats / "group.h5", "w") as f:
+        f.create_group("features")
+        f["coords"] = np.zeros((3, 2))
+    with h5py.File(feats / "scalar.h5", "w") as f:
+        f["features"] = 3.0
+        f["coords"] = 1.0
+    with h5py.File(feats / "strings.h5", "w") as f:
+        f["features"] = np.array([b"a", b"b"])
+        f["coords"] = np.zeros((2, 2))
+    (feats / "garbage.h5").write_bytes(b"not hdf5")
+    code, summary, err = _run(capsys, "--checkpoint", ckpt, "--features", feats, "--out", tmp / "out")
+    assert code == 1 and summary["embedded"] == 3
+    assert set(summary["failed"]) == {"group", "scalar", "strings", "garbage"}
+    assert "'features' is an HDF5 group, not a dataset" in summary["failed"]["group"]
+    assert "must be an array of numbers" in summary["failed"]["scalar"]
+    assert "must be an array of numbers" in summary["failed"]["strings"]
+    assert "not a readable HDF5 file" in summary["failed"]["garbage"]
+    assert sorted(p.stem for p in (tmp / "out").glob("*.safetensors")) == ["a", "b", "c"]
+
+
+def test_an_unexpected_error_in_one_file_does_not_stop_the_run(setup, capsys, monkeypatch):
+    import longnet.gigapath.slides as slides
+
+    tmp, ckpt, feats, _ = setup
+    real = slides.read_slide
+
+    def flaky(path, dim=None):
+        if path.stem == "b":
+            raise KeyError("a reader bug")
+        return real(path, dim)
+
+    monkeypatch.setattr(slides, "read_slide", flaky)
+    code, summary, _ = _run(capsys, "--checkpoint", ckpt, "--features", feats, "--out", tmp / "out")
+    assert code == 1 and summary["embedded"] == 2
+    assert "KeyError" in summary["failed"]["b"] and "b.pt" in summary["failed"]["b"]

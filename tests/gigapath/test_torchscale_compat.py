@@ -145,3 +145,74 @@ def test_float32_close_to_float64():
     want = torchscale_dilated_attention(q, k, v, **kw)
     got = torchscale_dilated_attention(q.float(), k.float(), v.float(), **kw)
     assert (got.double() - want).abs().max() < 1e-5 * math.sqrt(50)
+
+
+# ------------------------------------------------------------------- the registered op, compile
+def _padded_inputs(B=3, H=4, Hkv=2, N=23, D=8, lengths=(23, 9, 0), seed=2):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, N, H, D, generator=g, dtype=torch.float64).transpose(1, 2)  # model layout
+    k, v = (torch.randn(B, N, Hkv, D, generator=g, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    mask = torch.arange(N)[None] < torch.tensor(lengths)[:, None]
+    return [t.requires_grad_() for t in (q, k, v)], mask
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_registered_op_passes_opcheck(masked, is_causal):
+    from longnet.ops.torchscale_compat import torchscale_attention_backward_op, torchscale_attention_op
+
+    (q, k, v), mask = _padded_inputs()
+    mask = mask if masked else None
+    args = (q, k, v, mask, [8, 16], [1, 2], is_causal, 0.35, "auto")
+    torch.library.opcheck(torchscale_attention_op, args)
+    out, lse = torchscale_attention_op(*args)
+    back = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), lse.detach(), mask, [8, 16], [1, 2],
+            is_causal, 0.35, "auto")
+    torch.library.opcheck(torchscale_attention_backward_op, back)
+
+
+def test_a_backend_object_gives_what_the_registered_op_gives():
+    from longnet.ops.backends import BACKENDS
+
+    (q, k, v), mask = _padded_inputs()
+    kw = dict(segment_lengths=(8, 16), dilation_rates=(1, 2), key_padding_mask=mask, enable_gqa=True)
+    by_name = torchscale_dilated_attention(q, k, v, backend="math", **kw)
+    by_object = torchscale_dilated_attention(q, k, v, backend=BACKENDS["math"], **kw)
+    torch.testing.assert_close(by_name, by_object, rtol=0, atol=0)
+    g = torch.randn_like(by_name)
+    for a, b in zip(torch.autograd.grad(by_name, (q, k, v), g), torch.autograd.grad(by_object, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert bool((by_name[2] == 0).all())  # a row with no real token
+    with pytest.raises(ValueError, match="backend must be"):
+        torchscale_dilated_attention(q, k, v, backend="nope", **kw)
+
+
+def test_torchscale_encoder_with_a_mask_compiles_to_one_graph_and_equals_eager():
+    # the per-row lengths are read inside the registered op: no graph break on the mask's values
+    from longnet import LongNetConfig, LongNetEncoder
+
+    torch.manual_seed(0)
+    cfg = LongNetConfig(embed_dim=32, num_layers=2, num_heads=4, ffn_dim=64, segment_lengths=[8, 32],
+                        dilation_rates=[1, 4], position="rope", semantics="torchscale")
+    model = LongNetEncoder(cfg, input_dim=12)
+    x = torch.randn(3, 45, 12)
+    mask = torch.arange(45)[None] < torch.tensor([45, 30, 7])[:, None]
+
+    def loss(m):
+        hidden, pooled = m(x, key_padding_mask=mask, return_pooled=True)
+        return hidden.square().mean() + pooled.sum()
+
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model)(x, key_padding_mask=mask, return_pooled=True)
+    assert explained.break_reasons == []
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    params = list(model.parameters())
+    got_loss = loss(compiled)
+    got = torch.autograd.grad(got_loss, params)
+    want_loss = loss(model)
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gigapath_helpers import randomise_norms_and_biases
 from torch import nn
 
 from longnet.gigapath import encoder_from_torchscale, lm_from_torchscale
@@ -14,14 +15,7 @@ SEGMENTS, RATES = "[8, 16, 48]", "[1, 2, 4]"
 
 def _randomise(model):
     torch.manual_seed(3)
-    with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, nn.LayerNorm):
-                mod.weight.copy_(1 + 0.2 * torch.randn_like(mod.weight))
-                mod.bias.normal_(0, 0.2)
-            elif isinstance(mod, nn.Linear) and mod.bias is not None:
-                mod.bias.normal_(0, 0.2)
-    return model.double().eval()
+    return randomise_norms_and_biases(model)
 
 
 def _encoder_args(ts, **kw):

@@ -29,7 +29,7 @@ def _run(cache, q, k, v, chunks, valid=None, pos=None):
     return torch.cat(outs, 2)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
     branches=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 4)), min_size=1, max_size=3),
     N=st.integers(1, 40),
@@ -37,16 +37,21 @@ def _run(cache, q, k, v, chunks, valid=None, pos=None):
     chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
     seed=st.integers(0, 1000),
     max_chunk=st.integers(1, 6),
+    kind=st.sampled_from(["slots", "compact"]),
 )
-def test_slot_cache_in_chunks_equals_full_attention(branches, N, heads, chunks, seed, max_chunk):
+def test_caches_in_chunks_equal_full_attention(branches, N, heads, chunks, seed, max_chunk, kind):
+    """The slot cache (generation's) and the compact one (ops.reference_cache, a test reference)."""
     pattern = DilatedPattern([w for w, _ in branches], [r for _, r in branches])
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(2, H, N, 5, generator=g, dtype=torch.float64)
     k = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
     v = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
-    cache = SlotLayerCache(pattern, 2, H, 5, dtype=torch.float64)
-    cache.max_chunk = max_chunk  # unaligned chunks run in sub-chunks of this many rows
+    if kind == "compact":
+        cache = DilatedLayerCache(pattern, 2, H, 5, dtype=torch.float64)
+    else:
+        cache = SlotLayerCache(pattern, 2, H, 5, dtype=torch.float64)
+        cache.max_chunk = max_chunk  # unaligned chunks run in sub-chunks of this many rows
     out = _run(cache, q, k, v, chunks)
     torch.testing.assert_close(out, _full(q, k, v, pattern), rtol=1e-10, atol=1e-12)
 

@@ -2,42 +2,16 @@
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.ops.reference_cache import DilatedLayerCache
 
+# chunked decoding against full attention, with random patterns: tests/models/test_kv_cache.py
+# (this cache and the slot cache in one property test)
+
 
 def _full(q, k, v, pattern):
     return dilated_attention(q, k, v, segment_lengths=pattern, is_causal=True, enable_gqa=True)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    branches=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 4)), min_size=1, max_size=3),
-    N=st.integers(1, 40),
-    heads=st.sampled_from([(1, 1), (3, 3), (4, 2), (6, 1)]),
-    chunks=st.lists(st.integers(1, 9), min_size=1, max_size=8),
-    seed=st.integers(0, 1000),
-)
-def test_chunked_decoding_equals_full_attention(branches, N, heads, chunks, seed):
-    pattern = DilatedPattern([w for w, _ in branches], [r for _, r in branches])
-    H, Hkv = heads
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, H, N, 5, generator=g, dtype=torch.float64)
-    k = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
-    v = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
-    full = _full(q, k, v, pattern)
-    cache = DilatedLayerCache(pattern, 2, H, 5, dtype=torch.float64)
-    t, outs, i = 0, [], 0
-    while t < N:
-        n = min(chunks[i % len(chunks)], N - t)
-        i += 1
-        pos = torch.arange(t, t + n).expand(2, n)
-        outs.append(cache.attend(q[:, :, t:t + n], k[:, :, t:t + n], v[:, :, t:t + n], pos))
-        t += n
-    torch.testing.assert_close(torch.cat(outs, 2), full, rtol=1e-10, atol=1e-12)
 
 
 def test_cache_size_is_bounded_by_the_pattern():

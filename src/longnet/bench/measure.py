@@ -37,7 +37,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["Measurement", "measure", "measure_interleaved", "RssSampler"]
+__all__ = ["Measurement", "measure", "measure_interleaved", "RssSampler", "StepTimes"]
 
 _STATM = "/proc/self/statm"
 
@@ -200,3 +200,40 @@ def measure_interleaved(fns: list[Callable[[], object]], *, device: torch.device
             if cpu is not None:
                 m.cpu_times_s.append(cpu)
     return out
+
+
+class StepTimes:
+    """Wall-clock and process-CPU seconds of steps timed one by one (decoding benchmarks).
+
+    Each :meth:`run` synchronises CUDA before and after the step, so a step's time is its own.
+    :meth:`summary` gives the figures the decoding benchmarks report, in ms per step: the median
+    (the figure to quote), the minimum and mean of the wall time, and the median CPU time.
+    """
+
+    def __init__(self, device: torch.device | str):
+        self.device = torch.device(device)
+        self.wall: list[float] = []
+        self.cpu: list[float] = []  # CPU seconds of this process (robust to load from others)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def run(self, step: Callable[[], object], record: bool = True):
+        """``step()``, timed unless ``record`` is False (warmup); returns what it returned."""
+        self._sync()
+        t, c = time.perf_counter(), time.process_time()
+        out = step()
+        self._sync()
+        if record:
+            self.wall.append(time.perf_counter() - t)
+            self.cpu.append(time.process_time() - c)
+        return out
+
+    def summary(self) -> dict:
+        if not self.wall:
+            raise RuntimeError("no timed steps")
+        w = self.wall
+        return {"ms_per_token": 1e3 * statistics.median(w), "ms_min": 1e3 * min(w),
+                "ms_mean": 1e3 * statistics.fmean(w), "timed_steps": len(w),
+                "cpu_ms_per_token": 1e3 * statistics.median(self.cpu)}

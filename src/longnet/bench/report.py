@@ -1,4 +1,4 @@
-"""Device names, the results table and the plot of the attention benchmark."""
+"""Device names, the results table, the plots of the attention and decoding benchmarks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from longnet.utils.atomic import atomic_write_json, save_figure
 
-__all__ = ["device_name", "device_slug", "format_table", "plot_attention"]
+__all__ = ["device_name", "device_slug", "format_table", "plot_attention", "plot_decode", "write_results"]
 
 
 def device_name(device: torch.device) -> str:
@@ -111,6 +111,50 @@ def plot_attention(doc: dict, path: Path) -> None:
     fig.tight_layout()
     try:
         save_figure(fig, path, dpi=100)
+    finally:
+        plt.close(fig)
+
+
+def plot_decode(results: dict, path: Path, series: list[tuple[str, str]], title: str) -> None:
+    """Latency per token (wall, and process CPU time dashed where measured) and cache size against
+    the context position, log-log, for the decoding benchmarks (``benchmarks/decode.py``,
+    ``benchmarks/hf_decode.py``).
+
+    ``results["rows"]`` holds one dict per position: ``position`` and, per series key, a dict with
+    ``ms_per_token``, ``cache_bytes`` and optionally ``cpu_ms_per_token`` (or nothing when that
+    series did not run there). ``series`` is ``[(key, label), ...]``; a vertical line marks
+    ``results["largest_segment"]``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, label in series:
+        pts = [(r["position"], r[key]) for r in results["rows"] if r.get(key)]
+        if not pts:
+            continue
+        x = [p for p, _ in pts]
+        line, = a.plot(x, [m["ms_per_token"] for _, m in pts], "o-", label=f"{label}, wall")
+        if all(m.get("cpu_ms_per_token") is not None for _, m in pts):
+            a.plot(x, [m["cpu_ms_per_token"] for _, m in pts], "x--", color=line.get_color(),
+                   label=f"{label}, CPU")
+        b.plot(x, [m["cache_bytes"] / 2 ** 20 for _, m in pts], "o-", label=label)
+    for ax, what, unit in ((a, "latency per token", "ms / token"), (b, "cache size", "MiB")):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("context position (tokens)")
+        ax.set_ylabel(unit)
+        ax.set_title(what)
+        ax.axvline(results["largest_segment"], color="gray", ls=":", lw=1)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    try:
+        save_figure(fig, path, dpi=120)
     finally:
         plt.close(fig)
 

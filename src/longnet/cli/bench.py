@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from longnet.cli.options import int_list
+from longnet.cli.options import int_list, positive_int
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
 
@@ -29,22 +29,15 @@ _QUICK = dict(seq_lens=(128, 256), segment_lengths=(64, 128), dilation_rates=(1,
               head_dim=16, repeats=1, warmup=0)
 
 
-def _positive(text: str) -> int:
-    v = int_list(text)
-    if len(v) != 1:
-        raise argparse.ArgumentTypeError(f"expected one positive int, got {text!r}")
-    return v[0]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("what", choices=WHAT, help="what to benchmark")
     g = parser.add_argument_group("lengths")
     g.add_argument("--seq-lens", type=int_list, default=None,
                    help="comma-separated N to run (default: powers of two from 2048 to "
                         "--max-seq-len)")
-    g.add_argument("--max-seq-len", type=_positive, default=None,
+    g.add_argument("--max-seq-len", type=positive_int, default=None,
                    help="longest N (default 131072 on CPU, 1048576 on CUDA)")
-    g.add_argument("--dense-max-seq-len", type=_positive, default=None,
+    g.add_argument("--dense-max-seq-len", type=positive_int, default=None,
                    help="dense SDPA is quadratic: run it only up to this N "
                         "(default 32768 on CPU, 262144 on CUDA)")
     c = parser.add_mutually_exclusive_group()
@@ -58,9 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
                         help="forward only (no_grad), forward+backward, or both")
     s = parser.add_argument_group("shape and pattern")
-    s.add_argument("--heads", type=_positive, default=12)
-    s.add_argument("--head-dim", type=_positive, default=64)
-    s.add_argument("--batch-size", type=_positive, default=1)
+    s.add_argument("--heads", type=positive_int, default=12)
+    s.add_argument("--head-dim", type=positive_int, default=64)
+    s.add_argument("--batch-size", type=positive_int, default=1)
     s.add_argument("--segment-lengths", type=int_list, default=None,
                    help="default: the paper's " + ",".join(map(str, PAPER_SEGMENT_LENGTHS)))
     s.add_argument("--dilation-rates", type=int_list, default=None,
@@ -70,13 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
                    default=None, help="default: float32 on CPU, bfloat16 on CUDA")
-    r.add_argument("--repeats", type=_positive, default=3,
+    r.add_argument("--repeats", type=positive_int, default=3,
                    help="timed calls per case; the median is reported")
     r.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
     r.add_argument("--warmup-skip-s", type=float, default=10.0,
                    help="skip the warmup of a case when the previous N of its series took "
                         "longer than this per call")
-    r.add_argument("--threads", type=_positive, default=None,
+    r.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice); 1 gives steadier CPU "
                         "times on a machine shared with other jobs")
     r.add_argument("--keep-freed-memory", action=argparse.BooleanOptionalAction, default=True,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 
-__all__ = ["int_list"]
+__all__ = ["int_list", "positive_int", "non_negative_int", "positive_float"]
 
 
 def int_list(text: str) -> list[int]:
@@ -16,3 +17,28 @@ def int_list(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive ints, got {text!r}")
     return values
+
+
+def _number(text: str, convert, ok, expected: str):
+    try:
+        value = convert(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """``"8"`` -> 8; 0, negatives and non-ints are refused."""
+    return _number(text, int, lambda v: v >= 1, "a positive int")
+
+
+def non_negative_int(text: str) -> int:
+    """``"0"`` -> 0; negatives and non-ints are refused."""
+    return _number(text, int, lambda v: v >= 0, "an int >= 0")
+
+
+def positive_float(text: str) -> float:
+    """``"1.5"`` -> 1.5; 0, negatives, NaN and infinity are refused."""
+    return _number(text, float, lambda v: 0 < v < math.inf, "a positive number")

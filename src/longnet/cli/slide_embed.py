@@ -174,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
         feats, coords, mask = pad_slides([(s.features, s.coords) for s in batch])
         feats, coords, mask = feats.to(device, dtype), coords.to(device), mask.to(device)
         with torch.no_grad():
-            states = model.hidden_states(feats, coords, mask)
+            states = model.hidden_states(feats, coords, mask, all_states=args.all_layers)
             res = model.readout(states, mask, return_tiles=args.tiles)
             layers = model.readout(states, mask, all_layers=True) if args.all_layers else None
         del states
@@ -216,8 +216,8 @@ def _run(args: argparse.Namespace) -> int:
             model.positions.cells(coords[None])  # bad coordinates are this file's error
             if compat is not None:
                 check_torchscale_length(pattern, feats.shape[0] + 1)
-        except ValueError as err:
-            fail(name, path, err)
+        except Exception as err:  # noqa: BLE001 - whatever one file does, it is reported and skipped
+            fail(name, path, err if isinstance(err, ValueError) else f"{path}: {type(err).__name__}: {err}")
             continue
         pending.append(_Slide(name, path, feats, coords))
         if sum(s.tiles for s in pending) >= window:

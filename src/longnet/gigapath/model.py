@@ -151,8 +151,11 @@ class SlideEncoder(nn.Module):
         cls = self.cls_token.to(x.dtype).expand(x.shape[0], -1, -1)
         return torch.cat((cls, x), dim=1)
 
-    def hidden_states(self, features, coords, key_padding_mask=None) -> list[torch.Tensor]:
-        """The input embedding and each layer's output, (B, 1 + N, E) each (depth + 1 of them)."""
+    def hidden_states(self, features, coords, key_padding_mask=None, *, all_states: bool = True
+                      ) -> list[torch.Tensor]:
+        """The input embedding and each layer's output, (B, 1 + N, E) each (depth + 1 of them);
+        with ``all_states=False`` only the last layer's (a list of one), so that a forward that
+        reads only it does not hold depth + 1 copies of the sequence (2 GB at 50,000 tiles)."""
         x = self.embed(features, coords, key_padding_mask)
         mask = None
         if key_padding_mask is not None:
@@ -162,7 +165,10 @@ class SlideEncoder(nn.Module):
         ckpt = self.encoder.config.grad_checkpointing and self.training and torch.is_grad_enabled()
         for block in self.encoder.blocks:
             x = checkpoint(block, x, mask, use_reentrant=False) if ckpt else block(x, mask)
-            states.append(x)
+            if all_states:
+                states.append(x)
+            else:
+                states[0] = x
         return states
 
     def _slide(self, h, mask, global_pool):
@@ -198,7 +204,7 @@ class SlideEncoder(nn.Module):
             (B, E), or (depth + 1, B, E) with ``all_layers``; with ``return_tiles`` a pair
             ``(slide, tiles)``, tiles (B, N, E) or (depth + 1, B, N, E).
         """
-        states = self.hidden_states(features, coords, key_padding_mask)
+        states = self.hidden_states(features, coords, key_padding_mask, all_states=bool(all_layers))
         return self.readout(states, key_padding_mask, all_layers=all_layers, global_pool=global_pool,
                             return_tiles=return_tiles)
 
@@ -207,6 +213,9 @@ class SlideEncoder(nn.Module):
         """The outputs of :meth:`forward` from :meth:`hidden_states` (read them out more than once
         without running the encoder again)."""
         pool = self.config.global_pool if global_pool is None else bool(global_pool)
+        if all_layers and len(states) != len(self.encoder.blocks) + 1:
+            raise ValueError(f"all_layers=True needs the {len(self.encoder.blocks) + 1} states of "
+                             f"hidden_states(..., all_states=True), got {len(states)}")
         chosen = states if all_layers else [self.encoder.norm(states[-1])]
         slide = [self._slide(h, key_padding_mask, pool) for h in chosen]
         slide = torch.stack(slide) if all_layers else slide[0]

@@ -69,9 +69,23 @@ def _read_h5(path: Path):
             missing = [k for k in ("features", "coords") if k not in f]
             if missing:
                 raise SlideFileError(f"{path}: missing datasets {missing} (has {sorted(f.keys())})")
-            return torch.from_numpy(f["features"][()]), torch.from_numpy(f["coords"][()])
+            return tuple(_h5_array(path, f, name, h5py) for name in ("features", "coords"))
     except OSError as err:
         raise SlideFileError(f"{path}: not a readable HDF5 file ({err})") from err
+
+
+def _h5_array(path: Path, f, name: str, h5py) -> torch.Tensor:
+    """Dataset ``name`` of an open HDF5 file as a tensor; a group, a scalar or non-numeric values
+    (strings, compound records) are this file's error, not the run's."""
+    obj = f[name]
+    if not isinstance(obj, h5py.Dataset):
+        raise SlideFileError(f"{path}: '{name}' is an HDF5 {type(obj).__name__.lower()}, not a dataset")
+    if obj.ndim == 0 or obj.dtype.kind not in "fiub":
+        raise SlideFileError(f"{path}: '{name}' must be an array of numbers, got {obj.dtype} {obj.shape}")
+    try:
+        return torch.from_numpy(obj[()])
+    except TypeError as err:  # numeric kinds torch has no dtype for
+        raise SlideFileError(f"{path}: '{name}' holds {obj.dtype} values, which torch cannot read") from err
 
 
 def read_slide(path: str | Path, feature_dim: int | None = None):

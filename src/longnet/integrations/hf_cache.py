@@ -291,7 +291,8 @@ class DilatedCache(Cache):
             return
         self.layers[0].crop(tokens_to_remove)
 
-    def activate_past_recording(self):
+    def activate_past_recording(self, *args, **kwargs):
+        # transformers 5.25 passes recurrent_states_to_keep=; whatever it passes, the answer is no
         self.layers[0].crop(-1)  # raises: a cache that drops keys cannot record its past
 
     def first_needed(self, length: int) -> int:

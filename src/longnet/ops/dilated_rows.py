@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from longnet.ops.merge import acc_dtype
 from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["dilated_attention_rows"]
@@ -95,7 +96,7 @@ def dilated_attention_rows(
     if not 0 <= query_start <= n - q:
         raise ValueError(f"query_start={query_start} puts {q} query rows outside {n} keys")
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(query.dtype)
     device = query.device
     offsets = (torch.zeros(B, dtype=torch.long, device=device) if row_offsets is None
                else row_offsets.to(device=device, dtype=torch.long))

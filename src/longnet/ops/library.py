@@ -20,10 +20,10 @@ from longnet.ops.engine import dilated_attention_backward, dilated_attention_for
 from longnet.ops.merge import acc_dtype
 from longnet.ops.pattern import DilatedPattern
 
-__all__ = ["dilated_attention_op", "dilated_attention_backward_op"]
+__all__ = ["dilated_attention_op", "dilated_attention_backward_op", "strided_like"]
 
 
-def _like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def strided_like(ref: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``t`` with the strides ``torch.empty_like(ref)`` has (the fake implementation's)."""
     out = torch.empty_like(ref, dtype=t.dtype)
     return t if out.stride() == t.stride() else out.copy_(t)
@@ -40,7 +40,7 @@ def dilated_attention_op(
     out, lse, _ = dilated_attention_forward(query, key, value, pattern, is_causal=is_causal,
                                             scale=scale, key_padding_mask=key_padding_mask,
                                             backend=backend)
-    return _like(query, out), lse.contiguous()
+    return strided_like(query, out), lse.contiguous()
 
 
 @dilated_attention_op.register_fake
@@ -62,7 +62,7 @@ def dilated_attention_backward_op(
     d_q, d_k, d_v = dilated_attention_backward(
         grad_out, query, key, value, out, lse, pattern, is_causal=is_causal, scale=scale,
         key_padding_mask=key_padding_mask, backend=backend, grad_lse=grad_lse)
-    return _like(query, d_q), _like(key, d_k), _like(value, d_v)
+    return strided_like(query, d_q), strided_like(key, d_k), strided_like(value, d_v)
 
 
 @dilated_attention_backward_op.register_fake

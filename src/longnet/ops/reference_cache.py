@@ -25,6 +25,7 @@ import math
 import torch
 
 from longnet.ops.cache_tokens import new_tokens
+from longnet.ops.merge import acc_dtype
 from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["DilatedLayerCache"]
@@ -80,7 +81,7 @@ class DilatedLayerCache:
         B, H, n, D = query.shape
         valid, k_new, v_new = new_tokens(self, query, key, value, positions, valid)
         scale = 1.0 / math.sqrt(D) if scale is None else scale
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(query.dtype)
         heads = torch.arange(H, device=query.device).view(1, H, 1)
         q_pos = positions.unsqueeze(1)  # (B, 1, n)
         new_pos = torch.where(valid, positions, torch.full_like(positions, -1)).unsqueeze(1)

@@ -36,13 +36,15 @@ import math
 
 import torch
 
-from longnet.ops.backends import AttentionBackend, get_backend
+from longnet.ops.backends import BACKENDS, AttentionBackend, get_backend
 from longnet.ops.calls import alloc_like, plan_branch
 from longnet.ops.dilated import check_attention_inputs
+from longnet.ops.library import strided_like
 from longnet.ops.merge import acc_dtype
 from longnet.ops.pattern import DilatedPattern
 
-__all__ = ["torchscale_dilated_attention", "torchscale_head_offset", "check_torchscale_length"]
+__all__ = ["torchscale_dilated_attention", "torchscale_head_offset", "check_torchscale_length",
+           "torchscale_attention_op", "torchscale_attention_backward_op"]
 
 _NEG_INF = float("-inf")
 
@@ -142,20 +144,45 @@ def _backward(grad_out, q, k, v, lse, pattern, is_causal, scale, backend):
     return d_q.to(q.dtype), d_k.to(k.dtype), d_v.to(v.dtype)
 
 
-class _TorchscaleAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, pattern, is_causal, scale, backend):
-        out, lse = _forward(q, k, v, pattern, is_causal, scale, backend)
-        ctx.save_for_backward(q, k, v, lse)
-        ctx.pattern, ctx.is_causal, ctx.scale, ctx.backend = pattern, is_causal, scale, backend
-        return out
+def _row_groups(lengths: list[int]) -> dict[int, list[int]]:
+    """Rows of equal real length (they run together; each sees only its own length)."""
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        groups.setdefault(n, []).append(i)
+    return groups
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, lse = ctx.saved_tensors
-        grads = _backward(grad_out.contiguous(), q, k, v, lse, ctx.pattern, ctx.is_causal,
-                          ctx.scale, ctx.backend)
-        return (*grads, None, None, None, None)
+
+def _forward_rows(q, k, v, lengths, pattern, is_causal, scale, backend):
+    """``(out, lse)`` of every row at its own length; rows past a row's length are 0 (lse -inf)."""
+    N = q.shape[2]
+    if all(n == N for n in lengths):
+        return _forward(q, k, v, pattern, is_causal, scale, backend)
+    out = torch.zeros_like(q)
+    lse = q.new_full(q.shape[:3], _NEG_INF, dtype=acc_dtype(q.dtype))
+    for n, rows in _row_groups(lengths).items():
+        if n == 0:
+            continue
+        idx = torch.tensor(rows, device=q.device)
+        sub = [t.index_select(0, idx)[:, :, :n] for t in (q, k, v)]
+        o, l_ = _forward(*sub, pattern, is_causal, scale, backend)
+        out[idx, :, :n] = o
+        lse[idx, :, :n] = l_
+    return out, lse
+
+
+def _backward_rows(grad_out, q, k, v, lse, lengths, pattern, is_causal, scale, backend):
+    N = q.shape[2]
+    if all(n == N for n in lengths):
+        return _backward(grad_out, q, k, v, lse, pattern, is_causal, scale, backend)
+    d_q, d_k, d_v = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for n, rows in _row_groups(lengths).items():
+        if n == 0:
+            continue
+        idx = torch.tensor(rows, device=q.device)
+        sub = [t.index_select(0, idx)[:, :, :n] for t in (grad_out, q, k, v, lse)]
+        dq, dk, dv = _backward(*sub, pattern, is_causal, scale, backend)
+        d_q[idx, :, :n], d_k[idx, :, :n], d_v[idx, :, :n] = dq, dk, dv
+    return d_q, d_k, d_v
 
 
 def _prefix_lengths(key_padding_mask: torch.Tensor) -> list[int]:
@@ -165,6 +192,95 @@ def _prefix_lengths(key_padding_mask: torch.Tensor) -> list[int]:
         raise ValueError("key_padding_mask: torchscale semantics need each row's real tokens "
                          "first and its padding after them (True... then False...)")
     return m.sum(1).tolist()
+
+
+def _lengths(key_padding_mask: torch.Tensor | None, B: int, N: int) -> list[int]:
+    return [N] * B if key_padding_mask is None else _prefix_lengths(key_padding_mask)
+
+
+def _check_lengths(pattern: DilatedPattern, lengths: list[int]) -> None:
+    for n in sorted(set(lengths)):
+        check_torchscale_length(pattern, n)
+
+
+# The registered ops: torch.compile and torch.export hold them as one node each, whatever the
+# padding mask holds (the per-row lengths are read inside, so they cause no graph break).
+@torch.library.custom_op("longnet::torchscale_attention", mutates_args=())
+def torchscale_attention_op(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    key_padding_mask: torch.Tensor | None, segment_lengths: list[int], dilation_rates: list[int],
+    is_causal: bool, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """torchscale's dilated attention ``(out (B, H, N, D), lse (B, H, N))``; inputs already checked
+    except the mask's layout and the lengths (checked here, where the mask's values are known)."""
+    pattern = DilatedPattern(segment_lengths, dilation_rates)
+    B, _, N, _ = query.shape
+    lengths = _lengths(key_padding_mask, B, N)
+    _check_lengths(pattern, lengths)
+    impl = get_backend(backend, query, has_mask=False, is_causal=is_causal)
+    out, lse = _forward_rows(query, key, value, lengths, pattern, is_causal, scale, impl)
+    return strided_like(query, out), lse.contiguous()
+
+
+@torchscale_attention_op.register_fake
+def _(query, key, value, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend):
+    B, H, N, _ = query.shape
+    return torch.empty_like(query), query.new_empty((B, H, N), dtype=acc_dtype(query.dtype))
+
+
+@torch.library.custom_op("longnet::torchscale_attention_backward", mutates_args=())
+def torchscale_attention_backward_op(
+    grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    lse: torch.Tensor, key_padding_mask: torch.Tensor | None, segment_lengths: list[int],
+    dilation_rates: list[int], is_causal: bool, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchscale's gradients (branch weights held constant) of :func:`torchscale_attention_op`."""
+    pattern = DilatedPattern(segment_lengths, dilation_rates)
+    B, _, N, _ = query.shape
+    impl = get_backend(backend, query, has_mask=False, is_causal=is_causal)
+    d_q, d_k, d_v = _backward_rows(grad_out, query, key, value, lse, _lengths(key_padding_mask, B, N),
+                                   pattern, is_causal, scale, impl)
+    return strided_like(query, d_q), strided_like(key, d_k), strided_like(value, d_v)
+
+
+@torchscale_attention_backward_op.register_fake
+def _(grad_out, query, key, value, lse, key_padding_mask, segment_lengths, dilation_rates, is_causal,
+      scale, backend):
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, key_padding_mask, segment_lengths, dilation_rates, is_causal, scale, backend = inputs
+    ctx.save_for_backward(query, key, value, key_padding_mask, output[1])
+    ctx.args = (list(segment_lengths), list(dilation_rates), is_causal, scale, backend)
+
+
+def _backward_formula(ctx, grad_out, grad_lse):
+    # the lse output is internal (torchscale_dilated_attention returns only out): grad_lse unused
+    query, key, value, key_padding_mask, lse = ctx.saved_tensors
+    d_q, d_k, d_v = torchscale_attention_backward_op(grad_out.contiguous(), query, key, value, lse,
+                                                     key_padding_mask, *ctx.args)
+    return d_q, d_k, d_v, None, None, None, None, None, None
+
+
+torchscale_attention_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+class _TorchscaleAttention(torch.autograd.Function):
+    """The same computation for a backend given as an object (not a registered name): eager only."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, lengths, pattern, is_causal, scale, backend):
+        out, lse = _forward_rows(q, k, v, lengths, pattern, is_causal, scale, backend)
+        ctx.save_for_backward(q, k, v, lse)
+        ctx.args = (lengths, pattern, is_causal, scale, backend)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, lse = ctx.saved_tensors
+        grads = _backward_rows(grad_out.contiguous(), q, k, v, lse, *ctx.args)
+        return (*grads, None, None, None, None, None)
 
 
 def torchscale_dilated_attention(
@@ -202,26 +318,16 @@ def torchscale_dilated_attention(
             math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a positive finite float or None, got {scale!r}")
     if isinstance(backend, str):
-        backend = get_backend(backend, query, has_mask=False, is_causal=is_causal)
-    B, H, N, D = query.shape
-    lengths = [N] * B if key_padding_mask is None else _prefix_lengths(key_padding_mask)
-    for n in sorted(set(lengths)):
-        check_torchscale_length(pattern, n)
-    if all(n == N for n in lengths):
-        return _TorchscaleAttention.apply(query, key, value, pattern, is_causal, float(scale),
-                                          backend)
-    # rows of equal length run together; every row sees only its own length
-    parts, order = [], []
-    for n in sorted(set(lengths)):
-        rows = [i for i, x in enumerate(lengths) if x == n]
-        idx = torch.tensor(rows, device=query.device)
-        order += rows
-        if n == 0:
-            parts.append(query.new_zeros(len(rows), H, N, D))
-            continue
-        sub = [t.index_select(0, idx)[:, :, :n] for t in (query, key, value)]
-        o = _TorchscaleAttention.apply(*sub, pattern, is_causal, float(scale), backend)
-        parts.append(torch.nn.functional.pad(o, (0, 0, 0, N - n)))
-    inverse = torch.empty(B, dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(B)
-    return torch.cat(parts).index_select(0, inverse.to(query.device))
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {sorted(BACKENDS)}, got {backend!r}")
+        if key_padding_mask is None:  # N is a shape: checked here (under compile, at trace time)
+            check_torchscale_length(pattern, query.shape[2])
+        out, _ = torchscale_attention_op(query, key, value, key_padding_mask,
+                                         list(pattern.segment_lengths), list(pattern.dilation_rates),
+                                         is_causal, float(scale), backend)
+        return out
+    B, _, N, _ = query.shape
+    lengths = _lengths(key_padding_mask, B, N)
+    _check_lengths(pattern, lengths)
+    return _TorchscaleAttention.apply(query, key, value, lengths, pattern, is_causal, float(scale),
+                                      backend)

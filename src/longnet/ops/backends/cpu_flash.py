@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from longnet.ops.merge import acc_dtype
+
 __all__ = ["CpuFlashBackend"]
 
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -41,7 +43,7 @@ class CpuFlashBackend:
         _, bwd = _ops()
         if mask is not None:
             mask = mask.to(query.dtype)
-        lse = lse.to(torch.float64 if query.dtype == torch.float64 else torch.float32)
+        lse = lse.to(acc_dtype(query.dtype))
         # the kernel takes strided views (the operator passes them) as they are
         return bwd(grad_out, query, key, value, out, lse, 0.0, is_causal, attn_mask=mask,
                    scale=scale)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from longnet.ops.merge import acc_dtype
+
 __all__ = ["MathBackend"]
 
 
@@ -29,7 +31,7 @@ class MathBackend:
         return None
 
     def forward(self, query, key, value, mask, is_causal, scale):
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(query.dtype)
         scores = _scores(query.to(acc), key.to(acc), None if mask is None else mask.to(acc),
                          is_causal, scale)
         lse = torch.logsumexp(scores, dim=-1)  # (B, G, L)
@@ -39,7 +41,7 @@ class MathBackend:
         return out, lse, None
 
     def backward(self, grad_out, query, key, value, out, lse, aux, mask, is_causal, scale):
-        acc = torch.float64 if query.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(query.dtype)
         q, k, v = query.to(acc), key.to(acc), value.to(acc)
         do, o = grad_out.to(acc), out.to(acc)
         scores = _scores(q, k, None if mask is None else mask.to(acc), is_causal, scale)
