@@ -172,3 +172,17 @@ def test_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["experiment", "table2", "--quick", "--rows", "nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: rows must be") and "\n" not in err
+
+
+def test_an_interrupted_row_says_how_to_continue(monkeypatch, capsys, tmp_path):
+    import signal
+
+    from longnet.train import TrainingInterrupted
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted(signal.SIGTERM, 3, tmp_path / "longnet-8192")
+
+    monkeypatch.setattr(t2, "run_table2", interrupted)
+    assert main(["experiment", "table2", "--quick", "--out", str(tmp_path)]) == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert "SIGTERM at step 3 of longnet-8192" in err and "same command again" in err

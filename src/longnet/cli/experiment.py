@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -71,12 +72,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from longnet.cli.train import report_error
+    from longnet.train import TrainingDiverged, TrainingInterrupted
 
     if args.experiment is None:
         print("error: name an experiment: longnet experiment table2 --help", file=sys.stderr)
         return 2
     try:
         return _table2(args)
+    except TrainingInterrupted as err:  # the row's checkpoint is saved; the same command resumes
+        report_error(f"interrupted by {signal.Signals(err.signum).name} at step {err.step} of {err.run_dir.name}; its checkpoint is "
+                     "saved: run the same command again to continue")
+        return 128 + err.signum
+    except TrainingDiverged as err:
+        report_error(err)
+        return 1
     except (ValueError, OSError) as err:
         report_error(err)
         return 2
