@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="LongNet (Ding et al., 2023): train, evaluate, generate and benchmark "
                     "models built on exact dilated attention.",
         epilog="Run 'longnet COMMAND --help' for the options of one command. Example (CPU, "
-               "minutes): longnet train --preset tiny --seq-len 2048 --max-steps 150 --out runs/tiny "
+               "minutes): longnet train --preset tiny --max-steps 150 --out runs/tiny "
                "&& longnet eval --checkpoint runs/tiny",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -28,9 +28,10 @@ they default to the run's values and may not change."""
 
 EPILOG = """\
 examples:
-  # a tiny LongNet on the Python standard library, on CPU, then its perplexity at 2K/8K/32K
-  longnet train --preset tiny --seq-len 2048 --max-steps 150 --out runs/tiny
-  longnet eval --checkpoint runs/tiny
+  # a tiny LongNet on the Python standard library, on CPU, then its perplexity with 32 ... 2048
+  # tokens of context (its segments reach 512, its training length)
+  longnet train --preset tiny --max-steps 150 --out runs/tiny
+  longnet eval --checkpoint runs/tiny --seq-len 32 128 512 2048
 
   # continue after an interruption, or train further (keep --decay-steps for a longer run)
   longnet train --out runs/tiny --resume
