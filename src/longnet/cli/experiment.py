@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=None, help="tokenizer size")
     p.add_argument("--eval-tokens", type=int, default=None,
                    help="held-out tokens scored per length, rounded down to whole 32K windows "
-                        "(default: 393,216; 0 = the whole split)")
+                        "(default: 262,144; 0 = the whole split)")
     p.add_argument("--split", choices=("validation", "test"), default=None,
                    help="held-out split to score (default: test, 0.93M tokens of the stdlib corpus)")
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="token-file cache (default: ~/.cache/longnet)")

@@ -89,7 +89,7 @@ class Table2Plan:
     num_heads: int = 12
     ffn_dim: int = 768
     vocab_size: int = 4096
-    steps: int = 48
+    steps: int = 32
     tokens_per_step: int = 32768
     lr: float = 3e-3
     warmup_steps: int = 4
@@ -97,7 +97,7 @@ class Table2Plan:
     data: str = "stdlib"
     split: str = "test"
     """Held-out split scored (the stdlib corpus: 0.93M test tokens, 0.12M validation tokens)."""
-    eval_tokens: int | None = 393_216
+    eval_tokens: int | None = 262_144
     """Scored tokens per length (rounded down to a multiple of the longest); None = the whole split."""
     copy_span: int = 512
     copy_distances: tuple[int, ...] = (512, 4096, 16384, 31744)
