@@ -60,6 +60,9 @@ def test_quick_run_reports_every_row(quick_run, capsys):
         assert row["loss_by_position"][0]["start"] == 1 and row["loss_by_position"][-1]["stop"] == 2048
         assert [c["distance"] for c in row["copy"]["by_distance"]] == [32, 256, 1024, 1984]
     assert (root / "run" / "table2.png").stat().st_size > 0
+    markdown = (root / "run" / "table2.md").read_text().splitlines()
+    assert len(markdown) == 2 + len(ROWS) and "| longnet 512 |" in "\n".join(markdown)
+    assert markdown[2].endswith("| 4.24 | 5.07 | 11.29 |")  # the paper's Transformer row beside ours
     assert list((root / "results").glob("table2-*-quick.json"))
     assert "the paper's orderings" in "\n".join(out)
 

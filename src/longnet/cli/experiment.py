@@ -22,7 +22,8 @@ Printed: a table (parameters, training tokens and FLOPs, wall time, perplexity w
 bootstrap interval over blocks of the scored tokens, copy-probe gains), which of the paper's
 orderings hold here, and a last JSON line {"rows": [...]}. Written to --out: one run folder per
 model (resumable: run the same command again after an interruption), table2.json with everything
-(loss against position, copy probe, paired comparisons) and table2.png.
+(loss against position, copy probe, paired comparisons), table2.png, and table2.md (our table
+beside the paper's, in Markdown).
 
 Scales: default (2-core CPU, about an hour), --quick (lengths / 16, a few minutes, for smoke
 tests) and --scale large (one GPU: 6 x 384, 2000 steps of 262,144 tokens)."""
@@ -94,9 +95,9 @@ def run(args: argparse.Namespace) -> int:
 def _table2(args: argparse.Namespace) -> int:
     from longnet.bench.report import device_slug, write_results
     from longnet.experiments.table2 import Table2Plan, run_table2
-    from longnet.experiments.table2_report import format_table, plot_table2, summary_line
+    from longnet.experiments.table2_report import format_table, markdown_table, plot_table2, summary_line
     from longnet.train.runtime import resolve_device
-    from longnet.utils.atomic import atomic_copy
+    from longnet.utils.atomic import atomic_copy, atomic_write_text
 
     scale = "quick" if args.quick else (args.scale or "default")
     plan = Table2Plan.preset(scale, rows=tuple(args.rows) if args.rows else None, steps=args.steps,
@@ -115,6 +116,7 @@ def _table2(args: argparse.Namespace) -> int:
         plot = None
         log("note: matplotlib is not installed, so no plot; pip install matplotlib")
     write_results(out, "table2", doc, plot)
+    atomic_write_text(out / "table2.md", markdown_table(doc) + "\n")
     if args.results_dir:
         Path(args.results_dir).mkdir(parents=True, exist_ok=True)
         stem = f"table2-{device_slug(resolve_device(args.device))}" + ("-quick" if scale == "quick" else "")

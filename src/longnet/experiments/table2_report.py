@@ -45,6 +45,23 @@ def format_table(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def markdown_table(doc: dict[str, Any]) -> str:
+    """Our perplexities [95% interval] beside the paper's Table 2, as a Markdown table."""
+    lengths = [str(n) for n in doc["eval"]["lengths"]]
+    head = "| model | params | train tokens | train FLOPs | train time | " + " | ".join(
+        f"ours @{int(n):,}" for n in lengths) + " | " + " | ".join(f"paper @{int(n):,}" for n in lengths) + " |"
+    lines = [head, "|" + "---|" * (5 + 2 * len(lengths))]
+    for row in doc["rows"]:
+        paper = doc["paper"].get(row.get("key", ""), {})
+        ours = [f"{row['perplexity'][n]:.2f} [{row['interval'][n][0]:.2f}, {row['interval'][n][1]:.2f}]"
+                for n in lengths]
+        theirs = [f"{paper[n]:.2f}" if n in paper else "-" for n in lengths]
+        lines.append(f"| {row['model']} {row['train_length']:,} | {row['parameters'] / 1e6:.2f}M | {row['tokens']:,} | "
+                     f"{row['train_flops']:.2e} | {row['train_wall_s'] / 60:.1f} min | " + " | ".join(ours) + " | "
+                     + " | ".join(theirs) + " |")
+    return "\n".join(lines)
+
+
 def summary_line(doc: dict[str, Any]) -> dict[str, Any]:
     """The last printed line: ``{"rows": [{model, train_length, tokens, perplexity, interval}, ...]}``."""
     keep = ("model", "train_length", "parameters", "tokens", "train_flops", "train_wall_s", "perplexity", "interval")
