@@ -89,7 +89,7 @@ class Table2Plan:
     num_heads: int = 12
     ffn_dim: int = 768
     vocab_size: int = 4096
-    steps: int = 32
+    steps: int = 64
     tokens_per_step: int = 32768
     lr: float = 3e-3
     warmup_steps: int = 4
