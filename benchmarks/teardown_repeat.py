@@ -5,9 +5,9 @@
 
 Each repeat launches ``torchrun --standalone --nproc-per-node 4`` on this file in worker mode:
 init gloo, one forward + backward of :func:`longnet.parallel.dilated_attention` on
-(1, 2, 64, 8) float64 chunks, segments [16, 64], rates [1, 2], causal (the branch of 64 spans all
-4 ranks), a second call with segments [16, 32] (its branch of 32 spans 2 ranks: sub-groups), then
-``dist.destroy_process_group()`` and a normal exit. A repeat fails when torchrun exits non-zero
+(1, 2, 64, 8) float64 chunks with segments [16, 32] (its branch of 32 spans 2 ranks: sub-groups),
+then the issue's repro: segments [16, 64], rates [1, 2], causal (the branch of 64 spans all 4
+ranks), then ``dist.destroy_process_group()`` and a normal exit. A repeat fails when torchrun exits non-zero
 (before the fix: SIGABRT, "terminate called without an active exception", in about 1 run in 3 to
 10 on a 2-core machine).
 
@@ -41,7 +41,7 @@ def worker(hold_group: bool) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     g = torch.Generator().manual_seed(rank)
-    for segments in ([16, 64], [16, 32]):
+    for segments in ([16, 32], [16, 64]):  # the repro last, right before the teardown
         q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.float64, generator=g, requires_grad=True)
                    for _ in range(3))
         out = lp.dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=[1, 2], is_causal=True)
