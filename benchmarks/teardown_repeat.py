@@ -30,6 +30,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 _HELD: list = []
+_SCRIPT: dict = {}  # the repro is a script: its tensors are globals that live until interpreter shutdown
 
 
 def worker(hold_group: bool) -> None:
@@ -46,6 +47,7 @@ def worker(hold_group: bool) -> None:
                    for _ in range(3))
         out = lp.dilated_attention(q, k, v, segment_lengths=segments, dilation_rates=[1, 2], is_causal=True)
         out.sum().backward()
+        _SCRIPT.update(q=q, k=k, v=v, out=out)
     if hold_group:  # what the caches of longnet.parallel did before the fix
         from torch.distributed.distributed_c10d import _world
 

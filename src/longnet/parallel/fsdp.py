@@ -21,11 +21,16 @@ layout with ``torch.distributed.checkpoint`` (each rank its shards, plus one met
 :func:`load_sharded` reads them into *any* layout (another world size, FSDP or not, one process
 without a process group): DCP keeps every tensor's global shape and reshards on load.
 :func:`full_model_state` gathers the full weights on rank 0 (for ``save_pretrained``).
+
+Memory: :func:`sharded_state_bytes` predicts, from the parameters' shapes alone, the parameter,
+gradient and AdamW bytes each rank keeps (``longnet plan --fsdp``; a test checks it against the
+bytes measured on sharded models).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -33,8 +38,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["fully_shard_model", "gradient_sync", "is_sharded", "full_model_state", "save_sharded",
-           "load_sharded"]
+__all__ = ["fully_shard_model", "gradient_sync", "is_sharded", "unsharded_class", "full_model_state",
+           "save_sharded", "load_sharded", "shard_rows", "sharded_state_bytes"]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -42,6 +47,46 @@ def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)
+
+
+def shard_rows(dim0: int, world: int, rank: int) -> int:
+    """Rows of a parameter's dim 0 (``dim0``) that FSDP2 keeps on ``rank`` of ``world``.
+
+    FSDP2 splits dim 0 as ``torch.chunk`` does: chunks of ``ceil(dim0 / world)`` rows, the last one
+    shorter, and trailing ranks get none when ``dim0 < world``.
+    """
+    for name, v in (("dim0", dim0), ("world", world), ("rank", rank)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if world < 1 or rank >= world:
+        raise ValueError(f"need 0 <= rank < world, got rank={rank}, world={world}")
+    size = -(-dim0 // world)
+    return max(0, min(size, dim0 - rank * size))
+
+
+def sharded_state_bytes(shapes, world: int, rank: int = 0) -> dict[str, int]:
+    """Bytes of float32 parameters, gradients and AdamW state that FSDP2 keeps on ``rank``.
+
+    ``shapes``: every parameter's shape (tied parameters once). AdamW keeps ``exp_avg`` and
+    ``exp_avg_sq`` (sharded like the parameter) and a float32 ``step`` per parameter tensor.
+    ``world = 1`` gives the unsharded figures (one process, or each DDP replica).
+    """
+    elems, count = 0, 0
+    for shape in shapes:
+        shape = tuple(int(d) for d in shape)
+        rest = 1
+        for d in shape[1:]:
+            rest *= d
+        elems += (shard_rows(shape[0], world, rank) * rest) if shape else (1 if rank == 0 or world == 1 else 0)
+        count += 1
+    return {"params": 4 * elems, "grads": 4 * elems, "optimizer": 8 * elems + 4 * count}
+
+
+def unsharded_class(model: nn.Module) -> type:
+    """The model's own class (``fully_shard`` swaps it for an ``FSDP<Name>`` subclass)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
 def fully_shard_model(model: nn.Module, pm, *, param_dtype: torch.dtype | None = None,
@@ -142,5 +187,8 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
 
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state}
-    dcp.load(state, checkpoint_id=str(folder), no_dist=not (dist.is_available() and dist.is_initialized()))
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():  # DCP warns that one process without a group loads alone: intended
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(folder), no_dist=single)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])

@@ -512,7 +512,7 @@ def _save(run: _Run, progress: _Progress) -> None:
 def _save_shards(run: _Run, step: int) -> tuple[Path, Callable[[Path], None]]:
     """FSDP: every rank writes its shards into the staged folder; ``(folder, rank 0's model writer)``."""
     from longnet.models.checkpoint import save_model
-    from longnet.parallel.fsdp import full_model_state, save_sharded
+    from longnet.parallel.fsdp import full_model_state, save_sharded, unsharded_class
     from longnet.train.checkpoint import SHARDS_DIR, stage_checkpoint, staged_folder
 
     parallel, model = run.parallel, run.model
@@ -529,8 +529,8 @@ def _save_shards(run: _Run, step: int) -> tuple[Path, Callable[[Path], None]]:
             return full
 
     def write_model(folder: Path) -> None:
-        save_model(_Full(), folder, model_type=type(model).__name__, config=model.config, extra=model._extra(),
-                   tied=model.tied_keys)
+        save_model(_Full(), folder, model_type=unsharded_class(model).__name__, config=model.config,
+                   extra=model._extra(), tied=model.tied_keys)
 
     return staged, write_model
 
