@@ -138,6 +138,11 @@ class Parallel:
     def world_group(self):
         return self.mesh.world_group
 
+    @property
+    def backend(self) -> str:
+        """``"gloo"`` or ``"nccl"``."""
+        return str(dist.get_backend(self.world_group))
+
     def columns(self, seq_len: int) -> tuple[int, int]:
         """``[start, stop)`` of this rank's chunk of a ``seq_len`` sequence."""
         n = seq_len // self.sp

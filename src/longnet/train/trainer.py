@@ -257,8 +257,8 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
     num_parameters = model.num_parameters()
     # DDP over the data axis, or FSDP2 shards (bf16 compute on GPU): before the optimizer, which
     # must hold the sharded parameters
-    trained = (parallel.data_parallel(model, fsdp=settings.fsdp,
-                                      param_dtype=dtype if dtype != torch.float32 else None)
+    mixed = dtype != torch.float32 and device.type == "cuda"  # FSDP: bf16 weights gathered, float32 reduce
+    trained = (parallel.data_parallel(model, fsdp=settings.fsdp, param_dtype=dtype if mixed else None)
                if parallel is not None else model)
     optimizer = build_optimizer(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
                                 weight_decay=settings.weight_decay, fused=device.type == "cuda")
@@ -381,7 +381,8 @@ def _log_start(run: _Run, prepared: PreparedData) -> None:
             f"rank runs {s.batch_size // dp} sequence(s) x {s.seq_len // parallel.sp} tokens per step; "
             + (f"FSDP2: parameters, gradients and AdamW states sharded over the {parallel.world} ranks"
                if s.fsdp else "DDP: every rank holds the whole model")
-            + f"; collective timeout {s.dist_timeout:g} s (a rank whose peer died exits non-zero within it)")
+            + f"; {parallel.backend}, collective timeout {s.dist_timeout:g} s (a rank whose peer died exits "
+            "non-zero within it)")
     log(f"data {s.data!r}: " + ", ".join(f"{k} {v:,}" for k, v in prepared.num_tokens.items())
         + f" tokens; step = {s.batch_size} x {s.seq_len} tokens ({s.batch_size // dp // run.micro} micro-batch(es) "
         f"of {run.micro}{' per rank' if parallel is not None else ''}); lr {s.lr:g}, warmup "
