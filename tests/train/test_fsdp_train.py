@@ -123,6 +123,17 @@ def test_fsdp_checkpoint_resumes_on_2_ranks_and_on_1_process(tmp_path, corpus, c
     assert _max_weight_diff(torn, one_process) < WEIGHT_TOL
 
 
+def test_a_one_process_checkpoint_resumes_with_fsdp(tmp_path, corpus, cache, one_process):
+    run = tmp_path / "run"  # steps 1-2 on one process (full optimizer file), 3-4 sharded over 2 ranks
+    train(_settings(corpus, cache, max_steps=2), run, log=lambda m: None)
+    assert (latest_checkpoint(run) / "optimizer.safetensors").is_file()
+    _layout({"max_steps": 4, "progress": False, "fsdp": True}, run, 2, resume=True)
+    got, ref = _losses(run), _losses(one_process)
+    assert max(abs(got[s] - ref[s]) for s in ref) < LOSS_TOL
+    assert _max_weight_diff(run, one_process) < WEIGHT_TOL
+    assert (latest_checkpoint(run) / "dcp").is_dir()
+
+
 # ------------------------------------------------------------------------------------ faults
 def _launch(world: int, args: list[str]) -> list[subprocess.Popen]:
     """``world`` ranks of ``python -m longnet`` with torchrun's environment, without torchrun (so that

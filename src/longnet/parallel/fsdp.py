@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["fully_shard_model", "gradient_sync", "is_sharded", "unsharded_class", "full_model_state",
-           "save_sharded", "load_sharded", "shard_rows", "sharded_state_bytes"]
+           "save_sharded", "load_sharded", "load_full_optimizer", "shard_rows", "sharded_state_bytes"]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -192,3 +192,30 @@ def load_sharded(folder: str | Path, model: nn.Module, optimizer: torch.optim.Op
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, checkpoint_id=str(folder), no_dist=single)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def load_full_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, state_dict: dict) -> None:
+    """Load a whole ``optimizer.state_dict()`` of the unsharded model (states keyed by parameter
+    index, as a DDP or one-process run saves it) into the optimizer of a sharded ``model``.
+
+    Every rank passes the same full state; each keeps its shards. The indices are matched to
+    parameter names through ``optimizer.param_groups`` (the same order as when it was saved).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups, state = [], {}
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(f"the saved optimizer has {len(saved_groups)} parameter groups, this one "
+                         f"{len(optimizer.param_groups)}")
+    for saved, group in zip(saved_groups, optimizer.param_groups):
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError("the saved optimizer's parameter groups do not match this model's")
+        fqns = [names[id(p)] for p in group["params"]]
+        for index, fqn in zip(saved["params"], fqns):
+            if index in state_dict["state"]:
+                state[fqn] = state_dict["state"][index]
+        groups.append({**{k: v for k, v in saved.items() if k != "params"}, "params": fqns})
+    set_optimizer_state_dict(model, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))

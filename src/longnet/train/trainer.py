@@ -347,10 +347,12 @@ def _resume_state(ckpt: TrainerCheckpoint, optimizer: torch.optim.Optimizer, bat
     A sharded (FSDP) checkpoint's model and optimizer are read into this run's layout, whatever
     it is (:func:`longnet.parallel.fsdp.load_sharded` reshards)."""
     try:
-        if ckpt.shards is not None:
-            from longnet.parallel.fsdp import load_sharded
+        from longnet.parallel.fsdp import is_sharded, load_full_optimizer, load_sharded
 
+        if ckpt.shards is not None:
             load_sharded(ckpt.shards, model, optimizer)
+        elif is_sharded(model):  # a DDP or one-process checkpoint resumed with --fsdp
+            load_full_optimizer(model, optimizer, ckpt.optimizer)
         else:
             optimizer.load_state_dict(ckpt.optimizer)
     except (ValueError, KeyError, RuntimeError) as err:
