@@ -134,6 +134,35 @@ def test_a_one_process_checkpoint_resumes_with_fsdp(tmp_path, corpus, cache, one
     assert (latest_checkpoint(run) / "dcp").is_dir()
 
 
+def _dying_save_worker(rank, world, settings, out):
+    from longnet.train import trainer as trainer_mod
+
+    real = trainer_mod.save_trainer_checkpoint
+
+    def dying(run_dir, *, step, **kw):  # rank 0 dies after every rank wrote its shards of step 4
+        if step == 4:
+            raise OSError("killed while completing the checkpoint (simulated)")
+        return real(run_dir, step=step, **kw)
+
+    trainer_mod.save_trainer_checkpoint = dying
+    train(settings, out, log=lambda m: None)
+
+
+def test_an_interrupted_sharded_save_keeps_the_previous_checkpoint(tmp_path, corpus, cache, one_process):
+    from longnet.parallel import WorkerError
+
+    run = tmp_path / "run"
+    with pytest.raises(WorkerError, match="simulated"):
+        run_workers(_dying_save_worker, 2, _settings(corpus, cache, max_steps=4, fsdp=True), str(run),
+                    timeout_s=240, start_method="fork")
+    assert json.loads((run / "latest.json").read_text())["step"] == 2  # the pointer never moved
+    assert (run / "checkpoints" / ".tmp-step-00000004" / "dcp").is_dir()  # the shards of the torn save
+    verify_checkpoint(latest_checkpoint(run))
+    assert train({"max_steps": 4, "progress": False}, run, resume=True, log=lambda m: None).step == 4
+    assert _max_weight_diff(run, one_process) < WEIGHT_TOL
+    assert not (run / "checkpoints" / ".tmp-step-00000004").exists()  # cleaned by the next save
+
+
 # ------------------------------------------------------------------------------------ faults
 def _launch(world: int, args: list[str]) -> list[subprocess.Popen]:
     """``world`` ranks of ``python -m longnet`` with torchrun's environment, without torchrun (so that
