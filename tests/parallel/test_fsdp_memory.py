@@ -22,14 +22,14 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _measure(rank, world):
+def _measure(rank, world, shard):
     from longnet.train import build_optimizer
     from longnet.train.distributed import setup_parallel
 
     par = setup_parallel(2, torch.device("cpu"))
     torch.manual_seed(0)
     model = LongNetLM(LongNetConfig(**CONFIG))
-    par.data_parallel(model, fsdp=True)
+    par.data_parallel(model, fsdp=True, fsdp_shard=shard)
     opt = build_optimizer(model, lr=1e-3)
     x = torch.randint(0, 41, (1, 16))
     model(x, labels=x).loss.backward()
@@ -41,17 +41,19 @@ def _measure(rank, world):
     return measured
 
 
-def test_planned_bytes_per_rank_match_the_measured_ones():
+@pytest.mark.parametrize("shard", ["mesh", "data"])
+def test_planned_bytes_per_rank_match_the_measured_ones(shard):
     shapes = [tuple(p.shape) for p in LongNetLM(LongNetConfig(**CONFIG)).parameters()]
-    measured = run_workers(_measure, 4, timeout_s=120, start_method="fork")
-    for rank, got in enumerate(measured):
-        assert got == sharded_state_bytes(shapes, 4, rank), rank
+    measured = run_workers(_measure, 4, shard, timeout_s=120, start_method="fork")
+    for rank, got in enumerate(measured):  # mesh: 4 distinct shards; data: 2 (rank // 2), each on 2 ranks
+        assert got == (sharded_state_bytes(shapes, 4, rank) if shard == "mesh"
+                       else sharded_state_bytes(shapes, 2, rank // 2)), rank
     assert measured[3]["params"] < measured[0]["params"]  # uneven shards: device 0 is the busiest
-    r = plan.plan_config(LongNetConfig(**CONFIG), seq_len=32, gpus=2, data_parallel=2, fsdp=True)
-    assert (r["world"], r["fsdp"]) == (4, True)
+    r = plan.plan_config(LongNetConfig(**CONFIG), seq_len=32, gpus=2, data_parallel=2, fsdp=True, fsdp_shard=shard)
+    assert (r["world"], r["fsdp"], r["fsdp_shard"]) == (4, True, shard)
     assert {k: r[f"memory_bytes_{k}"] for k in ("params", "grads", "optimizer")} == measured[0]
     assert r["memory_bytes_states"] == sum(measured[0].values())
-    print(f"plan vs measured, rank 0: {measured[0]}")
+    print(f"plan vs measured ({shard}), rank 0: {measured[0]}")
 
 
 def test_shard_rows_is_torch_chunk():

@@ -67,24 +67,26 @@ def one_process(tmp_path_factory, corpus, cache) -> Path:
     return out
 
 
-@pytest.mark.parametrize("world,sp,fsdp,ac", [(2, 1, False, False), (2, 2, False, False), (2, 1, True, False),
-                                              (4, 2, True, False), (4, 2, True, True)],
-                         ids=["ddp2", "sp2", "fsdp2", "fsdp2xsp2", "fsdp2xsp2-checkpointing"])
+@pytest.mark.parametrize("world,sp,fsdp,ac,shard", [
+    (2, 1, False, False, "mesh"), (2, 2, False, False, "mesh"), (2, 1, True, False, "mesh"),
+    (4, 2, True, False, "mesh"), (4, 2, True, True, "mesh"), (4, 2, True, False, "data")],
+    ids=["ddp2", "sp2", "fsdp2", "fsdp2xsp2", "fsdp2xsp2-checkpointing", "fsdp2xsp2-data-axis"])
 def test_layouts_give_the_losses_and_weights_of_one_process(tmp_path, corpus, cache, one_process, world, sp, fsdp,
-                                                            ac):
+                                                            ac, shard):
     out = tmp_path / "run"
-    # ac: per-block activation checkpointing (each block recomputed in backward, inside FSDP's gathers)
-    _layout(_settings(corpus, cache, max_steps=4, sequence_parallel=sp, fsdp=fsdp, grad_checkpointing=ac), out,
-            world)
+    # ac: per-block activation checkpointing (each block recomputed in backward, inside FSDP's gathers);
+    # shard "data": sharded over the data axis only, replicated over the sequence axis (HSDP)
+    _layout(_settings(corpus, cache, max_steps=4, sequence_parallel=sp, fsdp=fsdp, grad_checkpointing=ac,
+                      fsdp_shard=shard), out, world)
     ref, got = _losses(one_process), _losses(out)
     assert sorted(got) == [1, 2, 3, 4]
     loss_diff = max(abs(got[s] - ref[s]) for s in ref)
     weight_diff = _max_weight_diff(out, one_process)
-    print(f"parity world={world} sp={sp} fsdp={fsdp} checkpointing={ac}: loss max diff {loss_diff:.2e}, "
+    print(f"parity world={world} sp={sp} fsdp={fsdp and shard} checkpointing={ac}: loss max diff {loss_diff:.2e}, "
           f"weight max diff {weight_diff:.2e}")
     assert loss_diff < LOSS_TOL and weight_diff < WEIGHT_TOL
     run = json.loads((out / "run.json").read_text())
-    assert run["parallel"]["sequence_parallel"] == sp and run["parallel"].get("fsdp", False) == fsdp
+    assert run["parallel"]["sequence_parallel"] == sp and run["parallel"].get("fsdp") == (shard if fsdp else None)
     if fsdp:  # sharded checkpoint: one shard file per rank, full weights for from_pretrained
         shards = sorted(p.name for p in (latest_checkpoint(out) / "dcp").iterdir())
         assert shards == [".metadata"] + [f"__{r}_0.distcp" for r in range(world)]

@@ -63,6 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fsdp", action="store_true",
                         help="FSDP2 as `longnet train --fsdp`: weights, gradients and AdamW sharded over "
                              "all DP x gpus devices (default: every device holds them whole)")
+    parser.add_argument("--fsdp-shard", choices=("mesh", "data"), default="mesh",
+                        help="with --fsdp: shard over every device (mesh) or over the DP axis only (data)")
 
 
 def _valid_length(pattern: DilatedPattern, seq_len: int, gpus: int, tries: int = 20_000) -> int:
@@ -106,12 +108,12 @@ def config_from_args(args: argparse.Namespace) -> LongNetConfig:
     return LongNetConfig.from_preset(args.preset, **overrides)
 
 
-def _state_bytes(config: LongNetConfig, kind: str, world: int, fsdp: bool) -> dict:
+def _state_bytes(config: LongNetConfig, kind: str, world: int) -> dict:
     """Per-device bytes of float32 weights, gradients and AdamW state (device 0, the busiest).
 
-    With FSDP every parameter's dim 0 is split over ``world`` devices
+    Every parameter's dim 0 is split over ``world`` devices as FSDP2 splits it
     (:func:`longnet.parallel.fsdp.sharded_state_bytes`, from the shapes of a model built on the
-    meta device: no memory); without, every device holds them whole.
+    meta device: no memory).
     """
     import torch
 
@@ -123,18 +125,19 @@ def _state_bytes(config: LongNetConfig, kind: str, world: int, fsdp: bool) -> di
     shapes = [tuple(p.shape) for p in model.parameters()]
     block = sum(p.numel() for p in model.blocks[0].parameters())
     root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
-    return sharded_state_bytes(shapes, world if fsdp else 1, 0) | {"block_params": block, "root_params": root}
+    return sharded_state_bytes(shapes, world, 0) | {"block_params": block, "root_params": root}
 
 
 def plan_config(config: LongNetConfig, *, seq_len: int, gpus: int, batch_size: int = 1, dtype_bytes: int = 2,
-                causal: bool = True, data_parallel: int = 1, fsdp: bool = False) -> dict:
+                causal: bool = True, data_parallel: int = 1, fsdp: bool = False, fsdp_shard: str = "mesh") -> dict:
     """Per-device numbers of one training step of ``config`` (the busiest device), as a flat dict.
 
     A config with a vocabulary is a language model (embedding and LM head); one without
     (``vocab_size=None``, e.g. ``gigapath-slide``) is an encoder over inputs of its width.
     ``gpus`` devices share each sequence; ``data_parallel`` such groups split the batch
     (``batch_size`` sequences per group). With ``fsdp`` the weights, gradients and AdamW state are
-    sharded over all ``data_parallel * gpus`` devices (``longnet train --fsdp``): the
+    sharded over all ``data_parallel * gpus`` devices (``longnet train --fsdp``; ``fsdp_shard="data"``:
+    over the ``data_parallel`` axis only, replicated over the ``gpus`` of a sequence): the
     ``memory_bytes_{params,grads,optimizer}`` keys are then the exact bytes of device 0, and
     ``memory_bytes_fsdp_gathered`` estimates the unsharded copies alive at once (the root group,
     kept gathered, and two blocks: the running one and the prefetched one, each with its full
@@ -181,7 +184,10 @@ def plan_config(config: LongNetConfig, *, seq_len: int, gpus: int, batch_size: i
     extra: dict = {"data_parallel": data_parallel, "world": world, "fsdp": bool(fsdp)}
     states = params * 16
     if fsdp:
-        sb = _state_bytes(config, kind, world, True)
+        from longnet.parallel.fsdp import shard_world
+
+        extra["fsdp_shard"] = fsdp_shard
+        sb = _state_bytes(config, kind, shard_world(data_parallel, gpus, fsdp_shard))
         states = sb["params"] + sb["grads"] + sb["optimizer"]
         extra.update(memory_bytes_params=sb["params"], memory_bytes_grads=sb["grads"],
                      memory_bytes_optimizer=sb["optimizer"],
@@ -238,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         r = plan_config(config_from_args(args), seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size,
                         dtype_bytes=args.dtype_bytes, causal=args.causal, data_parallel=args.data_parallel,
-                        fsdp=args.fsdp)
+                        fsdp=args.fsdp, fsdp_shard=args.fsdp_shard)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -250,7 +256,9 @@ def run(args: argparse.Namespace) -> int:
           f"({r['tokens_per_device']:,} tokens each), {r['params'] / 1e6:,.1f}M parameters")
     if r["world"] > 1 and (args.data_parallel > 1 or r["fsdp"]):
         print(f"{r['world']} devices = {r['data_parallel']} data parallel x {args.gpus} sequence parallel"
-              + ("; FSDP: weights, gradients and AdamW sharded over all of them" if r["fsdp"] else ""))
+              + (("; FSDP: weights, gradients and AdamW sharded over all of them" if r["fsdp_shard"] == "mesh"
+                  else f"; FSDP: weights, gradients and AdamW sharded over the {r['data_parallel']} data-parallel "
+                  "devices") if r["fsdp"] else ""))
     print(f"{'branch (w, r)':>18} {'where':>10} {'ranks':>6} {'fwd bytes':>14} {'bwd bytes':>14}")
     for b in r["branches"]:
         where = "local" if b["local"] else "shared"

@@ -135,6 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="under torchrun: shard parameters, gradients and AdamW states over all processes with FSDP2 "
                "(combines with --sequence-parallel; bf16 compute on GPU); checkpoints are sharded "
                "(torch.distributed.checkpoint) and resume in any layout (default: off, DDP)")
+    _flag(run, "--fsdp-shard", choices=("mesh", "data"),
+          help="with --fsdp: shard over every process (mesh) or over the data-parallel axis only, replicated "
+               "over the sequence-parallel one (data: HSDP) (default: mesh)")
     _flag(run, "--dist-timeout", type=float, metavar="S",
           help="under torchrun: seconds a collective waits for its peers; a rank whose peer died exits "
                "non-zero within it (default: 120)")
@@ -157,7 +160,7 @@ SETTING_ARGS = ("preset", "model_overrides", "grad_checkpointing", "data", "voca
                 "batch_tokens", "micro_batch", "max_steps", "lr", "warmup_steps", "decay", "decay_steps",
                 "min_lr_ratio", "weight_decay", "grad_clip", "seed", "device", "dtype", "compile", "eval_every",
                 "eval_tokens", "save_every", "progress", "sequence_parallel", "hf_model", "segment_lengths",
-                "dilation_rates", "fsdp", "dist_timeout")
+                "dilation_rates", "fsdp", "fsdp_shard", "dist_timeout")
 
 
 def report_error(message: object) -> None:

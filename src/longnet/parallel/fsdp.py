@@ -3,14 +3,19 @@
 :func:`fully_shard_model` applies ``torch.distributed.fsdp.fully_shard`` (FSDP2) to every block of a
 single-device model and to the model itself (embedding, final norm and the tied head form the
 root group), over the ranks of a :class:`~longnet.parallel.mesh.ParallelMesh`. Parameters,
-gradients and AdamW states are sharded over **all** ``dp * sp`` ranks, the data axis and the
-sequence axis flattened into one, as torchtitan shards over ``dp_shard x cp``: the ``sp`` ranks of
-one sequence hold different shards too (sharding over the data axis alone would shard nothing in
-a job that is all sequence parallel, ``dp = 1``). Before a block runs, its parameters are
-all-gathered; after its backward, its gradients are reduce-scattered with a *sum* (gradient
-divide factor 1): with every rank's loss ``sum of its tokens' losses / global token count``
-(:mod:`longnet.parallel.mesh`, step 1-2) each shard then holds the gradient of the global mean
-loss, exactly as :func:`~longnet.parallel.mesh.data_parallel` gives it to every replica.
+gradients and AdamW states are sharded over **all** ``dp * sp`` ranks by default
+(``shard="mesh"``), the data axis and the sequence axis flattened into one, as torchtitan shards
+over ``dp_shard x cp``: the ``sp`` ranks of one sequence hold different shards too.
+``shard="data"`` shards over the data axis only and replicates over the sequence axis (HSDP on the
+``(sp, dp)`` grid: reduce-scatter over the data axis, then all-reduce over the sequence axis):
+``sp`` times the memory of ``"mesh"``, and nothing is sharded in a job that is all sequence
+parallel (``dp = 1``), but the weight all-gathers stay inside a data-parallel group.
+
+Before a block runs, its parameters are all-gathered; after its backward, its gradients are
+reduce-scattered with a *sum* (gradient divide factor 1): with every rank's loss
+``sum of its tokens' losses / global token count`` (:mod:`longnet.parallel.mesh`, steps 1-2),
+each shard then holds the gradient of the global mean loss, exactly as
+:func:`~longnet.parallel.mesh.data_parallel` gives it to every replica.
 
 Mixed precision (GPU): ``param_dtype=torch.bfloat16`` all-gathers bf16 parameters and computes
 in bf16, ``reduce_dtype`` (float32) reduces the gradients; the sharded parameters and AdamW
@@ -39,7 +44,8 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["fully_shard_model", "gradient_sync", "is_sharded", "unsharded_class", "full_model_state",
-           "save_sharded", "load_sharded", "load_full_optimizer", "shard_rows", "sharded_state_bytes"]
+           "save_sharded", "load_sharded", "load_full_optimizer", "shard_rows", "sharded_state_bytes",
+           "SHARD_CHOICES", "shard_world"]
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -89,9 +95,20 @@ def unsharded_class(model: nn.Module) -> type:
     return next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
 
 
+SHARD_CHOICES = ("mesh", "data")
+"""What :func:`fully_shard_model` shards over: every rank of the mesh, or the data axis only."""
+
+
+def shard_world(dp: int, sp: int, shard: str = "mesh") -> int:
+    """How many ranks hold distinct shards of each parameter."""
+    if shard not in SHARD_CHOICES:
+        raise ValueError(f"shard must be one of {SHARD_CHOICES}, got {shard!r}")
+    return dp * sp if shard == "mesh" else dp
+
+
 def fully_shard_model(model: nn.Module, pm, *, param_dtype: torch.dtype | None = None,
                       reduce_dtype: torch.dtype | None = torch.float32,
-                      reshard_after_forward: bool = True) -> nn.Module:
+                      reshard_after_forward: bool = True, shard: str = "mesh") -> nn.Module:
     """Shard ``model`` (in place) with FSDP2 over every rank of ``pm``; returns ``model``.
 
     Args:
@@ -104,10 +121,12 @@ def fully_shard_model(model: nn.Module, pm, *, param_dtype: torch.dtype | None =
         reduce_dtype: dtype of the gradient reduce-scatter (float32 by default).
         reshard_after_forward: free each block's gathered parameters after its forward (and
             gather them again in backward): ZeRO-3; False keeps them until backward (ZeRO-2).
+        shard: ``"mesh"`` (every rank holds a distinct shard) or ``"data"`` (shards over the data
+            axis, replicas over the sequence axis); see the module docstring.
 
     Build the optimizer *after* this call: the parameters become ``DTensor`` shards.
     """
-    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from longnet.parallel.mesh import ParallelMesh
@@ -124,9 +143,13 @@ def fully_shard_model(model: nn.Module, pm, *, param_dtype: torch.dtype | None =
     for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
         if value is not None and not isinstance(value, torch.dtype):
             raise TypeError(f"{name} must be a torch.dtype or None, got {value!r}")
+    shard_world(pm.dp, pm.sp, shard)  # checks shard
     device_type = pm.mesh.device_type
-    # the data and sequence axes flattened: rank r holds shard r of every parameter
-    shard_mesh = init_device_mesh(device_type, (pm.dp * pm.sp,), mesh_dim_names=("dp_sp",))
+    if shard == "mesh":  # the data and sequence axes flattened: rank r holds shard r of every parameter
+        shard_mesh = init_device_mesh(device_type, (pm.dp * pm.sp,), mesh_dim_names=("dp_sp",))
+    else:  # HSDP: dim 0 replicates (the sp ranks of a sequence), dim 1 shards (a data-parallel group)
+        grid = torch.arange(pm.dp * pm.sp).view(pm.dp, pm.sp).t().contiguous()
+        shard_mesh = DeviceMesh(device_type, grid, mesh_dim_names=("sp_replicate", "dp_shard"))
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     for block in blocks:
         fully_shard(block, mesh=shard_mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)

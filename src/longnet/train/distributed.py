@@ -149,11 +149,12 @@ class Parallel:
         return self.sp_rank * n, (self.sp_rank + 1) * n
 
     def data_parallel(self, model: torch.nn.Module, *, fsdp: bool = False,
-                      param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+                      param_dtype: torch.dtype | None = None, fsdp_shard: str = "mesh") -> torch.nn.Module:
         """``model`` in ``DistributedDataParallel`` over the data axis, gradients summed over the mesh.
 
         With ``fsdp``, ``model`` is instead sharded in place with FSDP2 over every rank
-        (:func:`longnet.parallel.fsdp.fully_shard_model`; ``param_dtype`` bf16 on GPU) and returned;
+        (:func:`longnet.parallel.fsdp.fully_shard_model`; ``param_dtype`` bf16 on GPU; ``fsdp_shard``
+        ``"data"``: over the data axis only) and returned;
         build the optimizer after this call. Keep training through the returned module (pass it to
         :func:`longnet.train.step.train_step`); save, evaluate and generate with ``model`` itself.
         """
@@ -165,7 +166,7 @@ class Parallel:
         if fsdp:
             from longnet.parallel.fsdp import fully_shard_model
 
-            self.fsdp = fully_shard_model(model, self.mesh, param_dtype=param_dtype)
+            self.fsdp = fully_shard_model(model, self.mesh, param_dtype=param_dtype, shard=fsdp_shard)
             return self.fsdp
         self.ddp = data_parallel(model, self.mesh)
         return self.ddp

@@ -34,7 +34,7 @@ IDENTITY = (
 )
 HF_IDENTITY = ("hf_model", "segment_lengths", "dilation_rates")
 """Identity settings added with ``--hf-model``: runs stored before them had them unset (None)."""
-LAYOUT_FREE = ("device", "progress", "sequence_parallel", "fsdp")
+LAYOUT_FREE = ("device", "progress", "sequence_parallel", "fsdp", "fsdp_shard")
 """Free settings a resumed run does not inherit: they describe this launch, not the run."""
 HF_LR = 2e-5
 """Default peak rate when fine-tuning a Hugging Face model (``--hf-model``)."""
@@ -102,6 +102,9 @@ class TrainSettings:
     fsdp: bool = False
     """Under torchrun: shard parameters, gradients and AdamW states with FSDP2 instead of DDP replicas
     (``longnet.parallel.fsdp``); not inherited on resume (a run may resume in another layout)."""
+    fsdp_shard: str = "mesh"
+    """With ``fsdp``: shard over every rank (``mesh``) or over the data axis only, replicated over the
+    sequence axis (``data``); not inherited on resume."""
     dist_timeout: float = 120.0
     """Under torchrun: seconds a collective waits for its peers before the rank exits non-zero."""
 
@@ -193,6 +196,8 @@ class TrainSettings:
         positive("sequence_parallel")
         if not isinstance(self.fsdp, bool):
             raise ValueError(f"--fsdp must be true or false, got {self.fsdp!r}")
+        if self.fsdp_shard not in ("mesh", "data"):
+            raise ValueError(f"--fsdp-shard must be mesh or data, got {self.fsdp_shard!r}")
         if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
                 or not 0 < self.dist_timeout < float("inf"):
             raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout!r}")

@@ -258,7 +258,8 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
     # DDP over the data axis, or FSDP2 shards (bf16 compute on GPU): before the optimizer, which
     # must hold the sharded parameters
     mixed = dtype != torch.float32 and device.type == "cuda"  # FSDP: bf16 weights gathered, float32 reduce
-    trained = (parallel.data_parallel(model, fsdp=settings.fsdp, param_dtype=dtype if mixed else None)
+    trained = (parallel.data_parallel(model, fsdp=settings.fsdp, param_dtype=dtype if mixed else None,
+                                      fsdp_shard=settings.fsdp_shard)
                if parallel is not None else model)
     optimizer = build_optimizer(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
                                 weight_decay=settings.weight_decay, fused=device.type == "cuda")
@@ -274,7 +275,7 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
                            "cache_entry": str(prepared.directory), "num_tokens": prepared.num_tokens,
                            "tokenizer_sha256": tokenizer.sha256()},
                        **({"parallel": {"world": parallel.world, "data_parallel": dp, "sequence_parallel": sp,
-                                        **({"fsdp": True} if settings.fsdp else {})}}
+                                        **({"fsdp": settings.fsdp_shard} if settings.fsdp else {})}}
                           if parallel is not None else {}))
     val_tokens = prepared.tokens("validation")
     val_batches = None
@@ -381,7 +382,10 @@ def _log_start(run: _Run, prepared: PreparedData) -> None:
     if parallel is not None:
         log(f"torchrun: {parallel.world} processes = {dp} data parallel x {parallel.sp} sequence parallel; each "
             f"rank runs {s.batch_size // dp} sequence(s) x {s.seq_len // parallel.sp} tokens per step; "
-            + (f"FSDP2: parameters, gradients and AdamW states sharded over the {parallel.world} ranks"
+            + ((f"FSDP2: parameters, gradients and AdamW states sharded over the {parallel.world} ranks"
+                if s.fsdp_shard == "mesh" else
+                f"FSDP2: parameters, gradients and AdamW states sharded over the {dp} data-parallel ranks, "
+                f"replicated over the {parallel.sp} sequence-parallel ones")
                if s.fsdp else "DDP: every rank holds the whole model")
             + f"; {parallel.backend}, collective timeout {s.dist_timeout:g} s (a rank whose peer died exits "
             "non-zero within it)")
