@@ -95,11 +95,11 @@ def test_layouts_give_the_losses_and_weights_of_one_process(tmp_path, corpus, ca
 
 
 def test_fsdp_checkpoint_resumes_on_2_ranks_and_on_1_process(tmp_path, corpus, cache, one_process):
-    saved = tmp_path / "saved"  # FSDP 2 x SP 2 on 4 ranks, 2 steps
+    saved = tmp_path / "saved"  # FSDP 2 x SP 2 on 4 ranks, 2 steps; then FSDP 2, DDP 2 and one process
     _layout(_settings(corpus, cache, max_steps=2, sequence_parallel=2, fsdp=True), saved, 4)
     assert (latest_checkpoint(saved) / "dcp").is_dir()
     ref = _losses(one_process)
-    for name, world, layout in (("on2", 2, {"fsdp": True}), ("on1", 1, {})):
+    for name, world, layout in (("on2", 2, {"fsdp": True}), ("ddp2", 2, {}), ("on1", 1, {})):
         run = tmp_path / name
         shutil.copytree(saved, run)
         if world == 1:
@@ -111,7 +111,7 @@ def test_fsdp_checkpoint_resumes_on_2_ranks_and_on_1_process(tmp_path, corpus, c
         assert sorted(got) == [1, 2, 3, 4]
         assert max(abs(got[s] - ref[s]) for s in ref) < LOSS_TOL
         diff = _max_weight_diff(run, one_process)
-        print(f"reshard 4 -> {world}: weight max diff {diff:.2e}")
+        print(f"reshard 4 -> {name}: weight max diff {diff:.2e}")
         assert diff < WEIGHT_TOL
         LongNetLM.from_pretrained(run)  # the run folder loads on one process
     # a torn shard in the latest checkpoint: the previous one (step 2) is used, steps 3-4 again
