@@ -152,7 +152,9 @@ def test_trainer_dp_sp_with_resume_matches_one_process(tmp_path, corpus, cache):
     assert run["parallel"] == {"world": 4, "data_parallel": 2, "sequence_parallel": 2}
 
 
-def test_torchrun_cli_matches_one_process(tmp_path, corpus, cache, micro):
+@pytest.mark.parametrize("layout", [["--sequence-parallel", "2"], ["--fsdp", "--sequence-parallel", "2"]],
+                         ids=["sp2", "fsdp-sp2"])
+def test_torchrun_cli_matches_one_process(tmp_path, corpus, cache, micro, layout):
     overrides = ["--model-overrides", json.dumps(SP_MODEL)]
     assert main(micro(corpus, cache, tmp_path / "one", *overrides, steps=3)) == 0
     port = free_port()
@@ -160,7 +162,7 @@ def test_torchrun_cli_matches_one_process(tmp_path, corpus, cache, micro):
     env.update(PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "-m", "longnet",
-           *micro(corpus, cache, tmp_path / "sp", *overrides, "--sequence-parallel", "2", steps=3)]
+           *micro(corpus, cache, tmp_path / "sp", *overrides, *layout, steps=3)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("done: step 3") == 1  # rank 0 alone reports

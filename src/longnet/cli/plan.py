@@ -58,6 +58,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bytes per activation element (2 = bf16)")
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=True,
                         help="causal LM (halves attention FLOPs)")
+    parser.add_argument("--data-parallel", type=int, default=1, metavar="DP",
+                        help="data-parallel groups of --gpus devices (world = DP x gpus; default 1)")
+    parser.add_argument("--fsdp", action="store_true",
+                        help="FSDP2 as `longnet train --fsdp`: weights, gradients and AdamW sharded over "
+                             "all DP x gpus devices (default: every device holds them whole)")
+    parser.add_argument("--fsdp-shard", choices=("mesh", "data"), default="mesh",
+                        help="with --fsdp: shard over every device (mesh) or over the DP axis only (data)")
 
 
 def _valid_length(pattern: DilatedPattern, seq_len: int, gpus: int, tries: int = 20_000) -> int:
@@ -101,13 +108,44 @@ def config_from_args(args: argparse.Namespace) -> LongNetConfig:
     return LongNetConfig.from_preset(args.preset, **overrides)
 
 
+def _state_bytes(config: LongNetConfig, kind: str, world: int) -> dict:
+    """Per-device bytes of float32 weights, gradients and AdamW state (device 0, the busiest).
+
+    Every parameter's dim 0 is split over ``world`` devices as FSDP2 splits it
+    (:func:`longnet.parallel.fsdp.sharded_state_bytes`, from the shapes of a model built on the
+    meta device: no memory).
+    """
+    import torch
+
+    from longnet.models import LongNetEncoder, LongNetLM
+    from longnet.parallel.fsdp import sharded_state_bytes
+
+    with torch.device("meta"):
+        model = LongNetLM(config) if kind == "lm" else LongNetEncoder(config)
+    shapes = [tuple(p.shape) for p in model.parameters()]
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    root = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in model.blocks.parameters())
+    return sharded_state_bytes(shapes, world, 0) | {"block_params": block, "root_params": root}
+
+
 def plan_config(config: LongNetConfig, *, seq_len: int, gpus: int, batch_size: int = 1, dtype_bytes: int = 2,
-                causal: bool = True) -> dict:
+                causal: bool = True, data_parallel: int = 1, fsdp: bool = False, fsdp_shard: str = "mesh") -> dict:
     """Per-device numbers of one training step of ``config`` (the busiest device), as a flat dict.
 
     A config with a vocabulary is a language model (embedding and LM head); one without
     (``vocab_size=None``, e.g. ``gigapath-slide``) is an encoder over inputs of its width.
+    ``gpus`` devices share each sequence; ``data_parallel`` such groups split the batch
+    (``batch_size`` sequences per group). With ``fsdp`` the weights, gradients and AdamW state are
+    sharded over all ``data_parallel * gpus`` devices (``longnet train --fsdp``; ``fsdp_shard="data"``:
+    over the ``data_parallel`` axis only, replicated over the ``gpus`` of a sequence): the
+    ``memory_bytes_{params,grads,optimizer}`` keys are then the exact bytes of device 0, and
+    ``memory_bytes_fsdp_gathered`` estimates the unsharded copies alive at once (the root group,
+    kept gathered, and two blocks: the running one and the prefetched one, each with its full
+    bf16 weights and float32 gradient).
     """
+    for name, v in (("data_parallel", data_parallel), ("gpus", gpus)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     pattern = config.pattern()
     if pattern is None:
         raise ValueError("longnet plan needs a dilated (or sparse) pattern; dense attention has no "
@@ -141,8 +179,23 @@ def plan_config(config: LongNetConfig, *, seq_len: int, gpus: int, batch_size: i
     act_layer = tokens * (_ACT_D * embed_dim + _ACT_F * ffn_dim) * dtype_bytes \
         + sum(b.gathered_bytes for b in comm.branches)
     comm_layer = comm.forward_bytes + comm.backward_bytes
-    grad_allreduce = 2 * (gpus - 1) / gpus * params * 4
-    return {
+    world = data_parallel * gpus
+    grad_allreduce = 2 * (world - 1) / world * params * 4
+    extra: dict = {"data_parallel": data_parallel, "world": world, "fsdp": bool(fsdp)}
+    states = params * 16
+    if fsdp:
+        from longnet.parallel.fsdp import shard_world
+
+        extra["fsdp_shard"] = fsdp_shard
+        sb = _state_bytes(config, kind, shard_world(data_parallel, gpus, fsdp_shard))
+        states = sb["params"] + sb["grads"] + sb["optimizer"]
+        extra.update(memory_bytes_params=sb["params"], memory_bytes_grads=sb["grads"],
+                     memory_bytes_optimizer=sb["optimizer"],
+                     memory_bytes_fsdp_gathered=(sb["root_params"] + 2 * sb["block_params"]) * (dtype_bytes + 4))
+        # FSDP all-gathers every weight twice (forward and backward, in the compute dtype) and
+        # reduce-scatters the float32 gradients, instead of one float32 all-reduce
+        grad_allreduce = (world - 1) / world * params * (2 * dtype_bytes + 4)
+    return extra | {
         "seq_len": N, "requested_seq_len": seq_len, "gpus": gpus, "tokens_per_device": n,
         "layers": layers, "embed_dim": embed_dim, "heads": heads, "kv_heads": kv_heads,
         "head_dim": D, "ffn_dim": ffn_dim, "pattern": [list(pattern.segment_lengths),
@@ -161,13 +214,13 @@ def plan_config(config: LongNetConfig, *, seq_len: int, gpus: int, batch_size: i
         "comm_bytes_per_layer_bwd": comm.backward_bytes,
         "comm_bytes_per_step_attention": layers * comm_layer,
         "comm_bytes_per_step_grad_allreduce": int(grad_allreduce),
-        "memory_bytes_states": params * 16,
+        "memory_bytes_states": states,
         "memory_bytes_activations_per_layer": act_layer,
         "memory_bytes_activations": layers * act_layer,
-        "memory_bytes_total": params * 16 + layers * act_layer,
+        "memory_bytes_total": states + layers * act_layer + extra.get("memory_bytes_fsdp_gathered", 0),
         # per-layer activation checkpointing: keep each layer's input, recompute one at a time
-        "memory_bytes_total_checkpointed": params * 16 + layers * tokens * embed_dim * dtype_bytes
-        + act_layer,
+        "memory_bytes_total_checkpointed": states + layers * tokens * embed_dim * dtype_bytes
+        + act_layer + extra.get("memory_bytes_fsdp_gathered", 0),
     }
 
 
@@ -190,7 +243,8 @@ def run(args: argparse.Namespace) -> int:
     """Print the table and the JSON line; 2 (and one ``error:`` line on stderr) on bad flags."""
     try:
         r = plan_config(config_from_args(args), seq_len=args.seq_len, gpus=args.gpus, batch_size=args.batch_size,
-                        dtype_bytes=args.dtype_bytes, causal=args.causal)
+                        dtype_bytes=args.dtype_bytes, causal=args.causal, data_parallel=args.data_parallel,
+                        fsdp=args.fsdp, fsdp_shard=args.fsdp_shard)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -200,6 +254,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"LongNet {r['layers']} layers x {r['embed_dim']} wide, {r['heads']} heads x "
           f"{r['head_dim']}, FFN {r['ffn_dim']}; N = {r['seq_len']:,} on {args.gpus} devices "
           f"({r['tokens_per_device']:,} tokens each), {r['params'] / 1e6:,.1f}M parameters")
+    if r["world"] > 1 and (args.data_parallel > 1 or r["fsdp"]):
+        print(f"{r['world']} devices = {r['data_parallel']} data parallel x {args.gpus} sequence parallel"
+              + (("; FSDP: weights, gradients and AdamW sharded over all of them" if r["fsdp_shard"] == "mesh"
+                  else f"; FSDP: weights, gradients and AdamW sharded over the {r['data_parallel']} data-parallel "
+                  "devices") if r["fsdp"] else ""))
     print(f"{'branch (w, r)':>18} {'where':>10} {'ranks':>6} {'fwd bytes':>14} {'bwd bytes':>14}")
     for b in r["branches"]:
         where = "local" if b["local"] else "shared"
@@ -209,11 +268,17 @@ def run(args: argparse.Namespace) -> int:
         ("attention comm / layer (fwd + bwd)", _fmt_bytes(r["comm_bytes_per_layer_fwd"]
                                                           + r["comm_bytes_per_layer_bwd"])),
         ("attention comm / step", _fmt_bytes(r["comm_bytes_per_step_attention"])),
-        ("gradient all-reduce / step (fp32)", _fmt_bytes(r["comm_bytes_per_step_grad_allreduce"])),
+        ("FSDP all-gathers + reduce-scatter / step" if r["fsdp"] else "gradient all-reduce / step (fp32)",
+         _fmt_bytes(r["comm_bytes_per_step_grad_allreduce"])),
         ("FLOPs / layer (forward)", _fmt_flops(r["flops_per_layer_fwd"])),
         ("  of which attention", _fmt_flops(r["attention_flops_per_layer_fwd"])),
         ("FLOPs / step (train)", _fmt_flops(r["flops_per_step_train"])),
         ("memory: weights+grads+AdamW (fp32)", _fmt_bytes(r["memory_bytes_states"])),
+        *([("  weights (fp32, sharded)", _fmt_bytes(r["memory_bytes_params"])),
+           ("  gradients (fp32, sharded)", _fmt_bytes(r["memory_bytes_grads"])),
+           ("  AdamW state (fp32, sharded)", _fmt_bytes(r["memory_bytes_optimizer"])),
+           ("memory: FSDP unsharded copies (est.)", _fmt_bytes(r["memory_bytes_fsdp_gathered"]))]
+          if r["fsdp"] else []),
         ("memory: activations / layer (est.)", _fmt_bytes(r["memory_bytes_activations_per_layer"])),
         ("memory: total (est., no checkpointing)", _fmt_bytes(r["memory_bytes_total"])),
         ("memory: total (est., per-layer checkpoint)",

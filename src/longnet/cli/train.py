@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from longnet.cli.options import int_list
@@ -22,9 +23,10 @@ validation loss per evaluation), loss.png (training and validation loss, refresh
 evaluation), tensorboard/ (when tensorboard is installed), checkpoints/ (model, optimizer, RNG
 and data position, written atomically: a crash never leaves a torn checkpoint), and at its top
 model.safetensors + config.json + tokenizer.json, so LongNetLM.from_pretrained(RUN) loads it.
-Ctrl-C or SIGTERM saves a checkpoint before exiting; --resume continues exactly where the run
-stopped (bit for bit on CPU). Options marked [run] are fixed when a run starts: with --resume
-they default to the run's values and may not change."""
+Ctrl-C or SIGTERM saves a checkpoint before exiting (SIGTERM: exit status 0, so a preempted
+job ends cleanly); --resume continues exactly where the run stopped (bit for bit on CPU), from the
+previous checkpoint if the latest one is torn or corrupt on disk. Options marked [run] are fixed
+when a run starts: with --resume they default to the run's values and may not change."""
 
 EPILOG = """\
 examples:
@@ -48,7 +50,12 @@ examples:
   # 4 processes = 2 data parallel x 2 sequence parallel (each holds half of every sequence;
   # gloo on CPU, NCCL with one GPU per process); rank 0 writes the run folder
   torchrun --nproc-per-node 4 -m longnet train --sequence-parallel 2 --preset tiny \\
-      --seq-len 4096 --batch-tokens 8192 --out runs/tiny-sp"""
+      --seq-len 4096 --batch-tokens 8192 --out runs/tiny-sp
+
+  # the same with FSDP2: parameters, gradients and AdamW states sharded over the 4 processes;
+  # sharded checkpoints resume on another number of processes (or on one, without torchrun)
+  torchrun --nproc-per-node 4 -m longnet train --fsdp --sequence-parallel 2 --preset tiny \\
+      --seq-len 4096 --batch-tokens 8192 --out runs/tiny-fsdp"""
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -124,6 +131,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="under torchrun: P processes share each sequence (each holds seq-len / P tokens), the "
                "others split the batch (data parallel = processes / P); e.g. torchrun --nproc-per-node 4 "
                "-m longnet train --sequence-parallel 2 ... (default: 1)")
+    _flag(run, "--fsdp", action=argparse.BooleanOptionalAction,
+          help="under torchrun: shard parameters, gradients and AdamW states over all processes with FSDP2 "
+               "(combines with --sequence-parallel; bf16 compute on GPU); checkpoints are sharded "
+               "(torch.distributed.checkpoint) and resume in any layout (default: off, DDP)")
+    _flag(run, "--fsdp-shard", choices=("mesh", "data"),
+          help="with --fsdp: shard over every process (mesh) or over the data-parallel axis only, replicated "
+               "over the sequence-parallel one (data: HSDP) (default: mesh)")
+    _flag(run, "--dist-timeout", type=float, metavar="S",
+          help="under torchrun: seconds a collective waits for its peers; a rank whose peer died exits "
+               "non-zero within it (default: 120)")
     _flag(run, "--progress", action=argparse.BooleanOptionalAction,
           help="show progress bars (default: when stderr is a terminal)")
 
@@ -143,7 +160,7 @@ SETTING_ARGS = ("preset", "model_overrides", "grad_checkpointing", "data", "voca
                 "batch_tokens", "micro_batch", "max_steps", "lr", "warmup_steps", "decay", "decay_steps",
                 "min_lr_ratio", "weight_decay", "grad_clip", "seed", "device", "dtype", "compile", "eval_every",
                 "eval_tokens", "save_every", "progress", "sequence_parallel", "hf_model", "segment_lengths",
-                "dilation_rates")
+                "dilation_rates", "fsdp", "fsdp_shard", "dist_timeout")
 
 
 def report_error(message: object) -> None:
@@ -154,7 +171,8 @@ def report_error(message: object) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Train; 0 when done, 2 on bad input, 1 on divergence, 128 + signal when interrupted."""
+    """Train; 0 when done or stopped by SIGTERM (after saving), 2 on bad input, 1 on divergence,
+    128 + signal when interrupted otherwise (Ctrl-C)."""
     from longnet.train import TrainingDiverged, TrainingInterrupted, train  # deferred: fast --help
 
     given = {name: getattr(args, name) for name in SETTING_ARGS if hasattr(args, name)}
@@ -164,8 +182,11 @@ def run(args: argparse.Namespace) -> int:
         train(given, args.out, resume=args.resume, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     except TrainingInterrupted as err:
         if os.environ.get("RANK", "0") == "0":  # under torchrun every rank stops; rank 0 tells
-            report_error(err)
-        return 128 + err.signum
+            if err.signum == signal.SIGTERM:  # a scheduler's stop: saved, a clean exit
+                print(f"stopped: {err}", file=sys.stderr)
+            else:
+                report_error(err)
+        return 0 if err.signum == signal.SIGTERM else 128 + err.signum
     except TrainingDiverged as err:
         report_error(err)
         return 1

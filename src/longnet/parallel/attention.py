@@ -19,6 +19,7 @@ branch order on every rank. Communication per rank and branch is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -66,8 +67,9 @@ class _Remote:
         self.tag = f"branch {pl.branch}"
         self.size = len(members)
         self.t = s.me - members[0]  # my index among the members
-        self.pg = (comm.subgroup(tuple(s.ranks[i] for i in members), s.group)
-                   if self.size > 1 else None)
+        # held weakly: a cache entry must never keep a destroyed group alive (see longnet.parallel.comm)
+        self._pg = (comm.GroupRef(comm.subgroup(tuple(s.ranks[i] for i in members), s.group))
+                    if self.size > 1 else None)
         n, r = s.chunk, pl.dilation
         self.chunk = n
         m = self.slots = residue_slots(n, r)
@@ -95,6 +97,15 @@ class _Remote:
         # every slot real and no padding: no mask at all (causal: earlier ranks' rows in full,
         # my own rows as a causal square block, since my queries and keys share their slots)
         self.unmasked = n % r == 0 and not padded
+
+    @property
+    def pg(self):
+        return None if self._pg is None else self._pg.get()
+
+    @property
+    def alive(self) -> bool:
+        """False once the group of this branch was destroyed (the entry must be rebuilt)."""
+        return self._pg is None or self._pg.alive
 
     def calls(self, gathered: torch.Tensor, padded: bool, dtype) -> list[tuple]:
         """The kernel calls of this branch: ``(k0, k1, mask, is_causal, empty)`` each.
@@ -147,7 +158,7 @@ def _remote(pl: BranchPlacement, s: _Setup, H: int, Hkv: int, padded: bool, devi
     """The cached :class:`_Remote` of this branch and call signature (built once per process)."""
     key = (pl, s.ranks, s.me, s.chunk, s.is_causal, H, Hkv, padded, str(device))
     rb = _REMOTE_CACHE.get(key)
-    if rb is None:
+    if rb is None or not rb.alive:
         if len(_REMOTE_CACHE) >= 256:
             _REMOTE_CACHE.clear()
         rb = _REMOTE_CACHE[key] = _Remote(pl, s, H, Hkv, padded, device)
@@ -216,7 +227,9 @@ class _SequenceParallelAttention(torch.autograd.Function):
         out = o_acc[:, :, :n].to(query.dtype, memory_format=torch.contiguous_format)
         lse = l_acc[:, :, :n].contiguous()
         ctx.save_for_backward(query, key, value, key_padding_mask, out, lse, *gathered)
-        ctx.setup, ctx.remotes, ctx.auxes, ctx.local_aux = s, remotes, auxes, local_aux
+        # the graph keeps no reference to a process group (backward reaches them weakly, via remotes)
+        ctx.setup = dataclasses.replace(s, group=None)
+        ctx.remotes, ctx.auxes, ctx.local_aux = remotes, auxes, local_aux
         ctx.set_materialize_grads(False)
         return out
 

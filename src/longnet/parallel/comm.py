@@ -8,11 +8,21 @@ the planner uses).
 Sub-groups are created with ``use_local_synchronization=True``: only the member ranks take part,
 each creates the groups it belongs to in the same (deterministic) order, and groups are cached per
 tuple of global ranks, so a sub-group is made once per process whatever calls need it.
+
+Process groups are held **weakly** here and everywhere in :mod:`longnet.parallel` that keeps one
+past a call (:class:`GroupRef`): ``torch.distributed`` owns them, and
+``dist.destroy_process_group()`` must be able to end them. A strong reference kept in a cache
+made a gloo group outlive ``destroy_process_group`` until interpreter shutdown; its worker thread
+then released its last finished collective (whose tensors have Python objects, so the release
+needs the GIL) while Python was finalizing, the thread was ended by ``pthread_exit`` inside a
+``noexcept`` destructor, and the process died with SIGABRT ("terminate called without an active
+exception") after all its work was done (``benchmarks/teardown_repeat.py`` repeats the case).
 """
 
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +30,7 @@ import torch.distributed as dist
 
 from longnet.parallel.layout import collective_bytes
 
-__all__ = ["CommRecord", "CommCounter", "subgroup", "all_gather", "reduce_scatter"]
+__all__ = ["CommRecord", "CommCounter", "GroupRef", "subgroup", "all_gather", "reduce_scatter"]
 
 _local = threading.local()
 
@@ -35,7 +45,31 @@ def _reduce_scatter_single(out, x, group):
     fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
     fn(out, x, group=group)
 
-_groups: dict[tuple[int, ...], object] = {}
+_groups: dict[tuple[int, ...], "GroupRef"] = {}
+
+
+class GroupRef:
+    """A weak reference to a process group (``None`` stands for the default group, resolved at
+    each call): holding one never keeps a group alive after ``destroy_process_group``."""
+
+    __slots__ = ("_ref",)
+
+    def __init__(self, group) -> None:
+        self._ref = None if group is None else weakref.ref(group)
+
+    def get(self):
+        """The group; ``RuntimeError`` when it was destroyed."""
+        if self._ref is None:
+            return dist.group.WORLD
+        group = self._ref()
+        if group is None:
+            raise RuntimeError("the process group was destroyed (dist.destroy_process_group); "
+                               "re-apply longnet.parallel after creating a new one")
+        return group
+
+    @property
+    def alive(self) -> bool:
+        return self._ref is None or self._ref() is not None
 
 
 @dataclass(frozen=True)
@@ -108,18 +142,20 @@ def subgroup(ranks: tuple[int, ...], parent=None):
     ranks = tuple(ranks)
     if tuple(dist.get_process_group_ranks(parent or dist.group.WORLD)) == ranks:
         return parent or dist.group.WORLD
-    pg = _groups.get(ranks)
-    if pg is None:
+    ref = _groups.get(ranks)
+    if ref is None or not ref.alive:  # torch.distributed holds the group, this cache only a weak reference
         pg = dist.new_group(list(ranks), use_local_synchronization=True)
-        _groups[ranks] = pg
-    return pg
+        _groups[ranks] = GroupRef(pg)
+        return pg
+    return ref.get()
 
 
 _group_bound: list[dict] = []
 
 
 def group_bound_cache() -> dict:
-    """A new dict for objects that hold sub-groups; :func:`clear_subgroups` empties it too."""
+    """A new dict for objects tied to sub-groups (holding them as :class:`GroupRef`);
+    :func:`clear_subgroups` empties it too."""
     cache: dict = {}
     _group_bound.append(cache)
     return cache

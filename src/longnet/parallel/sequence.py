@@ -48,8 +48,12 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 
 def _bound_attention(group, check_chunks: bool) -> Callable:
     """The sequence-parallel operator over ``group`` with :func:`longnet.dilated_attention`'s
-    signature (dropout and ``return_lse`` refused)."""
+    signature (dropout and ``return_lse`` refused). The model holds ``group`` weakly
+    (:class:`~longnet.parallel.comm.GroupRef`): it never outlives ``destroy_process_group``."""
     from longnet.parallel.attention import dilated_attention
+    from longnet.parallel.comm import GroupRef
+
+    ref = GroupRef(group)
 
     def attention(query, key, value, *, segment_lengths, dilation_rates=None, is_causal=False,
                   scale=None, key_padding_mask=None, dropout_p=0.0, enable_gqa=False,
@@ -62,7 +66,7 @@ def _bound_attention(group, check_chunks: bool) -> Callable:
         return dilated_attention(query, key, value, segment_lengths=segment_lengths,
                                  dilation_rates=dilation_rates, is_causal=is_causal, scale=scale,
                                  key_padding_mask=key_padding_mask, enable_gqa=enable_gqa,
-                                 group=group, backend=backend, check_chunks=check_chunks)
+                                 group=ref.get(), backend=backend, check_chunks=check_chunks)
 
     return attention
 
@@ -77,11 +81,10 @@ def parallelize_sequence(model: nn.Module, group=None, *, check_chunks: bool = T
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("parallelize_sequence needs an initialised torch.distributed "
                            "(longnet.parallel.init_distributed)")
-    group = dist.group.WORLD if group is None else group
-    rank = dist.get_rank(group)
+    rank = dist.get_rank(dist.group.WORLD if group is None else group)
     if rank < 0:
         raise ValueError("this rank is not a member of group")
-    fn = _bound_attention(group, bool(check_chunks))
+    fn = _bound_attention(group, bool(check_chunks))  # None: the default group at each call
     for m in _attention_modules(model):
         m.attention_fn, m.sequence_rank = fn, rank
     return model

@@ -11,16 +11,26 @@ Layout of a run folder ``RUN``::
     checkpoints/step-.../     model.safetensors, config.json (``save_pretrained`` format),
                               tokenizer.json, optimizer.safetensors (AdamW moments),
                               rng.safetensors (torch RNG states), trainer_state.json (step,
-                              tokens seen, optimizer hyper-parameters, data sampler position)
+                              tokens seen, optimizer hyper-parameters, data sampler position),
+                              manifest.json (size and SHA-256 of every other file)
+                              FSDP runs: dcp/ (model and AdamW state, one shard file per rank,
+                              ``torch.distributed.checkpoint``) instead of optimizer.safetensors;
+                              model.safetensors still holds the full weights
 
-A checkpoint is written into ``checkpoints/.tmp-step-...``, every file is fsynced, the folder is
-renamed to its final name, and only then ``latest.json`` is replaced (an atomic ``os.replace``).
-Older checkpoints are deleted after that, so the previous checkpoint survives until the new one
-is complete. No pickle is used: tensors go to safetensors, everything else to JSON.
+A checkpoint is written into ``checkpoints/.tmp-step-...`` (under FSDP every rank writes its
+shards there first, :func:`stage_checkpoint`), every file is fsynced, the folder is renamed to its
+final name, and only then ``latest.json`` is replaced (an atomic ``os.replace``). The two newest
+checkpoints are kept: older ones are deleted after that, so the previous checkpoint survives
+until the new one is complete, and one more stays as a fallback. At resume,
+:func:`resume_checkpoint` checks the chosen checkpoint against its manifest; a torn or corrupted
+one is reported and the previous good one is used. No pickle is used by this module: tensors go to
+safetensors, everything else to JSON (the ``dcp/`` folder is ``torch.distributed.checkpoint``'s
+own format).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -42,6 +52,10 @@ TOP_LEVEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+SHARDS_DIR = "dcp"
+KEEP_CHECKPOINTS = 2
+"""Complete checkpoints kept: the latest and one fallback (:func:`resume_checkpoint`)."""
 
 
 @dataclass
@@ -54,10 +68,12 @@ class TrainerCheckpoint:
     """Optimizer steps completed."""
     state: dict[str, Any]
     """The content of ``trainer_state.json``."""
-    optimizer: dict[str, Any]
-    """An ``optimizer.load_state_dict`` argument."""
+    optimizer: dict[str, Any] | None
+    """An ``optimizer.load_state_dict`` argument; None when the optimizer is in :attr:`shards`."""
     rng: dict[str, torch.Tensor]
     """``"cpu"`` and ``"cuda:<i>"`` RNG states."""
+    shards: Path | None = None
+    """The ``dcp/`` folder of a sharded (FSDP) checkpoint: model and optimizer, any layout reads it."""
 
 
 # ------------------------------------------------------------------------------------- files
@@ -118,46 +134,72 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def staged_folder(run_dir: Path, step: int) -> Path:
+    """Where the checkpoint of ``step`` is written before it is complete."""
+    return Path(run_dir) / CHECKPOINTS_DIR / f".tmp-{checkpoint_name(step)}"
+
+
+def stage_checkpoint(run_dir: Path, step: int) -> Path:
+    """A new, empty :func:`staged_folder` (one rank makes it, before the others write shards into
+    it; :func:`save_trainer_checkpoint` with ``staged`` completes it)."""
+    tmp = staged_folder(run_dir, step)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
 def save_trainer_checkpoint(
     run_dir: Path,
     *,
     step: int,
     write_model: Callable[[Path], None],
     write_tokenizer: Callable[[Path], None],
-    optimizer_state: dict[str, Any],
+    optimizer_state: dict[str, Any] | None,
     trainer_state: dict[str, Any],
-    keep: int = 1,
+    keep: int = KEEP_CHECKPOINTS,
+    staged: Path | None = None,
 ) -> Path:
     """Write a complete checkpoint of ``step`` into ``run_dir`` and make it the latest.
 
     ``write_model(folder)`` writes ``model.safetensors`` + ``config.json`` (``save_pretrained``)
-    and ``write_tokenizer(folder)`` writes ``tokenizer.json``. ``keep`` complete checkpoints
-    stay (the new one included); older ones are deleted once the new one is the latest.
-    Returns the checkpoint folder.
+    and ``write_tokenizer(folder)`` writes ``tokenizer.json``. ``optimizer_state`` None: the
+    optimizer is in the ``dcp/`` shards of ``staged`` (the :func:`stage_checkpoint` folder other
+    ranks already wrote into). ``keep`` complete checkpoints stay (the new one included); older ones
+    are deleted once the new one is the latest. Returns the checkpoint folder.
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
     run_dir = Path(run_dir)
     root = run_dir / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp = stage_checkpoint(run_dir, step) if staged is None else Path(staged)
+    if optimizer_state is None and not (tmp / SHARDS_DIR).is_dir():
+        raise ValueError("optimizer_state is None but the staged folder has no dcp/ shards")
     try:
         write_model(tmp)
         write_tokenizer(tmp)
-        tensors, meta = optimizer_to_files(optimizer_state)
-        save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+        state = dict(trainer_state, step=step, format_version=FORMAT_VERSION)
+        if optimizer_state is not None:
+            tensors, meta = optimizer_to_files(optimizer_state)
+            save_file(tensors, str(tmp / OPTIMIZER_FILE), metadata={"format_version": str(FORMAT_VERSION)})
+            state["optimizer"] = meta
+        else:
+            state["sharded"] = SHARDS_DIR
         save_file(rng_states(), str(tmp / RNG_FILE))
-        state = dict(trainer_state, step=step, format_version=FORMAT_VERSION, optimizer=meta)
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True) + "\n", encoding="utf-8")
         mode = file_mode()
-        for path in tmp.iterdir():
-            os.chmod(path, mode)  # temp files are created 0600; a run folder is meant to be shared
-            fsync_file(path)
-        fsync_dir(tmp)
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                os.chmod(path, mode)  # temp files are created 0600; a run folder is meant to be shared
+                fsync_file(path)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp), indent=1, sort_keys=True) + "\n",
+                                         encoding="utf-8")
+        os.chmod(tmp / MANIFEST_FILE, mode)
+        fsync_file(tmp / MANIFEST_FILE)
+        for folder in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+            fsync_dir(folder)
         if final.exists():  # a leftover of the same step that never became the latest
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -185,12 +227,104 @@ def publish_top_level(run_dir: Path, checkpoint: Path) -> None:
 
 def _prune(root: Path, *, keep: int, latest: Path) -> None:
     complete = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-"))
-    stale = [p for p in complete if p != latest][: max(0, len(complete) - keep)]
+    # later than the latest: a future abandoned by a resume from an older (fallback) checkpoint
+    stale = [p for p in complete if p.name > latest.name]
+    older = [p for p in complete if p.name < latest.name]
+    stale += older[: max(0, len(older) - (keep - 1))]
     for path in stale:
         shutil.rmtree(path)
     for path in root.iterdir():  # temp folders of saves that were killed
         if path.name.startswith(".tmp-"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest(folder: Path) -> dict[str, Any]:
+    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
+    return {"format_version": FORMAT_VERSION, "files": files}
+
+
+def verify_checkpoint(path: Path) -> None:
+    """:class:`CheckpointError` naming the first file of ``path`` that is missing, torn or changed.
+
+    Checks every file listed in ``manifest.json`` (size, then SHA-256). Checkpoints written
+    before manifests existed pass (their files are checked as they are read).
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: checkpoint folder not found")
+    if not (path / MANIFEST_FILE).exists():
+        if (path / STATE_FILE).exists():
+            return  # an older checkpoint, without a manifest
+        raise CheckpointError(f"{path / MANIFEST_FILE}: manifest not found (an incomplete checkpoint)")
+    doc = read_json(path / MANIFEST_FILE, "checkpoint manifest")
+    files = doc.get("files") if isinstance(doc, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{path / MANIFEST_FILE}: not a checkpoint manifest")
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: file listed in the manifest is missing")
+        size = file.stat().st_size
+        if size != entry.get("bytes"):
+            raise CheckpointError(f"{file}: torn or changed on disk ({size:,} bytes, the manifest says "
+                                  f"{entry.get('bytes'):,})")
+        if _sha256(file) != entry.get("sha256"):
+            raise CheckpointError(f"{file}: corrupted on disk (SHA-256 differs from the manifest)")
+
+
+def resume_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:
+    """The newest checkpoint of ``run_dir`` that passes :func:`verify_checkpoint`, or None.
+
+    Starts from the one ``latest.json`` names; when it (or the pointer itself) is torn or
+    corrupt, says so through ``log`` and falls back to the newest complete older checkpoint.
+    Raises :class:`CheckpointError` when checkpoints exist but none is good (nothing is deleted).
+    """
+    run_dir = Path(run_dir)
+    candidates: list[Path] = []
+    problems: list[str] = []
+    try:
+        latest = latest_checkpoint(run_dir)
+    except CheckpointError as err:
+        latest = None
+        problems.append(str(err))
+    if latest is not None:
+        candidates.append(latest)
+    root = run_dir / CHECKPOINTS_DIR
+    if root.is_dir():
+        older = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+        limit = _step_of(latest) if latest is not None else None
+        candidates += [p for p in older if p != latest and (limit is None or _step_of(p) < limit)]
+    if not candidates:
+        if problems:
+            raise CheckpointError(problems[0])
+        return None
+    for path in candidates:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as err:
+            problems.append(str(err))
+            continue
+        if problems:
+            log(f"warning: {'; '.join(problems)}; resuming from the previous good checkpoint {path} "
+                f"(step {_step_of(path)}) instead")
+        return path
+    raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(problems))
+
+
+def _step_of(path: Path) -> int:
+    try:
+        return int(path.name.split("-", 1)[1])
+    except (IndexError, ValueError):
+        return -1
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -213,8 +347,11 @@ def load_trainer_checkpoint(path: Path, device: torch.device | str = "cpu") -> T
     state = read_json(path / STATE_FILE, "trainer state")
     if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION or "step" not in state:
         raise CheckpointError(f"{path / STATE_FILE}: not a longnet trainer state (format {FORMAT_VERSION})")
+    shards = path / state["sharded"] if isinstance(state.get("sharded"), str) else None
+    if shards is not None and not shards.is_dir():
+        raise CheckpointError(f"{shards}: sharded model and optimizer state not found")
     tensors = {}
-    for name in (OPTIMIZER_FILE, RNG_FILE):
+    for name in (RNG_FILE,) if shards is not None else (OPTIMIZER_FILE, RNG_FILE):
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"{file}: file not found")
@@ -222,10 +359,12 @@ def load_trainer_checkpoint(path: Path, device: torch.device | str = "cpu") -> T
             tensors[name] = load_file(str(file), device="cpu")
         except (SafetensorError, OSError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{file}: unreadable or corrupt safetensors file ({err})") from err
-    optimizer = optimizer_from_files(tensors[OPTIMIZER_FILE], state["optimizer"])
-    for param_state in optimizer["state"].values():
-        for key, value in param_state.items():
-            if isinstance(value, torch.Tensor) and key != "step":
-                param_state[key] = value.to(device)
+    optimizer = None
+    if shards is None:
+        optimizer = optimizer_from_files(tensors[OPTIMIZER_FILE], state["optimizer"])
+        for param_state in optimizer["state"].values():
+            for key, value in param_state.items():
+                if isinstance(value, torch.Tensor) and key != "step":
+                    param_state[key] = value.to(device)
     return TrainerCheckpoint(path=path, step=int(state["step"]), state=state, optimizer=optimizer,
-                             rng=tensors[RNG_FILE])
+                             rng=tensors[RNG_FILE], shards=shards)

@@ -127,6 +127,8 @@ class Parallel:
     """True when :func:`setup_parallel` started the process group (and :meth:`close` ends it)."""
     ddp: object = None
     """The model wrapped by :meth:`data_parallel` (``DistributedDataParallel``), once wrapped."""
+    fsdp: object = None
+    """The model sharded by :meth:`data_parallel` with ``fsdp=True`` (FSDP2), once sharded."""
 
     @property
     def is_main(self) -> bool:
@@ -136,24 +138,46 @@ class Parallel:
     def world_group(self):
         return self.mesh.world_group
 
+    @property
+    def backend(self) -> str:
+        """``"gloo"`` or ``"nccl"``."""
+        return str(dist.get_backend(self.world_group))
+
     def columns(self, seq_len: int) -> tuple[int, int]:
         """``[start, stop)`` of this rank's chunk of a ``seq_len`` sequence."""
         n = seq_len // self.sp
         return self.sp_rank * n, (self.sp_rank + 1) * n
 
-    def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+    def data_parallel(self, model: torch.nn.Module, *, fsdp: bool = False,
+                      param_dtype: torch.dtype | None = None, fsdp_shard: str = "mesh") -> torch.nn.Module:
         """``model`` in ``DistributedDataParallel`` over the data axis, gradients summed over the mesh.
 
-        Keep training through the returned module (pass it to :func:`longnet.train.step.train_step`);
-        save, evaluate and generate with ``model`` itself.
+        With ``fsdp``, ``model`` is instead sharded in place with FSDP2 over every rank
+        (:func:`longnet.parallel.fsdp.fully_shard_model`; ``param_dtype`` bf16 on GPU; ``fsdp_shard``
+        ``"data"``: over the data axis only) and returned;
+        build the optimizer after this call. Keep training through the returned module (pass it to
+        :func:`longnet.train.step.train_step`); save, evaluate and generate with ``model`` itself.
         """
         from longnet.parallel.mesh import data_parallel
         from longnet.parallel.sequence import parallelize_sequence
 
         if self.sp > 1:  # the model's attention runs over the sequence group from now on
             parallelize_sequence(model, self.mesh.sp_group)
+        if fsdp:
+            from longnet.parallel.fsdp import fully_shard_model
+
+            self.fsdp = fully_shard_model(model, self.mesh, param_dtype=param_dtype, shard=fsdp_shard)
+            return self.fsdp
         self.ddp = data_parallel(model, self.mesh)
         return self.ddp
+
+    def no_sync(self):
+        """Context: backward accumulates gradients locally, without reducing them over the mesh."""
+        if self.fsdp is not None:
+            from longnet.parallel.fsdp import gradient_sync
+
+            return gradient_sync(self.fsdp, False)
+        return self.ddp.no_sync()
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """True on every rank when ``flag`` is true on any rank (e.g. a signal seen by one rank)."""
@@ -173,16 +197,22 @@ class Parallel:
             clear_subgroups()
 
 
-def setup_parallel(sequence_parallel: int, device: torch.device, *, timeout_s: float = 300.0) -> Parallel | None:
+def setup_parallel(sequence_parallel: int, device: torch.device, *, timeout_s: float = 120.0,
+                   fsdp: bool = False) -> Parallel | None:
     """The mesh of a torchrun launch, or None outside torchrun (``WORLD_SIZE`` unset).
 
     Starts the default process group unless one is running already (gloo on CPU, NCCL on CUDA,
     ``timeout_s`` for every collective, so a rank whose peers died raises instead of hanging),
-    then builds the ``(world / sequence_parallel, sequence_parallel)`` mesh.
+    then builds the ``(world / sequence_parallel, sequence_parallel)`` mesh. ``fsdp`` outside
+    torchrun is a :class:`ParallelSettingsError`.
     """
     world = torchrun_world_size()
     check_sequence_parallel(sequence_parallel, world)
     if world is None:
+        if fsdp:
+            raise ParallelSettingsError("--fsdp shards the model over torchrun's processes: launch with torchrun, "
+                                        "e.g. torchrun --nproc-per-node 2 -m longnet train --fsdp ...; a run saved "
+                                        "with --fsdp resumes on one process without it")
         return None
     from longnet.parallel import init_distributed
     from longnet.parallel.mesh import build_mesh
@@ -213,8 +243,11 @@ def check_in_sync(params: list[torch.nn.Parameter], parallel: Parallel) -> None:
     """``RuntimeError`` unless every rank holds bit-identical parameters.
 
     Compares per-parameter float64 checksums (sum and sum of |x| times a fixed position weight)
-    with a MAX and a MIN all-reduce: two tiny collectives.
+    with a MAX and a MIN all-reduce: two tiny collectives. Under FSDP (``parallel.fsdp``) every
+    rank holds other shards and there is no replica to compare: nothing is checked.
     """
+    if parallel.fsdp is not None:
+        return
     sums = []
     for p in params:
         x = p.detach().double().reshape(-1)

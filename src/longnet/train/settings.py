@@ -34,6 +34,8 @@ IDENTITY = (
 )
 HF_IDENTITY = ("hf_model", "segment_lengths", "dilation_rates")
 """Identity settings added with ``--hf-model``: runs stored before them had them unset (None)."""
+LAYOUT_FREE = ("device", "progress", "sequence_parallel", "fsdp", "fsdp_shard")
+"""Free settings a resumed run does not inherit: they describe this launch, not the run."""
 HF_LR = 2e-5
 """Default peak rate when fine-tuning a Hugging Face model (``--hf-model``)."""
 
@@ -97,6 +99,14 @@ class TrainSettings:
     """tqdm progress bar: None = only when stderr is a terminal."""
     sequence_parallel: int = 1
     """Ranks sharing one sequence under torchrun (``longnet.train.distributed``); not inherited on resume."""
+    fsdp: bool = False
+    """Under torchrun: shard parameters, gradients and AdamW states with FSDP2 instead of DDP replicas
+    (``longnet.parallel.fsdp``); not inherited on resume (a run may resume in another layout)."""
+    fsdp_shard: str = "mesh"
+    """With ``fsdp``: shard over every rank (``mesh``) or over the data axis only, replicated over the
+    sequence axis (``data``); not inherited on resume."""
+    dist_timeout: float = 120.0
+    """Under torchrun: seconds a collective waits for its peers before the rank exits non-zero."""
 
     @property
     def batch_size(self) -> int:
@@ -133,7 +143,7 @@ class TrainSettings:
                     )
                 values[name] = stored[name]
             for name in names - set(IDENTITY):
-                if name in stored and name not in given and name not in ("device", "progress", "sequence_parallel"):
+                if name in stored and name not in given and name not in LAYOUT_FREE:
                     values[name] = stored[name]
         values.update({k: v for k, v in given.items() if stored is None or k not in IDENTITY})
         settings = cls(**values)
@@ -184,6 +194,13 @@ class TrainSettings:
         if self.micro_batch is not None:
             positive("micro_batch")
         positive("sequence_parallel")
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"--fsdp must be true or false, got {self.fsdp!r}")
+        if self.fsdp_shard not in ("mesh", "data"):
+            raise ValueError(f"--fsdp-shard must be mesh or data, got {self.fsdp_shard!r}")
+        if isinstance(self.dist_timeout, bool) or not isinstance(self.dist_timeout, (int, float)) \
+                or not 0 < self.dist_timeout < float("inf"):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds, got {self.dist_timeout!r}")
         if self.batch_tokens < self.seq_len:
             raise ValueError(f"--batch-tokens {self.batch_tokens} is smaller than --seq-len {self.seq_len}: "
                              "a step needs at least one sequence")

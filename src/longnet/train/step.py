@@ -62,7 +62,7 @@ def compute_gradients(forward: Callable, input_ids: torch.Tensor, labels: torch.
             loss_sum += out.loss.detach().double()
         return float(loss_sum) / n_micro
 
-    if parallel.ddp is None:
+    if parallel.ddp is None and parallel.fsdp is None:
         raise RuntimeError("compute_gradients with parallel needs the model wrapped by parallel.data_parallel(model) "
                            "(and that wrapped module, or its compiled form, as forward)")
     # global token count of the step (labels are known before any forward): one tiny all-reduce
@@ -74,8 +74,9 @@ def compute_gradients(forward: Callable, input_ids: torch.Tensor, labels: torch.
         x = input_ids[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, n)
         y = labels[i * micro:(i + 1) * micro].to(device, non_blocking=True)  # (micro, n)
         # gradients of all micro-batches but the last accumulate locally; the last backward sums
-        # them over the mesh (DDP buckets, see longnet.parallel.mesh.data_parallel)
-        sync = contextlib.nullcontext() if i == n_micro - 1 else parallel.ddp.no_sync()
+        # them over the mesh (DDP buckets, see longnet.parallel.mesh.data_parallel; FSDP: one
+        # reduce-scatter per block, longnet.parallel.fsdp)
+        sync = contextlib.nullcontext() if i == n_micro - 1 else parallel.no_sync()
         with sync:
             with autocast(device, dtype):
                 out = forward(x, labels=y)
@@ -99,6 +100,8 @@ def train_step(forward: Callable, params: list[torch.nn.Parameter], optimizer: t
     loss = compute_gradients(forward, input_ids, labels, micro=micro, device=device, dtype=dtype,
                              parallel=parallel)
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor norm over the shards
+        grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, float(grad_norm)

@@ -33,6 +33,7 @@ from longnet.train.checkpoint import (
     load_trainer_checkpoint,
     publish_top_level,
     restore_rng_states,
+    resume_checkpoint,
     save_trainer_checkpoint,
 )
 from longnet.train.distributed import (
@@ -160,7 +161,8 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
     if torchrun_world_size() is not None:
         device = local_device(device)  # cuda means cuda:LOCAL_RANK
     # checks --sequence-parallel against the launch before any process group: one clear error
-    parallel = setup_parallel(settings.sequence_parallel, device)
+    parallel = setup_parallel(settings.sequence_parallel, device, timeout_s=settings.dist_timeout,
+                              fsdp=settings.fsdp)
     if parallel is not None and not parallel.is_main:
         log = _quiet
     run = _build(settings, run_dir, resumed=stored is not None, device=device, parallel=parallel, log=log)
@@ -244,7 +246,7 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
     tokenizer = prepared.tokenizer
     config = build_config(settings, tokenizer.vocab_size)
 
-    ckpt_dir = latest_checkpoint(run_dir) if resumed else None
+    ckpt_dir = resume_checkpoint(run_dir, log) if resumed else None  # a torn latest one: the previous
     torch.manual_seed(settings.seed)
     model, trainer_ckpt = _load_or_init_model(config, ckpt_dir, settings, tokenizer, device)
     model.to(device)
@@ -252,20 +254,28 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # float32 runs (--dtype float32) use TF32 matmuls
         torch.backends.cudnn.allow_tf32 = True
+    num_parameters = model.num_parameters()
+    # DDP over the data axis, or FSDP2 shards (bf16 compute on GPU): before the optimizer, which
+    # must hold the sharded parameters
+    mixed = dtype != torch.float32 and device.type == "cuda"  # FSDP: bf16 weights gathered, float32 reduce
+    trained = (parallel.data_parallel(model, fsdp=settings.fsdp, param_dtype=dtype if mixed else None,
+                                      fsdp_shard=settings.fsdp_shard)
+               if parallel is not None else model)
     optimizer = build_optimizer(model, lr=settings.lr, betas=(settings.beta1, settings.beta2),
                                 weight_decay=settings.weight_decay, fused=device.type == "cuda")
     start = _Progress(checkpoint=ckpt_dir)
     batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
     if trainer_ckpt is not None:
-        start = _resume_state(trainer_ckpt, optimizer, batches)
+        start = _resume_state(trainer_ckpt, optimizer, batches, model)
         if main:
             publish_top_level(run_dir, ckpt_dir)
     if main:
         write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
-                       num_parameters=model.num_parameters(), data={
+                       num_parameters=num_parameters, data={
                            "cache_entry": str(prepared.directory), "num_tokens": prepared.num_tokens,
                            "tokenizer_sha256": tokenizer.sha256()},
-                       **({"parallel": {"world": parallel.world, "data_parallel": dp, "sequence_parallel": sp}}
+                       **({"parallel": {"world": parallel.world, "data_parallel": dp, "sequence_parallel": sp,
+                                        **({"fsdp": settings.fsdp_shard} if settings.fsdp else {})}}
                           if parallel is not None else {}))
     val_tokens = prepared.tokens("validation")
     val_batches = None
@@ -275,7 +285,6 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
     else:
         log(f"note: the validation split has {len(val_tokens):,} tokens, fewer than --seq-len "
             f"{settings.seq_len} + 1: no validation loss")
-    trained = parallel.data_parallel(model) if parallel is not None else model  # DDP over the data axis
     forward = torch.compile(trained) if settings.compile else trained
     schedule = dict(peak_lr=settings.lr, warmup_steps=settings.warmup_steps,
                     decay_steps=settings.decay_steps, decay=settings.decay,
@@ -332,10 +341,21 @@ def _load_or_init_model(config: LongNetConfig, ckpt_dir: Path | None, settings: 
     return model, trainer_ckpt
 
 
-def _resume_state(ckpt: TrainerCheckpoint, optimizer: torch.optim.Optimizer, batches: TrainBatches) -> _Progress:
-    """Load the optimizer, RNG and data position of ``ckpt``; the progress it records."""
+def _resume_state(ckpt: TrainerCheckpoint, optimizer: torch.optim.Optimizer, batches: TrainBatches,
+                  model: torch.nn.Module) -> _Progress:
+    """Load the optimizer, RNG and data position of ``ckpt``; the progress it records.
+
+    A sharded (FSDP) checkpoint's model and optimizer are read into this run's layout, whatever
+    it is (:func:`longnet.parallel.fsdp.load_sharded` reshards)."""
     try:
-        optimizer.load_state_dict(ckpt.optimizer)
+        from longnet.parallel.fsdp import is_sharded, load_full_optimizer, load_sharded
+
+        if ckpt.shards is not None:
+            load_sharded(ckpt.shards, model, optimizer)
+        elif is_sharded(model):  # a DDP or one-process checkpoint resumed with --fsdp
+            load_full_optimizer(model, optimizer, ckpt.optimizer)
+        else:
+            optimizer.load_state_dict(ckpt.optimizer)
     except (ValueError, KeyError, RuntimeError) as err:
         raise CheckpointError(f"{ckpt.path}: optimizer state does not fit the model ({err})") from err
     restore_rng_states(ckpt.rng)
@@ -361,7 +381,14 @@ def _log_start(run: _Run, prepared: PreparedData) -> None:
         f"({str(run.dtype)[6:]})")
     if parallel is not None:
         log(f"torchrun: {parallel.world} processes = {dp} data parallel x {parallel.sp} sequence parallel; each "
-            f"rank runs {s.batch_size // dp} sequence(s) x {s.seq_len // parallel.sp} tokens per step")
+            f"rank runs {s.batch_size // dp} sequence(s) x {s.seq_len // parallel.sp} tokens per step; "
+            + ((f"FSDP2: parameters, gradients and AdamW states sharded over the {parallel.world} ranks"
+                if s.fsdp_shard == "mesh" else
+                f"FSDP2: parameters, gradients and AdamW states sharded over the {dp} data-parallel ranks, "
+                f"replicated over the {parallel.sp} sequence-parallel ones")
+               if s.fsdp else "DDP: every rank holds the whole model")
+            + f"; {parallel.backend}, collective timeout {s.dist_timeout:g} s (a rank whose peer died exits "
+            "non-zero within it)")
     log(f"data {s.data!r}: " + ", ".join(f"{k} {v:,}" for k, v in prepared.num_tokens.items())
         + f" tokens; step = {s.batch_size} x {s.seq_len} tokens ({s.batch_size // dp // run.micro} micro-batch(es) "
         f"of {run.micro}{' per rank' if parallel is not None else ''}); lr {s.lr:g}, warmup "
@@ -463,23 +490,56 @@ def _evaluate(run: _Run, progress: _Progress, metrics: MetricsLog | None) -> Non
 
 
 def _save(run: _Run, progress: _Progress) -> None:
-    """Checkpoint the current step (rank 0 writes; every rank waits until it is complete)."""
+    """Checkpoint the current step (rank 0 writes; every rank waits until it is complete).
+
+    Under FSDP every rank first writes its model and optimizer shards (``dcp/``) into the staged
+    folder, and rank 0 the full weights (``save_pretrained``, gathered) and the rest."""
     parallel = run.parallel
     if parallel is not None:
         check_in_sync(run.params, parallel)  # every replica took the same steps
     progress.saved_step = progress.step
+    staged, write_model = None, run.model.save_pretrained
+    if parallel is not None and parallel.fsdp is not None:
+        staged, write_model = _save_shards(run, progress.step)
     if run.main:
         state = {"tokens": progress.tokens, "elapsed_s": progress.elapsed,
                  "data": run.batches.state_dict() | {"step": progress.step},
                  "tokenizer_sha256": run.tokenizer.sha256(), "schedule": run.schedule,
                  "train_loss": progress.train_loss, "val_loss": progress.val_loss}
         progress.checkpoint = save_trainer_checkpoint(
-            run.run_dir, step=progress.step, write_model=run.model.save_pretrained,
-            write_tokenizer=run.tokenizer.save, optimizer_state=run.optimizer.state_dict(), trainer_state=state)
+            run.run_dir, step=progress.step, write_model=write_model, write_tokenizer=run.tokenizer.save,
+            optimizer_state=None if staged is not None else run.optimizer.state_dict(), trainer_state=state,
+            staged=staged)
     if parallel is not None:
         parallel.barrier()  # the checkpoint is complete before any rank moves on (or exits)
         if not run.main:
             progress.checkpoint = latest_checkpoint(run.run_dir)
+
+
+def _save_shards(run: _Run, step: int) -> tuple[Path, Callable[[Path], None]]:
+    """FSDP: every rank writes its shards into the staged folder; ``(folder, rank 0's model writer)``."""
+    from longnet.models.checkpoint import save_model
+    from longnet.parallel.fsdp import full_model_state, save_sharded, unsharded_class
+    from longnet.train.checkpoint import SHARDS_DIR, stage_checkpoint, staged_folder
+
+    parallel, model = run.parallel, run.model
+    full = full_model_state(model)  # all ranks gather, rank 0 keeps the full weights on CPU
+    if run.main:
+        stage_checkpoint(run.run_dir, step)
+    parallel.barrier()
+    staged = staged_folder(run.run_dir, step)
+    save_sharded(staged / SHARDS_DIR, model, run.optimizer)
+    parallel.barrier()  # every shard is on disk before rank 0 completes the folder
+
+    class _Full:  # save_model reads state_dict(): the gathered weights
+        def state_dict(self):
+            return full
+
+    def write_model(folder: Path) -> None:
+        save_model(_Full(), folder, model_type=unsharded_class(model).__name__, config=model.config,
+                   extra=model._extra(), tied=model.tied_keys)
+
+    return staged, write_model
 
 
 # ----------------------------------------------------------------------------------- finish
