@@ -81,8 +81,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         return _table2(args)
     except TrainingInterrupted as err:  # the row's checkpoint is saved; the same command resumes
-        report_error(f"interrupted by {signal.Signals(err.signum).name} at step {err.step} of {err.run_dir.name}; its checkpoint is "
-                     "saved: run the same command again to continue")
+        name = signal.Signals(err.signum).name
+        report_error(f"interrupted by {name} at step {err.step} of {err.run_dir.name}; its checkpoint is saved: "
+                     "run the same command again to continue")
         return 128 + err.signum
     except TrainingDiverged as err:
         report_error(err)
