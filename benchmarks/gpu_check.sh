@@ -22,7 +22,7 @@
 #   GPU_CHECK_PYTHON   python to use (default: python3)
 #   GPU_CHECK_STEPS    space-separated subset of: pytest attention train_8k train_32k decode
 #   GPU_CHECK_TIMEOUT_<STEP>  seconds for one step, e.g. GPU_CHECK_TIMEOUT_ATTENTION=200
-#                      (defaults: pytest 45, attention 120, train_8k 120, train_32k 135, decode 60)
+#                      (defaults: pytest 75, attention 110, train_8k 110, train_32k 125, decode 60)
 set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -108,8 +108,8 @@ timeout_for() {  # step name -> seconds
     local var="GPU_CHECK_TIMEOUT_$(echo "$1" | tr '[:lower:]' '[:upper:]')"
     local default
     case "$1" in
-        pytest) default=45 ;; attention) default=120 ;; train_8k) default=120 ;;
-        train_32k) default=135 ;; decode) default=60 ;; *) default=60 ;;
+        pytest) default=75 ;; attention) default=110 ;; train_8k) default=110 ;;
+        train_32k) default=125 ;; decode) default=60 ;; *) default=60 ;;
     esac
     echo "${!var:-${DEFAULT_TIMEOUT:-$default}}"
 }
