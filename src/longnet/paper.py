@@ -9,6 +9,8 @@
 - The training recipe: AdamW with ``PAPER_BETAS``, weight decay ``PAPER_WEIGHT_DECAY``, peak
   learning rate ``PAPER_LR`` after ``PAPER_WARMUP_STEPS`` warmup steps, batches of
   ``PAPER_BATCH_TOKENS`` tokens (0.5M).
+- Its Table 2 (``PAPER_TABLE2``): perplexity at 2K, 8K and 32K of the models it compares, each
+  trained at the length in its key.
 - ``GPT2_VOCAB``: the paper trains on The Stack without naming its tokenizer; longnet assumes a
   GPT-2-style byte-level BPE of this size.
 
@@ -35,3 +37,11 @@ PAPER_BETAS: tuple[float, float] = (0.9, 0.98)
 PAPER_WEIGHT_DECAY = 0.01
 
 GPT2_VOCAB = 50257
+
+PAPER_TABLE2: dict[str, dict[int, float]] = {
+    "transformer-2048": {2048: 4.24, 8192: 5.07, 32768: 11.29},
+    "sparse-8192": {2048: 4.39, 8192: 3.35, 32768: 8.79},
+    "longnet-8192": {2048: 4.23, 8192: 3.24, 32768: 3.36},
+    "sparse-32768": {2048: 5.15, 8192: 4.00, 32768: 3.64},
+    "longnet-32768": {2048: 4.37, 8192: 3.33, 32768: 3.01},
+}

@@ -169,6 +169,22 @@ def test_copy_probe_measures_copying_at_the_right_distance(monkeypatch, tmp_path
     assert elsewhere["gain"] == pytest.approx(0.0, abs=1e-6)  # copying from another distance gains nothing
 
 
+def test_options_become_the_plan():
+    from longnet.cli.experiment import plan_from_args
+    from longnet.cli.main import build_parser
+
+    def plan(*flags):
+        return plan_from_args(build_parser().parse_args(["experiment", "table2", *flags]))
+
+    assert plan() == Table2Plan()
+    assert plan("--quick") == Table2Plan.preset("quick")
+    assert plan("--scale", "large").steps == Table2Plan.preset("large").steps
+    custom = plan("--quick", "--split", "validation", "--eval-tokens", "0", "--steps", "3", "--rows", "longnet-8192")
+    assert (custom.split, custom.eval_tokens, custom.steps, custom.rows, custom.scale) == (
+        "validation", None, 3, ("longnet-8192",), 16)
+    assert plan("--eval-tokens", "65536").eval_tokens == 65536
+
+
 def test_cli_errors_are_one_line(capsys, tmp_path):
     assert main(["experiment"]) == 2
     assert "name an experiment" in capsys.readouterr().err

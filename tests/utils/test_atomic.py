@@ -125,10 +125,12 @@ def test_save_figure_writes_a_png_and_keeps_the_old_one_on_failure(tmp_path):
     ax.plot([0, 1], [1, 0])
     out = save_figure(fig, tmp_path / "loss.png", dpi=50)
     assert out == tmp_path / "loss.png" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not plt.fignum_exists(fig.number)  # closed: callers do not leak figures
     png = out.read_bytes()
+    fig, ax = plt.subplots(figsize=(2, 2))
     with pytest.raises(ValueError):  # an unknown format fails inside savefig
         save_figure(fig, out, format="no-such-format")
-    plt.close(fig)
+    assert not plt.fignum_exists(fig.number)  # closed on failure too
     assert out.read_bytes() == png and _names(tmp_path) == ["loss.png"]
 
 

@@ -108,11 +108,7 @@ def plot_attention(doc: dict, path: Path) -> None:
                  f"{f', {threads} thread(s)' if threads else ''}\n{cfg['dtype']}, "
                  f"B={cfg['batch_size']} H={cfg['heads']} D={cfg['head_dim']}, "
                  f"torch {doc['torch_version']}", fontsize=10)
-    fig.tight_layout()
-    try:
-        save_figure(fig, path, dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def plot_decode(results: dict, path: Path, series: list[tuple[str, str]], title: str) -> None:
@@ -152,11 +148,7 @@ def plot_decode(results: dict, path: Path, series: list[tuple[str, str]], title:
         if ax.has_data():
             ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    try:
-        save_figure(fig, path, dpi=120)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def write_results(out_dir: str | Path, stem: str, results: dict, plot: Callable[[dict, Path], None] | None = None

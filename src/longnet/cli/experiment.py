@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import signal
 import sys
@@ -45,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="experiment folder (default: runs/table2, runs/table2-quick with --quick)")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="lengths / 16 and a micro model: a smoke run of minutes")
-    size.add_argument("--scale", choices=("default", "quick", "large"), default=None,
-                      help="default: CPU; quick: as --quick; large: a GPU run")
+    size.add_argument("--scale", choices=("default", "large"), default="default",
+                      help="default: the 2-core CPU run; large: a GPU run")
     p.add_argument("--rows", nargs="+", metavar="ROW", default=None,
                    help="models to run (default: all): transformer-2048 sparse-8192 longnet-8192 sparse-32768 "
                         "longnet-32768 longnet-shifted-8192 (train lengths at full scale)")
@@ -93,37 +94,37 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
 
+def plan_from_args(args: argparse.Namespace):
+    """The :class:`~longnet.experiments.table2.Table2Plan` the options ask for (``--eval-tokens 0``:
+    the whole split)."""
+    from longnet.experiments.table2 import Table2Plan
+
+    plan = Table2Plan.preset("quick" if args.quick else args.scale, rows=tuple(args.rows) if args.rows else None,
+                             steps=args.steps, tokens_per_step=args.tokens_per_step, lr=args.lr,
+                             embed_dim=args.embed_dim, num_layers=args.num_layers, seed=args.seed, data=args.data,
+                             vocab_size=args.vocab_size, split=args.split, eval_tokens=args.eval_tokens or None)
+    return dataclasses.replace(plan, eval_tokens=None) if args.eval_tokens == 0 else plan
+
+
 def _table2(args: argparse.Namespace) -> int:
     from longnet.bench.report import device_slug, write_results
-    from longnet.experiments.table2 import Table2Plan, run_table2
+    from longnet.experiments.table2 import run_table2
     from longnet.experiments.table2_report import format_table, markdown_table, plot_table2, summary_line
     from longnet.train.runtime import resolve_device
-    from longnet.utils.atomic import atomic_copy, atomic_write_text
+    from longnet.utils.atomic import atomic_write_text
 
-    scale = "quick" if args.quick else (args.scale or "default")
-    plan = Table2Plan.preset(scale, rows=tuple(args.rows) if args.rows else None, steps=args.steps,
-                             tokens_per_step=args.tokens_per_step, lr=args.lr, embed_dim=args.embed_dim,
-                             num_layers=args.num_layers, seed=args.seed, data=args.data, vocab_size=args.vocab_size,
-                             split=args.split, eval_tokens=args.eval_tokens or None)
-    if args.eval_tokens == 0:  # the whole split
-        plan = dataclasses.replace(plan, eval_tokens=None)
-    out = Path(args.out or ("runs/table2-quick" if scale == "quick" else "runs/table2")).expanduser()
+    plan = plan_from_args(args)
+    out = Path(args.out or ("runs/table2-quick" if args.quick else "runs/table2")).expanduser()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     doc = run_table2(plan, out, cache_dir=args.cache_dir, device=args.device, progress=args.progress, log=log)
-    try:
-        plot = plot_table2
-        import matplotlib  # noqa: F401
-    except ImportError:
-        plot = None
+    plot = plot_table2 if importlib.util.find_spec("matplotlib") else None
+    if plot is None:
         log("note: matplotlib is not installed, so no plot; pip install matplotlib")
     write_results(out, "table2", doc, plot)
     atomic_write_text(out / "table2.md", markdown_table(doc) + "\n")
     if args.results_dir:
-        Path(args.results_dir).mkdir(parents=True, exist_ok=True)
-        stem = f"table2-{device_slug(resolve_device(args.device))}" + ("-quick" if scale == "quick" else "")
-        for ext in (".json", ".png") if plot else (".json",):
-            atomic_copy(out / f"table2{ext}", Path(args.results_dir) / f"{stem}{ext}")
-        log(f"wrote {Path(args.results_dir) / stem}.json" + (" and .png" if plot else ""))
+        stem = f"table2-{device_slug(resolve_device(args.device))}" + ("-quick" if args.quick else "")
+        write_results(args.results_dir, stem, doc, plot)
     print(format_table(doc))
     sys.stdout.flush()
     print(json.dumps(summary_line(doc)), flush=True)

@@ -39,16 +39,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from longnet.paper import PAPER_DILATION_RATES, PAPER_EVAL_LENGTHS, PAPER_SEGMENT_LENGTHS
-
-PAPER_TABLE2: dict[str, dict[int, float]] = {
-    # the paper's Table 2: perplexity at 2K / 8K / 32K of models trained at the given length
-    "transformer-2048": {2048: 4.24, 8192: 5.07, 32768: 11.29},
-    "sparse-8192": {2048: 4.39, 8192: 3.35, 32768: 8.79},
-    "longnet-8192": {2048: 4.23, 8192: 3.24, 32768: 3.36},
-    "sparse-32768": {2048: 5.15, 8192: 4.00, 32768: 3.64},
-    "longnet-32768": {2048: 4.37, 8192: 3.33, 32768: 3.01},
-}
+from longnet.paper import PAPER_DILATION_RATES, PAPER_EVAL_LENGTHS, PAPER_SEGMENT_LENGTHS, PAPER_TABLE2
 
 
 @dataclass(frozen=True)
@@ -218,6 +209,17 @@ class Table2Plan:
 
 # ------------------------------------------------------------------------------------ scoring
 @torch.no_grad()
+def _per_token_loss(runner, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(b * n,) next-token losses of ``runner`` (autocast as ``longnet eval``: bf16 on GPU), on the CPU."""
+    from longnet.train.runtime import autocast, resolve_dtype
+
+    device = input_ids.device
+    with autocast(device, resolve_dtype("auto", device)):
+        logits = runner(input_ids).logits
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), reduction="none").cpu()
+
+
+@torch.no_grad()
 def token_losses(model, tokens, seq_len: int, num_windows: int, device: torch.device,
                  desc: str = "eval") -> np.ndarray:
     """Next-token loss of every scored token of the first ``num_windows`` windows: (windows, seq_len)."""
@@ -230,9 +232,7 @@ def token_losses(model, tokens, seq_len: int, num_windows: int, device: torch.de
     batches = EvalBatches(tokens, seq_len, max_sequences=num_windows)
     for i, (input_ids, labels) in enumerate(tqdm(batches.batches(1), total=len(batches), desc=desc,
                                                   unit="win", leave=False, disable=None)):
-        logits = runner(input_ids.to(device)).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), reduction="none")
-        out[i] = loss.double().cpu().numpy()
+        out[i] = _per_token_loss(runner, input_ids.to(device), labels).double().numpy()
     return out
 
 
@@ -280,9 +280,7 @@ def copy_probe(model, tokens, plan: Table2Plan, device: torch.device) -> dict[st
                 seq = np.concatenate([prefix, text[span:distance], first])
                 ids = torch.from_numpy(seq[:-1]).unsqueeze(0).to(device)
                 labels = torch.from_numpy(seq[1:]).unsqueeze(0).to(device)
-                with torch.no_grad():
-                    logits = runner(ids).logits
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="none")
+                loss = _per_token_loss(runner, ids, labels)
                 into.append(float(loss[distance : distance + span - 1].mean()))  # targets 1.. of the repeat
         if copied:
             results.append({"distance": distance, "control": float(np.mean(control)),
@@ -334,6 +332,7 @@ def run_table2(plan: Table2Plan, out: str | Path, *, cache_dir: str | None = Non
     from longnet.models import LongNetLM
     from longnet.train import default_cache_dir, train
     from longnet.train.runtime import resolve_device
+    from longnet.utils.atomic import atomic_write_json
 
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -385,8 +384,6 @@ def run_table2(plan: Table2Plan, out: str | Path, *, cache_dir: str | None = Non
                            train_wall_s=elapsed, eval_wall_s=time.perf_counter() - start,
                            train_loss=trained.train_loss, loss=losses, loss_by_position=by_position, copy=probe,
                            plan=plan.to_dict())
-        from longnet.utils.atomic import atomic_write_json
-
         atomic_write_json(done, dataclasses.asdict(result))
         results[row.key] = result
         log(f"    {row.key}: " + ", ".join(f"ppl@{n} {math.exp(losses[str(n)]):.2f}" for n in plan.eval_lengths)
@@ -415,11 +412,11 @@ def summarize(plan: Table2Plan, results: dict[str, RowResult], out: Path, device
     block = plan.length(plan.bootstrap_block)
     num_blocks = math.ceil(num_tokens / block)
     draws = bootstrap_indices(num_blocks, plan.bootstrap_samples, plan.seed)
-    weights = np.diff(np.append(np.arange(0, num_tokens, block), num_tokens)).astype(np.float64)
+    weights = np.diff(np.append(np.arange(0, num_tokens, block), num_tokens)).astype(np.float64)[draws]
+    totals = weights.sum(axis=1)  # tokens in each resample (blocks are weighted by their length)
 
     def resampled(values: np.ndarray) -> np.ndarray:  # (samples,) mean loss of each resample
-        means = block_means(values, block)
-        return (means[draws] * weights[draws]).sum(axis=1) / weights[draws].sum(axis=1)
+        return (block_means(values, block)[draws] * weights).sum(axis=1) / totals
 
     boot = {key: {n: resampled(flats[key][n]) for n in lengths} for key in results}
     rows = []

@@ -104,8 +104,4 @@ def plot_table2(doc: dict[str, Any], path: Path) -> None:
     plan = doc["plan"]
     fig.suptitle(f"Table 2 in miniature: {plan['num_layers']} layers x {plan['embed_dim']}, {plan['num_heads']} heads, "
                  f"{plan['steps']} steps x {plan['tokens_per_step']:,} tokens; {doc['device']}", fontsize=10)
-    fig.tight_layout()
-    try:
-        save_figure(fig, path, dpi=100)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, dpi=100)

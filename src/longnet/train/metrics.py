@@ -101,11 +101,7 @@ def plot_losses(run_dir: Path, title: str = "") -> Path | None:
     ax.grid(alpha=0.3)
     if train or evals:
         ax.legend()
-    fig.tight_layout()
-    try:
-        return save_figure(fig, run_dir / PLOT_FILE)
-    finally:
-        plt.close(fig)
+    return save_figure(fig, run_dir / PLOT_FILE)
 
 
 def _ema(values: tuple[float, ...], beta: float) -> list[float]:

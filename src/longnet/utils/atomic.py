@@ -132,10 +132,17 @@ def atomic_write_json(path: str | os.PathLike, value: Any, *, indent: int | None
 
 
 def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
-    """``fig.savefig`` into ``path`` atomically (the format is ``path``'s suffix unless given)."""
+    """Lay out ``fig`` (``tight_layout``), ``fig.savefig`` it into ``path`` atomically (the format is
+    ``path``'s suffix unless given) and close it, also when saving fails."""
+    import matplotlib.pyplot as plt
+
     path = Path(path)
     savefig_kwargs.setdefault("format", path.suffix.lstrip(".") or None)
-    return atomic_save(path, lambda tmp: fig.savefig(tmp, **savefig_kwargs))
+    try:
+        fig.tight_layout()
+        return atomic_save(path, lambda tmp: fig.savefig(tmp, **savefig_kwargs))
+    finally:
+        plt.close(fig)
 
 
 def atomic_copy(source: str | os.PathLike, target: str | os.PathLike) -> None:
