@@ -1,4 +1,4 @@
-"""``longnet experiment``: the paper's experiments in miniature (``table2``)."""
+"""``longnet experiment``: the paper's experiments in miniature (``table2``, ``recall``, ``runtime``)."""
 
 from __future__ import annotations
 
@@ -38,8 +38,15 @@ examples:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``longnet experiment``."""
+    """Options of ``longnet experiment`` and its three experiments."""
+    from longnet.cli import experiment_recall, experiment_runtime
+
+    parser.epilog = ("examples:\n  longnet experiment table2 --out runs/table2\n"
+                     "  longnet experiment recall --quick\n  longnet experiment runtime --quick")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    experiment_recall.add_parser(sub)
+    experiment_runtime.add_parser(sub)
     p = sub.add_parser("table2", help="the paper's Table 2 in miniature (dense / sparse / LongNet)",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", default=None,
@@ -77,10 +84,21 @@ def run(args: argparse.Namespace) -> int:
     from longnet.train import TrainingDiverged, TrainingInterrupted
 
     if args.experiment is None:
-        print("error: name an experiment: longnet experiment table2 --help", file=sys.stderr)
+        print("error: name an experiment: table2, recall or runtime (longnet experiment --help)", file=sys.stderr)
         return 2
     try:
+        if args.experiment == "recall":
+            from longnet.cli.experiment_recall import run_recall_command
+
+            return run_recall_command(args)
+        if args.experiment == "runtime":
+            from longnet.cli.experiment_runtime import run_runtime_command
+
+            return run_runtime_command(args)
         return _table2(args)
+    except KeyboardInterrupt:
+        report_error("interrupted; what was trained is saved: run the same command again to continue")
+        return 130
     except TrainingInterrupted as err:  # the row's checkpoint is saved; the same command resumes
         name = signal.Signals(err.signum).name
         report_error(f"interrupted by {name} at step {err.step} of {err.run_dir.name}; its checkpoint is saved: "
@@ -127,5 +145,5 @@ def _table2(args: argparse.Namespace) -> int:
         write_results(args.results_dir, stem, doc, plot)
     print(format_table(doc))
     sys.stdout.flush()
-    print(json.dumps(summary_line(doc)), flush=True)
+    print(json.dumps(summary_line(doc), allow_nan=False), flush=True)
     return 0

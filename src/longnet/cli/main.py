@@ -15,7 +15,7 @@ SUBCOMMANDS = {
     "plan": ("longnet.cli.plan", "per-device memory, FLOPs and communication of sequence-parallel LongNet"),
     "reach": ("longnet.cli.reach", "how many layers carry one token to another: exact reach of a dilated pattern"),
     "slide-embed": ("longnet.cli.slide_embed", "Prov-GigaPath slide embeddings of tile-feature files"),
-    "experiment": ("longnet.cli.experiment", "the paper's experiments in miniature (table2: dense / sparse / LongNet)"),
+    "experiment": ("longnet.cli.experiment", "the paper's experiments in miniature: table2, recall, runtime"),
 }
 
 
