@@ -125,9 +125,21 @@ class LongNetBase(nn.Module):
         return cls(config)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, map_location="cpu"):
-        """Load a model written by :meth:`save_pretrained`; raises :class:`CheckpointError`."""
+    def from_pretrained(cls, directory: str | os.PathLike, map_location="cpu", *, verify: bool = True):
+        """Load a model written by :meth:`save_pretrained` (or a run folder, or one of its
+        ``checkpoints/step-*``); raises :class:`CheckpointError`.
+
+        Args:
+            directory: the folder holding ``model.safetensors`` and ``config.json``.
+            map_location: device to put the model on.
+            verify: check the files against the folder's ``manifest.json`` when it has one (size
+                and SHA-256) and refuse weights that are not finite, naming the file and the
+                first bad tensor (:func:`longnet.models.checkpoint.verify_weights`). It costs
+                one more read and hash of the files and one pass over the weights: measured
+                load of the ``base`` preset (124M parameters, 497 MB) on one shared CPU core,
+                see ``docs/design.md`` ("Verified loads"). ``False`` skips both checks.
+        """
         config, extra = read_config(directory, cls.__name__)
         model = cls._from_config(config, extra)
-        load_weights(model, directory, model.tied_keys)
+        load_weights(model, directory, model.tied_keys, verify=verify)
         return model.to(map_location)
