@@ -15,7 +15,7 @@ from longnet.models.checkpoint import load_weights, read_config, save_model
 from longnet.models.config import LongNetConfig
 from longnet.ops.pattern import DilatedPattern
 
-__all__ = ["LongNetBase", "check_padding_mask"]
+__all__ = ["LongNetBase", "check_padding_mask", "check_token_ids"]
 
 
 def check_padding_mask(mask: torch.Tensor | None, shape: tuple[int, int]) -> None:
@@ -28,6 +28,26 @@ def check_padding_mask(mask: torch.Tensor | None, shape: tuple[int, int]) -> Non
                else type(mask).__name__)
         raise ValueError(f"key_padding_mask must be a bool tensor of shape {tuple(shape)} "
                          f"(True = real token), got {got}")
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise ``ValueError`` naming the offending id and ``vocab_size`` unless every id of
+    ``input_ids`` lies in ``[0, vocab_size)`` (an embedding lookup would fail deep in torch).
+
+    Costs one reduction (``aminmax``) and one host sync (a GPU waits for it). Skipped while
+    ``torch.compile`` / ``torch.export`` trace the model: a data-dependent check would break the
+    graph, so compiled callers check their ids before the compiled call if they need to.
+    """
+    if input_ids.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+    if high >= vocab_size:
+        raise ValueError(f"{name} holds token id {high} (the largest), but the model's vocabulary has "
+                         f"{vocab_size} ids (0 to {vocab_size - 1}): were the ids made by another "
+                         "tokenizer?")
+    if low < 0:
+        raise ValueError(f"{name} holds token id {low} (the smallest); token ids lie in [0, {vocab_size}) "
+                         "(the model's vocab_size)")
 
 
 class LongNetBase(nn.Module):
