@@ -4,8 +4,8 @@ Every load verifies what it read with :func:`verify_weights`, the one rule all l
 (``from_pretrained``, ``longnet eval`` / ``generate`` / ``slide-embed``, the Hugging Face
 adapter): the files are checked against ``manifest.json`` (size and SHA-256, written by the
 trainer into each checkpoint and the top of its run folder) when the folder has one, and every
-floating-point tensor must be finite. No pickle anywhere. Each file is written atomically (:mod:`longnet.utils.atomic`), so a reader
-never sees a half-written file. Tied parameters are
+floating-point tensor must be finite. No pickle anywhere. Each file is written atomically
+(:mod:`longnet.utils.atomic`), so a reader never sees a half-written file. Tied parameters are
 stored once (the tied copy, e.g. ``lm_head.weight``, is left out) and re-tied by the model's own
 constructor on load. Anything that does not fit the model the config describes raises
 :class:`CheckpointError` naming the file and the problem.
