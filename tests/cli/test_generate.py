@@ -1,6 +1,7 @@
 """``longnet generate``: streamed text equals the model's generation; one-line errors, exit 2."""
 
 import argparse
+import shutil
 
 import pytest
 import torch
@@ -86,3 +87,15 @@ def test_a_folder_without_tokenizer_or_model_is_an_error(run_dir, capsys, tmp_pa
     assert call(["--checkpoint", str(tmp_path), "--prompt", "x", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("longnet generate: error:")
+
+
+def test_weights_with_nan_are_an_error_naming_file_and_tensor(run_dir, capsys, tmp_path):
+    folder, _ = run_dir
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    data = bytearray((bad / "model.safetensors").read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = b"\xff" * 4096  # header intact, NaNs inside
+    (bad / "model.safetensors").write_bytes(bytes(data))
+    assert call(["--checkpoint", str(bad), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.safetensors: tensor '" in err and "non-finite" in err

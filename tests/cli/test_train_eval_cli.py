@@ -100,6 +100,18 @@ def test_eval_rejects_corrupt_truncated_and_mismatched_checkpoints(tmp_path, tra
     _one_line_error(capsys, "too few")
 
 
+def test_eval_finds_a_run_folder_corrupted_on_disk_by_its_manifest(tmp_path, trained_run, capsys):
+    bad = tmp_path / "bad"
+    shutil.copytree(trained_run, bad)
+    for folder in (bad, latest_checkpoint(bad)):  # the run folder and its latest checkpoint
+        weights = folder / "model.safetensors"
+        data = bytearray(weights.read_bytes())
+        data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)  # zeros: finite, only the hash sees it
+        weights.write_bytes(bytes(data))
+        assert main(["eval", "--checkpoint", str(folder), "--seq-len", "32"]) == 2
+        _one_line_error(capsys, f"{weights}: corrupted on disk (SHA-256 differs")
+
+
 # ----------------------------------------------------------------------------------- train
 def test_train_refuses_a_folder_with_another_run(tmp_path, trained_run, micro, corpus, cache, capsys):
     run = tmp_path / "run"

@@ -109,6 +109,16 @@ def test_bare_state_dict_and_mapping_load(tmp_path):
     load_slide_encoder(state, num_heads=4)
 
 
+def test_weights_with_nan_are_refused_unless_verify_is_false(tmp_path):
+    state = _gigapath_state(SlideEncoder(SMALL))
+    state["encoder.layers.1.ffn.fc2.weight"][3, 5] = float("nan")
+    torch.save({"model": state}, tmp_path / "slide_encoder.pth")
+    with pytest.raises(CheckpointError, match=r"slide_encoder\.pth: tensor 'encoder\.layers\.1\.ffn\.fc2\.weight' "
+                                              r"holds 1 non-finite"):
+        load_slide_encoder(tmp_path / "slide_encoder.pth", num_heads=4)
+    load_slide_encoder(tmp_path / "slide_encoder.pth", num_heads=4, verify=False)
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda s: s.pop("encoder.layers.1.ffn.fc2.bias"), r"missing keys: encoder\.blocks\.1\.ffn\.fc2\.bias"),
     (lambda s: s.update({"pos_embed": torch.zeros(3)}), "unexpected keys: pos_embed"),

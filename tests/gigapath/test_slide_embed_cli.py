@@ -148,3 +148,16 @@ def test_an_unexpected_error_in_one_file_does_not_stop_the_run(setup, capsys, mo
     code, summary, _ = _run(capsys, "--checkpoint", ckpt, "--features", feats, "--out", tmp / "out")
     assert code == 1 and summary["embedded"] == 2
     assert "KeyError" in summary["failed"]["b"] and "b.pt" in summary["failed"]["b"]
+
+
+def test_a_checkpoint_changed_since_its_manifest_is_refused(setup, capsys):
+    from longnet.models.checkpoint import MANIFEST_FILE, build_manifest
+
+    tmp, ckpt, feats, _ = setup
+    (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(tmp, [ckpt.name])))
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)  # finite zeros: only the hash sees them
+    ckpt.write_bytes(bytes(data))
+    assert main(["slide-embed", "--checkpoint", str(ckpt), "--features", str(feats),
+                 "--out", str(tmp / "o"), "--no-progress"]) == 2
+    assert "encoder.safetensors: corrupted on disk (SHA-256 differs" in capsys.readouterr().err

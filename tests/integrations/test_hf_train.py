@@ -139,6 +139,26 @@ def test_trains_resumes_bit_exactly_and_saves_an_hf_folder(setup, tmp_path):
         assert (dense(input_ids=ids).logits - reloaded(input_ids=ids).logits).abs().max() > 1e-4
 
 
+def test_reloading_verifies_the_manifest_and_finite_weights(setup, tmp_path):
+    from longnet.models import CheckpointError
+    from longnet.models.checkpoint import MANIFEST_FILE, build_manifest
+
+    folder = tmp_path / "ckpt"
+    HFCausalLM.from_folder(setup["model"], seq_len=32).save_pretrained(folder)
+    (folder / MANIFEST_FILE).write_text(json.dumps(build_manifest(folder)))
+    HFCausalLM.from_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = b"\xff" * 4096  # NaNs, header intact
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="model.safetensors: corrupted on disk"):
+        HFCausalLM.from_pretrained(folder)
+    (folder / MANIFEST_FILE).unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors: tensor '.*' holds .* non-finite"):
+        HFCausalLM.from_pretrained(folder)
+    HFCausalLM.from_pretrained(folder, verify=False)
+
+
 def test_command_line_and_its_errors(setup, tmp_path, capsys):
     args = ["train", "--hf-model", str(setup["model"]), "--data", str(setup["corpus"]), "--cache-dir",
             str(setup["cache"]), "--seq-len", "32", "--batch-tokens", "64", "--max-steps", "2", "--eval-every",

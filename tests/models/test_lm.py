@@ -211,3 +211,26 @@ def test_deep_model_starts_sane():
     norms = torch.stack([b.ffn.fc1.weight.grad.norm() for b in model.blocks])
     assert torch.isfinite(norms).all() and (norms > 0).all()
     assert norms.max() / norms.min() < 100
+
+
+@pytest.mark.parametrize("bad, match", [
+    (37, r"input_ids holds token id 37 \(the largest\), but the model's vocabulary has 37 ids"),
+    (1000, r"token id 1000 \(the largest\).* 37 ids"),
+    (-1, r"input_ids holds token id -1 \(the smallest\); token ids lie in \[0, 37\)"),
+])
+@pytest.mark.parametrize("entry", ["forward", "cached_forward", "generate"])
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(bad, match, entry):
+    model = _model()
+    ids = torch.randint(0, 37, (2, 9))
+    ids[1, 4] = bad
+    with pytest.raises(ValueError, match=match):
+        if entry == "forward":
+            model(ids)
+        elif entry == "cached_forward":
+            from longnet.models.generation import cached_forward
+
+            cached_forward(model, ids, model.make_cache(2))
+        else:
+            model.generate(ids, 2)
+    ids[1, 4] = 36
+    model(ids.to(torch.int32))  # the largest legal id, int32 ids: fine

@@ -179,6 +179,27 @@ def test_bfloat16_autocast_on_cpu_trains(tmp_path, settings):
     assert all(t.dtype == torch.float32 for t in weights.values())  # master weights stay float32
 
 
+def _file_hashes(folder):
+    import hashlib
+
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_nothing_to_do_changes_nothing_on_disk(tmp_path, settings):
+    run = tmp_path / "run"
+    train(settings(max_steps=6), run, log=lambda m: None)
+    before = _file_hashes(run)
+    for max_steps in (3, 6):  # below and at the step the run reached
+        notes = []
+        again = train({"max_steps": max_steps, "progress": False}, run, resume=True, log=notes.append)
+        assert again.step == 6 and any(n.startswith("nothing to do") for n in notes)
+        assert _file_hashes(run) == before  # run.json still says max_steps 6; no file rewritten or added
+    assert json.loads((run / "run.json").read_text())["settings"]["max_steps"] == 6
+    assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
+    assert _file_hashes(run) == before
+
+
 def test_resume_at_max_steps_keeps_the_checkpoint_figures(tmp_path, settings, monkeypatch):
     from longnet.train import trainer as trainer_mod
     from longnet.train.settings import TrainSettings

@@ -88,7 +88,13 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> Tokenizer:
-        """Load ``<directory>/tokenizer.json`` (or a path to the file itself)."""
+        """Load ``<directory>/tokenizer.json`` (or a path to the file itself).
+
+        ``directory`` may be a run folder of ``longnet train`` or one of its
+        ``checkpoints/step-*``: ``Tokenizer.load("runs/tiny")`` is the run's tokenizer, the one
+        its model was trained with (``special_tokens.json`` beside it, written for a Hugging Face
+        model's own tokenizer, names the end-of-sequence and padding tokens).
+        """
         path = Path(directory)
         if path.is_dir():
             path = path / TOKENIZER_FILE

@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from longnet.gigapath.keys import load_strict, map_slide_encoder_key
 from longnet.gigapath.model import SlideEncoder, SlideEncoderConfig
-from longnet.models.checkpoint import CheckpointError
+from longnet.models.checkpoint import CheckpointError, verify_weights
 from longnet.utils.atomic import atomic_save
 
 __all__ = ["load_slide_encoder", "convert_checkpoint", "read_checkpoint", "FORMAT"]
@@ -65,9 +65,12 @@ def _read_pickle(path: Path) -> Mapping[str, torch.Tensor]:
     return obj
 
 
-def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SlideEncoderConfig | None]:
+def read_checkpoint(source, *, verify: bool = True) -> tuple[dict[str, torch.Tensor], SlideEncoderConfig | None]:
     """``(state, config)``: GigaPath-named tensors with ``config=None``, or a converted file's
-    longnet-named tensors and its config."""
+    longnet-named tensors and its config.
+
+    ``verify``: a file is checked by :func:`longnet.models.checkpoint.verify_weights` (against
+    a ``manifest.json`` beside it that lists it, and every tensor finite)."""
     if isinstance(source, Mapping):
         return dict(source), None
     if not isinstance(source, (str, os.PathLike)):
@@ -75,6 +78,13 @@ def read_checkpoint(source) -> tuple[dict[str, torch.Tensor], SlideEncoderConfig
     path = Path(source)
     if not path.is_file():
         raise CheckpointError(f"{path}: file not found")
+    state, config = _read_file(path)
+    if verify:
+        verify_weights({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, path, companions=())
+    return state, config
+
+
+def _read_file(path: Path) -> tuple[dict[str, torch.Tensor], SlideEncoderConfig | None]:
     if path.suffix != ".safetensors":
         return dict(_read_pickle(path)), None
     try:
@@ -108,8 +118,8 @@ def _infer_config(state: Mapping[str, torch.Tensor], num_heads: int, source: str
 
 
 def load_slide_encoder(checkpoint, *, compat: str | None = "torchscale", num_heads: int = 16,
-                       global_pool: bool = False, device=None, dtype: torch.dtype | None = None
-                       ) -> SlideEncoder:
+                       global_pool: bool = False, device=None, dtype: torch.dtype | None = None,
+                       verify: bool = True) -> SlideEncoder:
     """Prov-GigaPath's slide encoder with the weights of ``checkpoint``, in eval mode.
 
     Args:
@@ -120,13 +130,16 @@ def load_slide_encoder(checkpoint, *, compat: str | None = "torchscale", num_hea
         num_heads: attention heads (not stored in the file; 16 for every released model).
         global_pool: default pooling of :meth:`SlideEncoder.forward`.
         device, dtype: where and in what dtype to put the model (default: CPU, the file's dtype).
+        verify: check a file against a ``manifest.json`` beside it that lists it (SHA-256) and
+            refuse non-finite weights (:func:`longnet.models.checkpoint.verify_weights`); it
+            costs one more read and hash of the file and one pass over the weights.
 
     Raises:
         :class:`~longnet.CheckpointError` (a ``ValueError``) naming the file and every missing,
-        unexpected or mis-shaped key, or a refused pickle.
+        unexpected or mis-shaped key, a non-finite tensor, or a refused pickle.
     """
     name = "state dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
-    state, config = read_checkpoint(checkpoint)
+    state, config = read_checkpoint(checkpoint, verify=verify)
     mapper = None
     if config is None:
         config = _infer_config(state, num_heads, name)

@@ -307,16 +307,24 @@ class HFCausalLM(nn.Module):
         return out
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "HFCausalLM":
-        """Reload a checkpoint :meth:`save_pretrained` wrote (its config holds the pattern)."""
+    def from_pretrained(cls, folder: str | Path, *, verify: bool = True) -> "HFCausalLM":
+        """Reload a checkpoint :meth:`save_pretrained` wrote (its config holds the pattern).
+
+        ``verify``: check ``model.safetensors`` and ``config.json`` against the folder's
+        ``manifest.json`` when it has one, and refuse non-finite weights
+        (:func:`longnet.models.checkpoint.verify_weights`, the rule of every longnet loader; it
+        costs one more read and hash of the files and one pass over the weights).
+        """
         from transformers import AutoModelForCausalLM
+
+        from longnet.models.checkpoint import WEIGHTS_NAME, CheckpointError, verify_weights
 
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         except (OSError, ValueError) as err:
-            from longnet.models import CheckpointError
-
             raise CheckpointError(f"{folder}: cannot load the transformers checkpoint ({err})") from err
+        if verify:
+            verify_weights(model.state_dict(), Path(folder) / WEIGHTS_NAME)
         return cls(model)
 
     def save_pretrained(self, folder: str | Path) -> None:

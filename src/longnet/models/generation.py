@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from longnet.models.base import check_token_ids
 from longnet.models.cache import DilatedKVCache, make_cache
 
 __all__ = ["generate", "cached_forward", "sample_next_token"]
@@ -57,6 +58,7 @@ def cached_forward(model, input_ids: torch.Tensor, cache: DilatedKVCache,
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
         raise ValueError(f"input_ids must be (batch, length) int64/int32, got "
                          f"{input_ids.dtype} {tuple(input_ids.shape)}")
+    check_token_ids(input_ids, model.config.vocab_size)
     B, n = input_ids.shape
     if B != cache.batch_size or len(cache.layers) != len(model.blocks):
         raise ValueError(f"cache (batch {cache.batch_size}, {len(cache.layers)} layers) does not "
@@ -254,8 +256,7 @@ def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: 
                          f"{getattr(input_ids, 'dtype', type(input_ids).__name__)} "
                          f"{tuple(getattr(input_ids, 'shape', ()))}")
     vocab = model.config.vocab_size
-    if bool((input_ids < 0).any()) or bool((input_ids >= vocab).any()):
-        raise ValueError(f"input_ids must lie in [0, {vocab}) (the vocabulary)")
+    check_token_ids(input_ids, vocab)
     eos = _eos_ids(eos_token_id, vocab)
     if pad_token_id is not None:
         _int_arg("pad_token_id", pad_token_id, 0)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from longnet.models.base import LongNetBase
+from longnet.models.base import LongNetBase, check_token_ids
 from longnet.models.cache import make_cache as _make_cache
 from longnet.models.config import LongNetConfig
 from longnet.models.generation import generate as _generate
@@ -80,6 +80,11 @@ class LongNetLM(LongNetBase):
             key_padding_mask: (B, N) bool, True = real token; padded keys are never read.
             position_offset: absolute position of ``input_ids[:, 0]`` (continuing a sequence).
 
+        Raises:
+            ValueError: ``input_ids`` of another shape or dtype, or ids outside
+                ``[0, vocab_size)`` (:func:`~longnet.models.base.check_token_ids`, one reduction;
+                not checked inside ``torch.compile``).
+
         Returns:
             :class:`LMOutput`: ``logits`` (B, N, vocab_size); ``loss`` the mean cross-entropy over
             the counted targets, computed in float32 (0 with a zero gradient when none count);
@@ -88,6 +93,7 @@ class LongNetLM(LongNetBase):
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.long, torch.int32):
             raise ValueError(f"input_ids must be (batch, length) int64/int32, got "
                              f"{input_ids.dtype} {tuple(input_ids.shape)}")
+        check_token_ids(input_ids, self.config.vocab_size)
         x = self.embed(input_ids)  # (B, N, E)
         h = self._trunk(x, key_padding_mask, position_offset)
         logits = self.lm_head(h)  # (B, N, V)

@@ -8,6 +8,8 @@ Layout of a run folder ``RUN``::
     model.safetensors         copies of the latest checkpoint's model and tokenizer, so that
     config.json               ``LongNetLM.from_pretrained(RUN)`` loads the run folder itself
     tokenizer.json
+    manifest.json             size and SHA-256 of those copies (the checkpoint's entries), which
+                              every load checks (:func:`longnet.models.checkpoint.verify_weights`)
     checkpoints/step-.../     model.safetensors, config.json (``save_pretrained`` format),
                               tokenizer.json, optimizer.safetensors (AdamW moments),
                               rng.safetensors (torch RNG states), trainer_state.json (step,
@@ -30,7 +32,6 @@ own format).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -43,16 +44,18 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from longnet.models import CheckpointError
+from longnet.models.checkpoint import MANIFEST_FILE, build_manifest, check_manifest, read_manifest
 from longnet.utils.atomic import atomic_copy, atomic_write_json, file_mode, fsync_dir, fsync_file
 
 FORMAT_VERSION = 1
 LATEST_FILE = "latest.json"
 CHECKPOINTS_DIR = "checkpoints"
-TOP_LEVEL_FILES = ("model.safetensors", "config.json", "tokenizer.json")
+TOP_LEVEL_FILES = ("model.safetensors", "config.json", "tokenizer.json", "special_tokens.json")
+"""What :func:`publish_top_level` copies (``special_tokens.json`` only exists for a Hugging Face
+model's own tokenizer)."""
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "dcp"
 KEEP_CHECKPOINTS = 2
 """Complete checkpoints kept: the latest and one fallback (:func:`resume_checkpoint`)."""
@@ -194,7 +197,7 @@ def save_trainer_checkpoint(
             if path.is_file():
                 os.chmod(path, mode)  # temp files are created 0600; a run folder is meant to be shared
                 fsync_file(path)
-        (tmp / MANIFEST_FILE).write_text(json.dumps(_manifest(tmp), indent=1, sort_keys=True) + "\n",
+        (tmp / MANIFEST_FILE).write_text(json.dumps(build_manifest(tmp), indent=1, sort_keys=True) + "\n",
                                          encoding="utf-8")
         os.chmod(tmp / MANIFEST_FILE, mode)
         fsync_file(tmp / MANIFEST_FILE)
@@ -214,14 +217,24 @@ def save_trainer_checkpoint(
 
 
 def publish_top_level(run_dir: Path, checkpoint: Path) -> None:
-    """Copy the checkpoint's model, config and tokenizer to the top of the run folder.
+    """Copy the checkpoint's model, config and tokenizer to the top of the run folder, with a
+    ``manifest.json`` holding the checkpoint's entries for them (loads check it).
 
-    The config goes last so that a crash in between leaves a matching (older) pair or the new
-    weights with an unchanged config (the config is the same for every checkpoint of a run).
+    The old top-level manifest is removed first and the new one written last, so a crash in
+    between leaves no manifest (the copies then load with the finiteness check only), never a
+    stale one. The config goes after the weights so that a crash in between leaves a matching
+    (older) pair or the new weights with an unchanged config (the same for every checkpoint).
     """
-    for name in TOP_LEVEL_FILES:
-        if (checkpoint / name).is_file():
-            atomic_copy(checkpoint / name, run_dir / name)
+    run_dir, checkpoint = Path(run_dir), Path(checkpoint)
+    (run_dir / MANIFEST_FILE).unlink(missing_ok=True)
+    fsync_dir(run_dir)
+    copied = [name for name in TOP_LEVEL_FILES if (checkpoint / name).is_file()]
+    for name in copied:
+        atomic_copy(checkpoint / name, run_dir / name)
+    entries = read_manifest(checkpoint) or {}
+    if copied and all(name in entries for name in copied):
+        atomic_write_json(run_dir / MANIFEST_FILE, {"format_version": FORMAT_VERSION,
+                                                    "files": {name: entries[name] for name in copied}})
     fsync_dir(run_dir)
 
 
@@ -238,20 +251,6 @@ def _prune(root: Path, *, keep: int, latest: Path) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _manifest(folder: Path) -> dict[str, Any]:
-    files = {p.relative_to(folder).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST_FILE}
-    return {"format_version": FORMAT_VERSION, "files": files}
-
-
 def verify_checkpoint(path: Path) -> None:
     """:class:`CheckpointError` naming the first file of ``path`` that is missing, torn or changed.
 
@@ -261,24 +260,8 @@ def verify_checkpoint(path: Path) -> None:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: checkpoint folder not found")
-    if not (path / MANIFEST_FILE).exists():
-        if (path / STATE_FILE).exists():
-            return  # an older checkpoint, without a manifest
+    if not check_manifest(path) and not (path / STATE_FILE).exists():  # else an older checkpoint
         raise CheckpointError(f"{path / MANIFEST_FILE}: manifest not found (an incomplete checkpoint)")
-    doc = read_json(path / MANIFEST_FILE, "checkpoint manifest")
-    files = doc.get("files") if isinstance(doc, dict) else None
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{path / MANIFEST_FILE}: not a checkpoint manifest")
-    for name, entry in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: file listed in the manifest is missing")
-        size = file.stat().st_size
-        if size != entry.get("bytes"):
-            raise CheckpointError(f"{file}: torn or changed on disk ({size:,} bytes, the manifest says "
-                                  f"{entry.get('bytes'):,})")
-        if _sha256(file) != entry.get("sha256"):
-            raise CheckpointError(f"{file}: corrupted on disk (SHA-256 differs from the manifest)")
 
 
 def resume_checkpoint(run_dir: Path, log: Callable[[str], None] = print) -> Path | None:

@@ -142,7 +142,8 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
 
     The run has three steps: :func:`_build` (settings, data, model, optimizer, resumed state),
     :func:`_run_steps` (the optimizer steps, evaluations and periodic checkpoints) and
-    :func:`_finish` (final checkpoint, plot, report).
+    :func:`_finish` (final checkpoint, plot, report). A resume at or past ``--max-steps`` has no
+    steps to run and changes nothing on disk (not even ``run.json``).
 
     Args:
         settings_given: :class:`TrainSettings` fields given explicitly (None = not given).
@@ -166,8 +167,10 @@ def train(settings_given: dict[str, Any], out: str | Path, resume: bool = False,
     if parallel is not None and not parallel.is_main:
         log = _quiet
     run = _build(settings, run_dir, resumed=stored is not None, device=device, parallel=parallel, log=log)
-    progress = _run_steps(run)
-    result = _finish(run, progress)
+    if _has_work(run.settings, run.start):
+        result = _finish(run, _run_steps(run))
+    else:  # a resume past --max-steps: nothing on disk changes
+        result = _result(run, run.start)
     if parallel is not None:  # on errors the process exits and torchrun ends the others
         parallel.close()
     return result
@@ -267,9 +270,10 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
     batches = TrainBatches(prepared.tokens("train"), settings.seq_len, settings.batch_size, settings.seed)
     if trainer_ckpt is not None:
         start = _resume_state(trainer_ckpt, optimizer, batches, model)
-        if main:
-            publish_top_level(run_dir, ckpt_dir)
-    if main:
+    writes = main and _has_work(settings, start)  # a resume with nothing to do leaves the folder as it is
+    if writes and trainer_ckpt is not None:
+        publish_top_level(run_dir, ckpt_dir)
+    if writes:
         write_run_file(run_dir, settings.to_dict(), model_config=config.to_dict(),
                        num_parameters=num_parameters, data={
                            "cache_entry": str(prepared.directory), "num_tokens": prepared.num_tokens,
@@ -295,6 +299,11 @@ def _build(settings: TrainSettings, run_dir: Path, *, resumed: bool, device: tor
                val_batches=val_batches, micro=micro, schedule=schedule, start=start)
     _log_start(run, prepared)
     return run
+
+
+def _has_work(settings: TrainSettings, start: _Progress) -> bool:
+    """Whether steps remain before ``--max-steps``; without any, a (resumed) run writes nothing."""
+    return start.step < settings.max_steps
 
 
 def _prepare(settings: TrainSettings) -> PreparedData:
@@ -396,7 +405,8 @@ def _log_start(run: _Run, prepared: PreparedData) -> None:
     if run.start.step:
         log(f"resuming from {run.start.checkpoint} at step {run.start.step}")
     if run.start.step >= s.max_steps:
-        log(f"nothing to do: the run is at step {run.start.step} >= --max-steps {s.max_steps}")
+        log(f"nothing to do: the run is at step {run.start.step} >= --max-steps {s.max_steps}; the run folder "
+            "is left as it is")
 
 
 # -------------------------------------------------------------------------------- step loop
@@ -555,6 +565,11 @@ def _finish(run: _Run, progress: _Progress) -> TrainResult:
     run.log(f"done: step {progress.step}, {progress.tokens:,} tokens, train loss {progress.train_loss:.4f}"
             + (f", validation loss {progress.val_loss:.4f}" if progress.val_loss is not None else "")
             + f"; checkpoint {progress.checkpoint}" + (f"; plot {png}" if png else ""))
+    return _result(run, progress)
+
+
+def _result(run: _Run, progress: _Progress) -> TrainResult:
+    """What :func:`train` returns for the run as ``progress`` leaves it."""
     return TrainResult(run_dir=run.run_dir, step=progress.step, tokens=progress.tokens,
                        train_loss=progress.train_loss, val_loss=progress.val_loss, checkpoint=progress.checkpoint,
                        history=progress.history)
