@@ -29,7 +29,17 @@ _QUICK = dict(seq_lens=(128, 256), segment_lengths=(64, 128), dilation_rates=(1,
               head_dim=16, repeats=1, warmup=0)
 
 
+EPILOG = """\
+examples:
+  longnet bench attention --quick                 # smoke run, seconds
+  longnet bench attention --threads 1             # CPU: float32, N 2K-128K, dense up to 32K
+  longnet bench attention --seq-lens 16384,32768 --causal --mode fwdbwd --out runs/bench
+  longnet bench attention --replot benchmarks/results/attention_cpu-amd-epyc.json"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``longnet bench``."""
+    parser.epilog = EPILOG
     parser.add_argument("what", choices=WHAT, help="what to benchmark")
     g = parser.add_argument_group("lengths")
     g.add_argument("--seq-lens", type=int_list, default=None,
@@ -51,9 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
                         help="forward only (no_grad), forward+backward, or both")
     s = parser.add_argument_group("shape and pattern")
-    s.add_argument("--heads", type=positive_int, default=12)
-    s.add_argument("--head-dim", type=positive_int, default=64)
-    s.add_argument("--batch-size", type=positive_int, default=1)
+    s.add_argument("--heads", type=positive_int, default=12, help="attention heads H")
+    s.add_argument("--head-dim", type=positive_int, default=64, help="dimension D of each head")
+    s.add_argument("--batch-size", type=positive_int, default=1, help="sequences B per call")
     s.add_argument("--segment-lengths", type=int_list, default=None,
                    help="default: the paper's " + ",".join(map(str, PAPER_SEGMENT_LENGTHS)))
     s.add_argument("--dilation-rates", type=int_list, default=None,
