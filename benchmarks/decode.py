@@ -41,6 +41,7 @@ import torch
 from longnet import LongNetConfig, LongNetLM
 from longnet.bench.measure import StepTimes
 from longnet.bench.report import plot_decode, write_results
+from longnet.bench.results import add_overwrite_option, claim_results
 from longnet.models.generation import cached_forward
 from longnet.ops.reference_cache import DilatedLayerCache
 
@@ -67,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
+    add_overwrite_option(p)
     return p.parse_args(argv)
 
 
@@ -129,6 +131,11 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        claim_results(args.out, f"decode-{device.type}", overwrite=args.overwrite)
+    except OSError as err:  # ResultsExistError: an earlier result would be replaced
+        print(f"decode: error: {err}", file=sys.stderr)
+        return 2
     positions = sorted(int(p) for p in args.positions.split(","))
     if min(positions) <= args.rounds * args.steps + args.warmup:
         raise SystemExit(f"positions must exceed rounds * steps + warmup "

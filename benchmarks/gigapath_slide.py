@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from longnet.bench.results import add_overwrite_option, claim_results
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "gigapath"))
 TABLE_BYTES = 1_000_001 * 768 * 4
@@ -132,11 +134,18 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, nargs="+", default=[10000, 50000])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    add_overwrite_option(parser)
     args = parser.parse_args()
     if args.worker:
         impl, n, mode, tmp = args.worker
         print(json.dumps(worker(impl, int(n), mode, Path(tmp))))
         return
+    device = "cpu-" + "-".join(_cpu_name().lower().split()[:2])
+    out = ROOT / "benchmarks" / "results" / f"gigapath-{device}.json"
+    try:
+        claim_results(out.parent, out.stem, overwrite=args.overwrite)
+    except OSError as err:  # ResultsExistError: an earlier result would be replaced
+        raise SystemExit(f"gigapath_slide: error: {err}") from None
     os.environ["BENCH_THREADS"] = str(args.threads)
     import ref_snapshots
 
@@ -161,7 +170,6 @@ def main() -> None:
                 a, b = torch.load(f), torch.load(base[r["tiles"]])
                 r["max_abs_diff_vs_longnet_fp32"] = float((a - b).abs().max())
                 r["cosine_vs_longnet_fp32"] = float(torch.nn.functional.cosine_similarity(a, b).min())
-    device = "cpu-" + "-".join(_cpu_name().lower().split()[:2])
     print(f"Prov-GigaPath slide encoder (12 layers, 768 wide), one forward, {_cpu_name()}, {args.threads} threads")
     print(f"{'tiles':>7}  {'code':>9}  {'mode':>8}  {'seconds':>8}  {'peak RSS GB':>11}  {'forward GB':>10}  "
           f"{'vs longnet fp32':>22}")
@@ -176,7 +184,6 @@ def main() -> None:
     print(f"GigaPath also allocates its position table at start-up: {TABLE_BYTES / 1e9:.2f} GB (not included above)")
     result = {"benchmark": "gigapath_slide", "device": device, "cpu": _cpu_name(), "threads": args.threads,
               "torch": torch.__version__, "runs": runs, "gigapath_position_table_bytes": TABLE_BYTES}
-    out = ROOT / "benchmarks" / "results" / f"gigapath-{device}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     _plot(runs, out.with_suffix(".png"))
     print(json.dumps(result))

@@ -14,7 +14,8 @@
 #
 # Everything goes to benchmarks/results/gpu_check_<device>/ (<device> from
 # `nvidia-smi --query-gpu=name`): each step's log, its JSON/PNG, env.txt, and summary.txt /
-# summary.json saying which steps passed. Exit status 0 when every step passed, 1 otherwise,
+# summary.json saying which steps passed; a rerun replaces them (the steps get --overwrite: the folder
+# is this script's own). Exit status 0 when every step passed, 1 otherwise,
 # 2 when the script could not start.
 #
 # Environment (all optional):
@@ -143,15 +144,15 @@ for step in $STEPS; do
         pytest)
             run_step pytest "$PY" -m pytest -m cuda -q -p no:cacheprovider tests ;;
         attention)
-            run_step attention "$PY" -m longnet bench attention "${ATTN_ARGS[@]}" --out "$OUT" --no-progress ;;
+            run_step attention "$PY" -m longnet bench attention "${ATTN_ARGS[@]}" --out "$OUT" --overwrite --no-progress ;;
         train_8k)
             run_step train_8k "$PY" benchmarks/train_speed.py "${TRAIN_COMMON[@]}" "${TRAIN_8K[@]}" --out "$OUT" \
-                --no-progress ;;
+                --overwrite --no-progress ;;
         train_32k)
             run_step train_32k "$PY" benchmarks/train_speed.py "${TRAIN_COMMON[@]}" "${TRAIN_32K[@]}" --out "$OUT" \
-                --no-progress ;;
+                --overwrite --no-progress ;;
         decode)
-            run_step decode "$PY" benchmarks/decode.py "${DECODE_ARGS[@]}" --out "$OUT" ;;
+            run_step decode "$PY" benchmarks/decode.py "${DECODE_ARGS[@]}" --out "$OUT" --overwrite ;;
         *)
             echo "gpu_check.sh: unknown step '$step' in GPU_CHECK_STEPS" >&2
             RESULTS+=("$step|unknown step|0|2") ;;

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from longnet.bench.results import add_overwrite_option, claim_results
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -54,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")
+    add_overwrite_option(p)
     return p.parse_args(argv)
 
 
@@ -146,6 +149,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    try:
+        claim_results(args.out, f"hf_decode-{device.type}", overwrite=args.overwrite)
+    except OSError as err:  # ResultsExistError: an earlier result would be replaced
+        print(f"hf_decode: error: {err}", file=sys.stderr)
+        return 2
     positions = sorted(int(p) for p in args.positions.split(","))
     total = args.warmup + args.rounds * args.steps
     if min(positions) <= total:

@@ -30,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.bench.report import device_slug
+from longnet.bench.results import add_overwrite_option, claim_results
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
 
@@ -64,8 +65,14 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--skip-dense", action="store_true", help="do not time dense attention")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for the JSON")
+    add_overwrite_option(ap)
     args = ap.parse_args()
+    stem = f"profile_attention_{device_slug(torch.device('cpu'))}_N{args.seq_len}_{'causal' if args.causal else 'full'}"
+    try:
+        claim_results(args.out, stem, overwrite=args.overwrite, suffixes=(".json",))
+    except OSError as err:  # ResultsExistError: an earlier result would be replaced
+        raise SystemExit(f"profile_attention: error: {err}") from None
     torch.set_num_threads(args.threads)
     pattern = DilatedPattern(PAPER_SEGMENT_LENGTHS, PAPER_DILATION_RATES)
     B, H, N, D, causal = 1, args.heads, args.seq_len, args.head_dim, args.causal
@@ -130,9 +137,7 @@ def main() -> None:
         "profiler_self_time_shares": {k: round(v, 4) for k, v in
                                       sorted(shares.items(), key=lambda kv: -kv[1])},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = f"profile_attention_{doc['device']}_N{N}_{'causal' if causal else 'full'}.json"
-    atomic_write_json(args.out / name, doc, sort_keys=False)
+    atomic_write_json(args.out / f"{stem}.json", doc, sort_keys=False)
     print(json.dumps(doc, indent=1))
 
 

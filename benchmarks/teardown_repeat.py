@@ -56,16 +56,26 @@ def worker(hold_group: bool) -> None:
 
 
 def main(argv=None) -> int:
+    from longnet.bench.results import add_overwrite_option, claim_results
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--nproc", type=int, default=4)
     ap.add_argument("--hold-group", action="store_true", help="reproduce the bug the fix removed")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-write", action="store_true", help="do not write the results file")
+    add_overwrite_option(ap)
     args = ap.parse_args(argv)
     if args.worker:
         worker(args.hold_group)
         return 0
+    stem = "teardown_repeat" + ("_hold_group" if args.hold_group else "")
+    if not args.no_write:
+        try:
+            claim_results(RESULTS, stem, overwrite=args.overwrite)
+        except OSError as err:  # ResultsExistError: an earlier result would be replaced
+            print(f"teardown_repeat: error: {err}", file=sys.stderr)
+            return 2
     env = dict(os.environ, OMP_NUM_THREADS="1")
     src = str(Path(__file__).resolve().parents[1] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else src
@@ -86,7 +96,7 @@ def main(argv=None) -> int:
     if not args.no_write:
         from longnet.bench.report import write_results
 
-        write_results(RESULTS, "teardown_repeat" + ("_hold_group" if args.hold_group else ""), result)
+        write_results(RESULTS, stem, result)
     print(json.dumps(result))
     return 1 if failures and not args.hold_group else 0
 

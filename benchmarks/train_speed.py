@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from longnet.bench.results import add_overwrite_option, claim_results
 from longnet.cli.options import non_negative_int, positive_float, positive_int
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -102,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="appended to the file names: train_speed_<device>_<tag>.json (e.g. 8k)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_overwrite_option(p)
     return p.parse_args(argv)
 
 
@@ -391,8 +393,12 @@ def main(argv=None) -> int:
         return 2
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"train_speed_{device_slug(device)}" + (f"_{args.tag}" if args.tag else "")
+    try:
+        claim_results(args.out, stem, overwrite=args.overwrite)
+    except OSError as err:  # ResultsExistError: an earlier result would be replaced
+        print(f"train_speed: error: {err}", file=sys.stderr)
+        return 2
     json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
     doc = {
         "benchmark": "train_speed", "complete": False, "note": None,

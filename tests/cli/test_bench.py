@@ -1,8 +1,10 @@
-"""``longnet bench attention``: the smoke run, the JSON it writes, and the target arithmetic."""
+"""``longnet bench attention``: the smoke run, the JSON it writes, where it may write, and the target
+arithmetic. Every run here writes under ``tmp_path``: never into the committed ``benchmarks/results``."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,10 +22,12 @@ TARGET_KEYS = {"cpu_fp32_causal_fwdbwd_speedup_vs_flop_ratio", "linear_growth_12
 
 
 def _run_quick(capsys, tmp_path, *extra):
+    """(exit status, stdout, the JSON file the run wrote, named by its last stdout line)."""
     rc = main(["bench", "attention", "--quick", "--no-plot", "--no-progress",
                "--out", str(tmp_path), *extra])
     out = capsys.readouterr().out
-    return rc, out, json.loads(out.strip().splitlines()[-1])
+    summary = json.loads(out.strip().splitlines()[-1])
+    return rc, out, json.loads(Path(summary["files"]["json"]).read_text())
 
 
 def test_quick_run_prints_table_and_last_json_line(capsys, tmp_path):
@@ -47,11 +51,8 @@ def test_quick_run_prints_table_and_last_json_line(capsys, tmp_path):
     for row in doc["comparisons"]:
         assert row["speedup"] == pytest.approx(row["dense_ms"] / row["dilated_ms"])
         assert row["flop_ratio"] > 1
-    # the file holds the same document
     files = list(tmp_path.glob("attention_cpu-*.json"))
     assert len(files) == 1 and str(files[0]) == doc["files"]["json"]
-    saved = json.loads(files[0].read_text())
-    assert saved["cases"] == doc["cases"] and saved["targets"] == doc["targets"]
     assert not list(tmp_path.glob("*.png"))
 
 
@@ -70,7 +71,7 @@ def test_quick_run_draws_plot(capsys, tmp_path):
     pytest.importorskip("matplotlib")
     rc = main(["bench", "attention", "--quick", "--no-progress", "--mode", "fwd", "--causal",
                "--out", str(tmp_path)])
-    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the summary line
     assert rc == 0
     png = tmp_path / doc["files"]["png"].rsplit("/", 1)[-1]
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -101,7 +102,7 @@ def test_interrupted_run_keeps_what_it_measured(capsys, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv", [
     ["--seq-lens", "0,128"], ["--seq-lens", "a"], ["--heads", "-1"], ["--mode", "bwd"],
-    ["--causal", "--no-causal"],
+    ["--causal", "--no-causal"], ["--warmup", "0"],
 ])
 def test_bad_arguments_are_rejected(argv, tmp_path):
     with pytest.raises(SystemExit) as exc:
@@ -225,3 +226,92 @@ def test_step_times_summarise_the_timed_steps_only():
     assert 0 < s["ms_min"] <= s["ms_per_token"] and s["ms_mean"] > 0 and s["cpu_ms_per_token"] >= 0
     with pytest.raises(RuntimeError, match="no timed steps"):
         StepTimes("cpu").summary()
+
+
+# ------------------------------------------------------------------ where results go, what is printed
+TINY_FULL = ["bench", "attention", "--seq-lens", "128", "--segment-lengths", "64", "--dilation-rates", "1",
+             "--heads", "2", "--head-dim", "8", "--causal", "--mode", "fwd", "--no-plot", "--no-progress"]
+
+
+def _stem() -> str:
+    from longnet.bench.report import device_slug
+
+    return f"attention_{device_slug(torch.device('cpu'))}"
+
+
+def test_quick_never_writes_into_benchmarks_results(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    committed = tmp_path / "benchmarks" / "results"
+    committed.mkdir(parents=True)
+    earlier = committed / f"{_stem()}.json"
+    earlier.write_text('{"a 2K-128K run": true}')
+    assert main(["bench", "attention", "--quick", "--no-plot", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Path(summary["files"]["json"]).resolve() == (tmp_path / "runs" / "bench-quick" / f"{_stem()}.json")
+    assert earlier.read_text() == '{"a 2K-128K run": true}' and sorted(committed.iterdir()) == [earlier]
+
+    assert main(["bench", "attention", "--quick", "--no-plot", "--out", "benchmarks/results"]) == 2
+    err = capsys.readouterr().err
+    assert "--quick" in err and "benchmarks/results" in err and "--out" in err
+    assert earlier.read_text() == '{"a 2K-128K run": true}'
+
+
+def test_a_full_run_does_not_overwrite_without_overwrite(capsys, tmp_path):
+    earlier = tmp_path / f"{_stem()}.json"
+    earlier.write_text("earlier results")
+    assert main([*TINY_FULL, "--repeats", "1", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert str(earlier) in err and "--overwrite" in err and "--out" in err
+    assert earlier.read_text() == "earlier results"
+
+    assert main([*TINY_FULL, "--repeats", "1", "--out", str(tmp_path), "--overwrite"]) == 0
+    capsys.readouterr()
+    assert json.loads(earlier.read_text())["benchmark"] == "attention"
+
+
+def test_a_full_run_refuses_when_only_the_png_exists(capsys, tmp_path):
+    (tmp_path / f"{_stem()}.png").write_bytes(b"earlier plot")
+    assert main([*TINY_FULL, "--out", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and not (tmp_path / f"{_stem()}.json").exists()
+
+
+def test_output_is_tables_a_timing_note_and_a_short_last_line(capsys, tmp_path):
+    rc, out, doc = _run_quick(capsys, tmp_path)
+    lines = out.strip().splitlines()
+    assert rc == 0
+    assert not any("{" in line for line in lines[:-1]), "raw dicts printed"
+    assert len(lines[-1].encode()) < 2048
+    summary = json.loads(lines[-1])
+    assert summary["files"]["json"] == doc["files"]["json"] and summary["quick"] is True
+    assert summary["warmup"] >= 1 and summary["repeats"] >= 3  # quick too: warm-up, then several calls
+    assert all(c["warmup"] >= 1 and len(c["times_ms"]) >= 3 for c in doc["cases"])
+    (note,) = [line for line in lines if line.startswith("timing:")]
+    assert f"median of {summary['repeats']} timed call(s) after {summary['warmup']} warm-up" in note
+    assert "spread" in note
+
+
+def test_the_summary_line_stays_short_for_a_full_run():
+    from longnet.cli.bench import summary_line
+
+    rows = [{"n": 2 ** e, "causal": c, "mode": m, "speedup": 1.23456789}
+            for e in range(11, 18) for c in (True, False) for m in ("fwd", "fwdbwd")]
+    doc = {"benchmark": "attention", "complete": True, "note": None, "device": {"name": "AMD EPYC 7B13"},
+           "config": {"dtype": "float32", "repeats": 3, "warmup": 1}, "comparisons": rows,
+           "files": {"json": "benchmarks/results/attention_cpu-amd-epyc.json",
+                     "png": "benchmarks/results/attention_cpu-amd-epyc.png"}}
+    assert len(json.dumps(summary_line(doc), separators=(",", ":"))) < 3000
+
+
+def test_claim_results_rule(tmp_path):
+    from longnet.bench.results import ResultsExistError, claim_results
+
+    out = tmp_path / "new"
+    assert claim_results(out, "x", overwrite=False) == out and out.is_dir()
+    (out / "x.json").write_text("{}")
+    with pytest.raises(ResultsExistError, match="--overwrite"):
+        claim_results(out, "x", overwrite=False)
+    assert claim_results(out, "x", overwrite=True) == out
+    assert claim_results(out, "x", overwrite=False, quick=True) == out  # a smoke run's own folder
+    with pytest.raises(ValueError, match="--quick"):
+        claim_results(tmp_path / "benchmarks" / "results", "x", overwrite=True, quick=True)
+    assert (out / "x.json").read_text() == "{}"

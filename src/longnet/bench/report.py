@@ -12,7 +12,7 @@ import torch
 
 from longnet.utils.atomic import atomic_write_json, save_figure
 
-__all__ = ["device_name", "device_slug", "format_table", "plot_attention", "plot_decode", "write_results"]
+__all__ = ["device_name", "device_slug", "format_rows", "format_table", "plot_attention", "plot_decode", "write_results"]
 
 
 def device_name(device: torch.device) -> str:
@@ -60,6 +60,25 @@ def format_table(rows: list[dict]) -> str:
         cells.append(line)
     widths = [max(len(c[i]) for c in cells) for i in range(len(_COLUMNS))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def _cell(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return format(v, ".3g")
+    return str(v)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """Any list of flat dicts as a right-aligned table: one column per key (in order of first
+    appearance), ``-`` for a missing or ``None`` value, ``yes``/``no`` for booleans."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    cells = [keys] + [[_cell(row.get(k)) for k in keys] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(keys))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)).rstrip() for line in cells)
 
 
 def plot_attention(doc: dict, path: Path) -> None:

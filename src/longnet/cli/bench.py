@@ -1,8 +1,10 @@
 """``longnet bench attention``: time dilated attention against dense SDPA.
 
-Prints a table (stdout), progress (stderr), and, last on stdout, one JSON line with every figure;
-writes the same JSON to ``OUT/attention_<device>.json`` (rewritten after each case, so a long
-run that is stopped keeps what it measured) and a plot beside it.
+Prints tables (stdout), progress (stderr), and, last on stdout, one short JSON line (the speedups
+and where the details are); writes every figure to ``OUT/attention_<device>.json`` (rewritten after
+each case, so a long run that is stopped keeps what it measured) and a plot beside it. Where results
+may go is :func:`longnet.bench.results.claim_results`'s rule: a full run does not replace existing
+files without ``--overwrite``; ``--quick`` writes to ``runs/bench-quick``, never ``benchmarks/results``.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from longnet.bench.results import QUICK_DIR, add_overwrite_option, claim_results
 from longnet.cli.options import int_list, positive_int
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
@@ -24,12 +28,26 @@ __all__ = ["add_arguments", "run"]
 
 WHAT = ("attention",)  # later: "decode"
 
-# --quick: a smoke run of a second or two (used by the tests)
+RESULTS_DIR = Path("benchmarks") / "results"
+
+# --quick: a smoke run of a few seconds (used by the tests); its calls take well under a millisecond,
+# so 5 repeats after a warm-up call cost nothing and keep one slow call from deciding the median
 _QUICK = dict(seq_lens=(128, 256), segment_lengths=(64, 128), dilation_rates=(1, 2), heads=2,
-              head_dim=16, repeats=1, warmup=0)
+              head_dim=16, repeats=5, warmup=1)
+_UNSTABLE = 0.2  # spread (median absolute deviation / median) of a case's timed calls that is warned about
+
+
+EPILOG = """\
+examples:
+  longnet bench attention --quick                 # smoke run, seconds
+  longnet bench attention --threads 1             # CPU: float32, N 2K-128K, dense up to 32K
+  longnet bench attention --seq-lens 16384,32768 --causal --mode fwdbwd --out runs/bench
+  longnet bench attention --replot benchmarks/results/attention_cpu-amd-epyc.json"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``longnet bench``."""
+    parser.epilog = EPILOG
     parser.add_argument("what", choices=WHAT, help="what to benchmark")
     g = parser.add_argument_group("lengths")
     g.add_argument("--seq-lens", type=int_list, default=None,
@@ -51,9 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("fwd", "fwdbwd", "both"), default="both",
                         help="forward only (no_grad), forward+backward, or both")
     s = parser.add_argument_group("shape and pattern")
-    s.add_argument("--heads", type=positive_int, default=12)
-    s.add_argument("--head-dim", type=positive_int, default=64)
-    s.add_argument("--batch-size", type=positive_int, default=1)
+    s.add_argument("--heads", type=positive_int, default=12, help="attention heads H")
+    s.add_argument("--head-dim", type=positive_int, default=64, help="dimension D of each head")
+    s.add_argument("--batch-size", type=positive_int, default=1, help="sequences B per call")
     s.add_argument("--segment-lengths", type=int_list, default=None,
                    help="default: the paper's " + ",".join(map(str, PAPER_SEGMENT_LENGTHS)))
     s.add_argument("--dilation-rates", type=int_list, default=None,
@@ -64,8 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "float64"),
                    default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     r.add_argument("--repeats", type=positive_int, default=3,
-                   help="timed calls per case; the median is reported")
-    r.add_argument("--warmup", type=int, default=1, help="untimed calls before them")
+                   help="timed calls per case; the median is reported, and the spread of the calls printed "
+                        "(--quick: 5)")
+    r.add_argument("--warmup", type=positive_int, default=1,
+                   help="untimed calls before them, at least 1: the first call pays one-time costs such as "
+                        "loading the CPU kernel")
     r.add_argument("--warmup-skip-s", type=float, default=10.0,
                    help="skip the warmup of a case when the previous N of its series took "
                         "longer than this per call")
@@ -76,10 +97,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="CPU: let glibc keep freed memory for reuse (mmap and trim thresholds 1 GiB) so "
                         "timed calls measure attention, not the first touch of fresh pages (0.2-1.4 GB/s "
                         "on a VM); the CUDA caching allocator does the same on GPU")
-    r.add_argument("--out", type=Path, default=Path("benchmarks/results"),
-                   help="results directory")
+    r.add_argument("--out", type=Path, default=None,
+                   help=f"results folder (default: {RESULTS_DIR}; with --quick {QUICK_DIR}). A full run stops "
+                        "if attention_<device>.json or .png is already there, unless --overwrite")
     r.add_argument("--quick", action="store_true",
-                   help="tiny shapes and pattern for a smoke run (seconds)")
+                   help=f"tiny shapes and pattern for a smoke run (seconds), written to {QUICK_DIR} and "
+                        f"never to {RESULTS_DIR}")
+    add_overwrite_option(r)
     r.add_argument("--no-plot", action="store_true", help="do not draw the PNG")
     r.add_argument("--replot", type=Path, default=None, metavar="JSON",
                    help="redraw the PNG of an earlier results JSON (beside it) and exit")
@@ -96,8 +120,6 @@ def _config(args: argparse.Namespace):
         raise ValueError("--device cuda asked for, but CUDA is not available")
     on_gpu = device.type == "cuda"
     dtype = getattr(torch, args.dtype or ("bfloat16" if on_gpu else "float32"))
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     quick = _QUICK if args.quick else {}
     max_n = args.max_seq_len or (1 << 20 if on_gpu else 1 << 17)
     seq_lens = args.seq_lens or quick.get("seq_lens") or paper_seq_lens(max_n)
@@ -188,10 +210,62 @@ def _load_range(records) -> list[float] | None:
 
 
 def _print_targets(targets: dict, label: str) -> None:
+    """A table per target of :func:`~longnet.bench.attention.target_checks` that this run measured
+    (entries with a ``note`` were not), and one line naming the others."""
+    from longnet.bench.report import format_rows
+
+    skipped = []
     for key, entries in targets.items():
-        for e in entries if isinstance(entries, list) else [entries]:
-            shown = {k: v for k, v in e.items() if v is not None}
-            print(f"target ({label}) {key}: {shown}")
+        rows = entries if isinstance(entries, list) else [{"series": k, **v} for k, v in entries.items()]
+        rows = [r for r in rows if r.get("note") is None]
+        if not rows:
+            skipped.append(key)
+            continue
+        print(f"target {key} ({label}):")
+        print(format_rows(rows))
+    if skipped:
+        print(f"targets not measured by this run ({label}; see the JSON file for why): {', '.join(skipped)}")
+
+
+def _spread(record: dict) -> float:
+    """Median absolute deviation of a case's timed calls over their median (0: all equal)."""
+    times, median = record["times_ms"], record["median_ms"]
+    return statistics.median(abs(t - median) for t in times) / median if median > 0 else 0.0
+
+
+def timing_note(cfg, records: list[dict]) -> str:
+    """How each time was taken (warm-up and timed calls) and how stable the timed calls were."""
+    ok = [r for r in records if r.get("status") == "ok"]
+    text = (f"timing: each time is the median of {cfg.repeats} timed call(s) after {cfg.warmup} warm-up "
+            "call(s), the dilated and dense calls of one N alternating")
+    cold = sorted({r["n"] for r in ok if r["warmup"] == 0})
+    if cold:
+        text += (f"; no warm-up at N={cold} (a call at the previous N took over {cfg.warmup_skip_s:g} s, "
+                 "see --warmup-skip-s)")
+    if not ok:
+        return text
+    worst = max(ok, key=_spread)
+    text += (f"; spread of the timed calls (median absolute deviation / median): at most {_spread(worst):.0%} "
+             f"({worst['impl']}, N={worst['n']}, {worst['mode']})")
+    if _spread(worst) > _UNSTABLE:
+        text += (f". Over {_UNSTABLE:.0%}: the machine was busy; rerun with more --repeats, or --threads 1 "
+                 "on a quieter machine, before quoting these times")
+    return text
+
+
+def summary_line(doc: dict) -> dict:
+    """The last line on stdout: what ran, how it was timed, the speedups and where the rest is.
+    A few hundred bytes plus about 50 per (N, causal, mode); every figure is in the JSON file."""
+    cfg = doc["config"]
+    return {
+        "benchmark": doc["benchmark"], "complete": doc["complete"], "note": doc["note"],
+        "device": doc["device"]["name"], "dtype": cfg["dtype"], "quick": doc.get("quick", False),
+        "repeats": cfg["repeats"], "warmup": cfg["warmup"],
+        "speedups": [[r["n"], r["causal"], r["mode"], None if r["speedup"] is None else round(r["speedup"], 3)]
+                     for r in doc["comparisons"]],
+        "speedups_columns": ["n", "causal", "mode", "dense_ms / dilated_ms"],
+        "files": doc["files"],
+    }
 
 
 def _write(path: Path, doc: dict) -> None:
@@ -246,13 +320,19 @@ def _run_attention(args: argparse.Namespace) -> int:
     allocator = "default"
     if cfg.device.type == "cpu" and args.keep_freed_memory:
         allocator = "glibc keeps freed memory" if _keep_freed_memory() else "default (mallopt unavailable)"
-    args.out.mkdir(parents=True, exist_ok=True)
     stem = f"attention_{device_slug(cfg.device)}"
-    json_path, png_path = args.out / f"{stem}.json", args.out / f"{stem}.png"
+    try:
+        out = claim_results(args.out or (QUICK_DIR if args.quick else RESULTS_DIR), stem,
+                            overwrite=args.overwrite, quick=args.quick)
+    except (ValueError, OSError) as err:
+        print(f"longnet bench: error: {err}", file=sys.stderr)
+        return 2
+    json_path, png_path = out / f"{stem}.json", out / f"{stem}.png"
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     print(f"dilated {cfg.pattern} vs dense SDPA: {cfg.device} {cfg.describe()['dtype']}, "
           f"B={cfg.batch_size} H={cfg.heads} D={cfg.head_dim}, N={list(cfg.seq_lens)}, "
-          f"dense up to {cfg.dense_max_seq_len}, repeats={cfg.repeats}", file=sys.stderr)
+          f"dense up to {cfg.dense_max_seq_len}, {cfg.repeats} timed calls after {cfg.warmup} warm-up call(s)",
+          file=sys.stderr)
 
     def progress(cases):
         if args.no_progress:
@@ -272,6 +352,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         print(f"\n{note}", file=sys.stderr)
     doc = _document(cfg, records, started, note is None, note, commit)
     doc["allocator"] = allocator
+    doc["quick"] = args.quick
     doc["files"] = {"json": str(json_path), "png": None}
     if args.no_plot:
         doc["plot_note"] = "skipped (--no-plot)"
@@ -290,8 +371,9 @@ def _run_attention(args: argparse.Namespace) -> int:
         print("process CPU time (median ms):")
         print(format_table(doc["comparisons_cpu_time"]))
         _print_targets(doc["targets_cpu_time"], "CPU time")
-    print(f"wrote {json_path}" + (f" and {png_path}" if doc["files"]["png"] else ""))
-    print(json.dumps(doc, separators=(",", ":")))
+    print(timing_note(cfg, records))
+    print(f"wrote {json_path}" + (f" and {png_path}" if doc["files"]["png"] else "") + " (every figure)")
+    print(json.dumps(summary_line(doc), separators=(",", ":")))
     return 0 if note is None else 130
 
 

@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from longnet.cli.options import HelpFormatter
+
 # subcommand name -> module under longnet.cli (imported only when that subcommand runs)
 SUBCOMMANDS = {
     "bench": ("longnet.cli.bench", "benchmark dilated attention against dense attention"),
@@ -18,20 +20,26 @@ SUBCOMMANDS = {
     "experiment": ("longnet.cli.experiment", "the paper's experiments in miniature: table2, recall, runtime"),
 }
 
+EPILOG = """\
+examples:
+  # a tiny model on CPU (minutes), then its perplexity at several context lengths
+  longnet train --preset tiny --max-steps 150 --out runs/tiny
+  longnet eval --checkpoint runs/tiny --seq-len 32 128 512 2048
+  longnet bench attention --quick      # dilated vs dense attention, a smoke run of seconds"""
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longnet",
         description="LongNet (Ding et al., 2023): train, evaluate, generate and benchmark "
                     "models built on exact dilated attention.",
-        epilog="Run 'longnet COMMAND --help' for the options of one command. Example (CPU, "
-               "minutes): longnet train --preset tiny --max-steps 150 --out runs/tiny "
-               "&& longnet eval --checkpoint runs/tiny",
+        epilog=EPILOG, formatter_class=HelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND",
+                                help="what to do; 'longnet COMMAND --help' shows its options and examples")
     for name, (module, help_text) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text,
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=HelpFormatter)
         p.set_defaults(_module=module)
         importlib.import_module(module).add_arguments(p)
     return parser

@@ -1,11 +1,12 @@
-"""Argument types shared by the subcommands."""
+"""Argument types and the help formatter shared by the subcommands."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import textwrap
 
-__all__ = ["int_list", "positive_int", "non_negative_int", "positive_float"]
+__all__ = ["HelpFormatter", "int_list", "positive_int", "non_negative_int", "positive_float"]
 
 
 def int_list(text: str) -> list[int]:
@@ -42,3 +43,26 @@ def non_negative_int(text: str) -> int:
 def positive_float(text: str) -> float:
     """``"1.5"`` -> 1.5; 0, negatives, NaN and infinity are refused."""
     return _number(text, float, lambda v: 0 < v < math.inf, "a positive number")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` of the ``longnet`` commands: an option's default is appended only when it says
+    something (not ``None``, not a flag's, not already given in the help text); in descriptions and
+    epilogs each line is wrapped on its own and indented lines are kept as written, so an
+    ``examples:`` block shows one command per line."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        flag = action.nargs == 0 and not isinstance(action, argparse.BooleanOptionalAction)
+        if action.default is None or flag or "default" in text.lower():
+            return action.help
+        return super()._get_help_string(action)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            if not line.strip() or line[:1].isspace():
+                lines.append(indent + line if line.strip() else "")
+            else:
+                lines.append(textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent))
+        return "\n".join(lines)

@@ -34,20 +34,27 @@ FLAG_FIELDS = {"layers": "num_layers", "embed_dim": "embed_dim", "heads": "num_h
 # FFN input (9 * d) and the FFN hidden before and after the activation (2 * f)
 _ACT_D, _ACT_F = 9, 2
 
+EPILOG = """\
+examples:
+  longnet plan --seq-len 1048576 --gpus 8          # the paper's base model, 1M tokens over 8 devices
+  longnet plan --preset 2.7b --seq-len 262144 --gpus 4 --data-parallel 2 --fsdp
+  longnet plan --preset tiny --seq-len 4096 --gpus 2 --layers 4 --segment-lengths 512,1024 --dilation-rates 1,2"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``longnet plan``."""
+    parser.epilog = EPILOG
     parser.add_argument("--seq-len", type=int, required=True, help="tokens per sequence N")
     parser.add_argument("--gpus", type=int, required=True,
                         help="devices sharing one sequence (sequence parallel size)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="base",
                         help="model preset (LongNetConfig.from_preset; base and 2.7b are the paper's "
                              "sizes with its pattern); the flags below override it")
-    parser.add_argument("--layers", type=int, help="transformer layers")
-    parser.add_argument("--embed-dim", type=int, help="model width d")
-    parser.add_argument("--heads", type=int, help="query heads")
+    parser.add_argument("--layers", type=int, help="transformer layers (default: the preset's)")
+    parser.add_argument("--embed-dim", type=int, help="model width d (default: the preset's)")
+    parser.add_argument("--heads", type=int, help="query heads (default: the preset's)")
     parser.add_argument("--kv-heads", type=int, help="key/value heads (GQA), default = heads")
-    parser.add_argument("--ffn-dim", type=int, help="FFN hidden width")
+    parser.add_argument("--ffn-dim", type=int, help="FFN hidden width (default: the preset's)")
     parser.add_argument("--vocab-size", type=int, help="vocabulary (default: the preset's)")
     parser.add_argument("--segment-lengths", type=int_list,
                         help="w_i, comma-separated (default: the preset's)")

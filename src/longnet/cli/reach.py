@@ -25,6 +25,12 @@ from longnet.paper import PAPER_SEGMENT_LENGTHS as PAPER_SEGMENTS
 _SLOW = 7 * 10**7  # block * classes above which the causal analysis takes over a minute (2 cores)
 _DILATED_PRESETS = sorted(k for k, v in PRESETS.items() if "segment_lengths" in v)
 
+EPILOG = """\
+examples:
+  longnet reach --preset tiny
+  longnet reach --seq-len 1048576                  # the paper's pattern, 12 heads
+  longnet reach --segment-lengths 8,16,32 --dilation-rates 1,2,4 --heads 4 --seq-len 64
+  longnet reach --seq-len 32768 --shifted          # no blind spots"""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,10 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "shortest segment (LongNetConfig(shift_segments=True)); --layers L counts only paths "
         "through the first L layers (default: any number). "
         "The last line is JSON (max_hops null when infinite).")
-    parser.epilog = ("Examples: longnet reach --preset tiny;  longnet reach --seq-len 1048576 "
-                     "(the paper's pattern, 12 heads);  longnet reach --segment-lengths 8,16,32 "
-                     "--dilation-rates 1,2,4 --heads 4 --seq-len 64;  longnet reach --seq-len 32768 "
-                     "--shifted (no blind spots)")
+    parser.epilog = EPILOG
     parser.add_argument("--preset", choices=_DILATED_PRESETS, default=argparse.SUPPRESS,
                         help="take pattern, heads and (default) length from a model preset")
     parser.add_argument("--segment-lengths", type=int_list, default=argparse.SUPPRESS,

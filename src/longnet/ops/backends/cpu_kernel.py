@@ -9,8 +9,11 @@ uses) and vectorises the softmax with a branch-free exponential; it also takes s
 merged log-sum-exp in backward and ``+inf`` rows like the other backends.
 
 It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute;
-a line on stderr says so) into ``$LONGNET_CACHE/kernels`` (default ``~/.cache/longnet/kernels``),
-keyed by the source, the torch version and the compiler flags, and reused afterwards. When no
+one line on stderr for every build) into ``$LONGNET_CACHE/kernels`` (default
+``~/.cache/longnet/kernels``), in a folder keyed by everything the binary depends on (see
+:func:`build_environment`): the source, the compiler flags, the torch build, the C++ compiler and
+the Python ABI. Two environments (venvs, checkouts) sharing the cache thus each keep their own
+build and never rebuild each other's. When no
 compiler works, ``"auto"`` uses ``cpu_flash`` instead (one warning says why); asking for
 ``backend="cpu_kernel"`` by name then raises. ``LONGNET_CPU_KERNEL=0`` turns it off for ``"auto"``.
 """
@@ -19,14 +22,16 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
 import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error"]
+__all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error", "build_environment", "build_key"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
@@ -41,6 +46,59 @@ def _build_dir(name: str) -> Path:
     return Path(root) / "kernels" / name
 
 
+def _compiler_version() -> str:
+    """``<compiler>: <first line of its --version>`` for the C++ compiler ``cpp_extension`` builds with
+    (``$CXX``, else ``c++``); ``<compiler>: unavailable`` when it cannot be run."""
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    cxx = get_cxx_compiler()
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return f"{cxx}: unavailable"
+    lines = (out.stdout or out.stderr).strip().splitlines()
+    return f"{cxx}: {lines[0] if lines else 'unknown version'}"
+
+
+def build_environment() -> dict[str, str]:
+    """What the compiled kernel depends on besides its source: the torch build (version, git
+    commit, CUDA tag), the C++ compiler, the Python ABI and the compiler flags."""
+    return {
+        "torch": torch.__version__,
+        "torch_git": str(getattr(torch.version, "git_version", None)),
+        "torch_cuda": str(torch.version.cuda),
+        "compiler": _compiler_version(),
+        "python_abi": f"{sys.implementation.cache_tag} {sysconfig.get_config_var('SOABI')}",
+        "flags": " ".join(_FLAGS),
+    }
+
+
+def build_key(source: bytes, environment: dict[str, str]) -> str:
+    """12 hex digits naming the build folder: equal exactly when the source and every entry of
+    ``environment`` (see :func:`build_environment`) are equal."""
+    h = hashlib.sha256(source)
+    for field in sorted(environment):
+        h.update(f"\0{field}={environment[field]}".encode())
+    return h.hexdigest()[:12]
+
+
+def _build(name: str, build: Path):
+    """``cpp_extension.load`` in ``build``, with exactly one line on stderr when it compiles: before
+    a first build, or after torch rebuilt an existing binary it judged out of date."""
+    from torch.utils.cpp_extension import load
+
+    binary = build / f"{name}.so"
+    before = binary.stat().st_mtime_ns if binary.exists() else None
+    if before is None:
+        print(f"longnet: compiling the CPU attention kernel into {build} (once per torch, compiler and "
+              "Python; about a minute)...", file=sys.stderr, flush=True)
+    module = load(name, [str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(build), verbose=False)
+    if before is not None and binary.exists() and binary.stat().st_mtime_ns != before:
+        print(f"longnet: recompiled the CPU attention kernel in {build}: torch found its build out of "
+              "date", file=sys.stderr, flush=True)
+    return module
+
+
 def load_cpu_kernel():
     """The compiled extension module (built on the first call), or ``RuntimeError`` saying why not."""
     with _lock:
@@ -48,18 +106,11 @@ def load_cpu_kernel():
             return _state["module"]
         if "error" in _state:
             raise RuntimeError(_state["error"])
-        src = _SOURCE.read_bytes()
-        key = hashlib.sha256(src + torch.__version__.encode() + " ".join(_FLAGS).encode()).hexdigest()[:12]
-        name = f"longnet_cpu_attention_{key}"
+        name = f"longnet_cpu_attention_{build_key(_SOURCE.read_bytes(), build_environment())}"
         build = _build_dir(name)
         try:
             build.mkdir(parents=True, exist_ok=True)
-            if not (build / f"{name}.so").exists():
-                print(f"longnet: compiling the CPU attention kernel into {build} (once per machine and torch "
-                      "version, about a minute)...", file=sys.stderr, flush=True)
-            from torch.utils.cpp_extension import load
-
-            module = load(name, [str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(build), verbose=False)
+            module = _build(name, build)
         except Exception as err:  # no compiler, no headers, unsupported flags...
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             _state["error"] = (f"the CPU attention kernel could not be built ({first}); "

@@ -1,0 +1,92 @@
+"""The CPU kernel's build folder and build notice, without compiling anything.
+
+The folder is keyed by everything the binary depends on, so two environments sharing
+``~/.cache/longnet/kernels`` (another venv, another torch, another compiler, another Python) each
+keep their own build; and every build says so in exactly one line on stderr.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from longnet.ops.backends import cpu_kernel as ck
+
+SOURCE = b"// kernel source"
+ENV = {"torch": "2.13.0+cpu", "torch_git": "cf30153", "torch_cuda": "None",
+       "compiler": "c++: c++ (GCC) 13.2.0", "python_abi": "cpython-311 cpython-311-x86_64-linux-gnu",
+       "flags": "-O3 -march=native"}
+
+
+def test_same_source_and_environment_give_the_same_folder():
+    assert ck.build_key(SOURCE, ENV) == ck.build_key(SOURCE, dict(reversed(list(ENV.items()))))
+
+
+@pytest.mark.parametrize("field, other", [
+    ("torch", "2.12.1+cpu"), ("torch_git", "0123abc"), ("torch_cuda", "12.4"),
+    ("compiler", "c++: clang version 18.1.3"), ("python_abi", "cpython-312 cpython-312-x86_64-linux-gnu"),
+    ("flags", "-O2"),
+])
+def test_a_different_torch_compiler_abi_or_flags_give_another_folder(field, other):
+    assert ck.build_key(SOURCE, {**ENV, field: other}) != ck.build_key(SOURCE, ENV)
+
+
+def test_a_different_source_gives_another_folder():
+    assert ck.build_key(SOURCE + b" ", ENV) != ck.build_key(SOURCE, ENV)
+
+
+def test_build_environment_names_torch_compiler_and_python_abi():
+    import sys
+    import sysconfig
+
+    import torch
+
+    env = ck.build_environment()
+    assert env["torch"] == torch.__version__ and env["torch_cuda"] == str(torch.version.cuda)
+    assert sys.implementation.cache_tag in env["python_abi"]
+    assert str(sysconfig.get_config_var("SOABI")) in env["python_abi"]
+    assert env["compiler"].split(":")[0].strip()  # the compiler's name, then its version line
+
+
+@pytest.fixture
+def fake_build(monkeypatch, tmp_path):
+    """``load_cpu_kernel`` with an empty cache under ``tmp_path`` and a builder that writes the binary."""
+    import torch.utils.cpp_extension as cpp
+
+    builds = []
+
+    def load(name, sources, extra_cflags, build_directory, verbose):
+        builds.append(name)
+        (tmp_path / "kernels" / name / f"{name}.so").write_bytes(b"binary %d" % len(builds))
+        return f"module {name}"
+
+    monkeypatch.setenv("LONGNET_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpp, "load", load)
+    monkeypatch.setattr(ck, "_state", {})
+    return builds
+
+
+def test_a_build_prints_exactly_one_line_and_a_cached_load_none(fake_build, capsys, monkeypatch):
+    import torch.utils.cpp_extension as cpp
+
+    module = ck.load_cpu_kernel()
+    err = capsys.readouterr().err
+    assert len(fake_build) == 1 and module == f"module {fake_build[0]}"
+    assert len(err.splitlines()) == 1 and "compiling the CPU attention kernel" in err
+
+    monkeypatch.setattr(ck, "_state", {})  # a new process: the binary is in the cache
+    monkeypatch.setattr(cpp, "load", lambda name, *a, **k: f"module {name}")  # up to date: no compile
+    assert ck.load_cpu_kernel() == module
+    assert capsys.readouterr().err == ""
+
+
+def test_a_rebuild_of_an_existing_binary_prints_exactly_one_line(fake_build, capsys, monkeypatch, tmp_path):
+    import os
+
+    ck.load_cpu_kernel()
+    capsys.readouterr()
+    (binary,) = (tmp_path / "kernels").glob("*/*.so")
+    os.utime(binary, ns=(0, 0))  # so that the rewrite below changes its mtime
+    monkeypatch.setattr(ck, "_state", {})
+    ck.load_cpu_kernel()  # the fake builder rewrites the binary, as torch does when it is stale
+    err = capsys.readouterr().err
+    assert len(fake_build) == 2 and len(err.splitlines()) == 1 and "recompiled" in err

@@ -1,0 +1,35 @@
+"""The benchmark scripts under ``benchmarks/`` follow ``longnet bench``'s rule
+(:func:`longnet.bench.results.claim_results`): a run that would replace an earlier results file
+stops before measuring anything, unless ``--overwrite``. Every run here writes under ``tmp_path``."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from longnet.bench.report import device_slug
+
+REPO = Path(__file__).resolve().parents[1]
+SLUG = device_slug(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("script, stem, extra", [
+    ("decode.py", "decode-cpu", []),
+    ("hf_decode.py", "hf_decode-cpu", []),
+    ("train_speed.py", f"train_speed_{SLUG}", ["--device", "cpu"]),
+    ("profile_attention.py", f"profile_attention_{SLUG}_N16384_causal", []),
+])
+def test_a_script_does_not_replace_earlier_results(script, stem, extra, tmp_path):
+    earlier = tmp_path / f"{stem}.json"
+    earlier.write_text("earlier results")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--out", str(tmp_path), *extra],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert run.returncode != 0
+    assert str(earlier) in run.stderr and "--overwrite" in run.stderr, run.stderr[-2000:]
+    assert earlier.read_text() == "earlier results" and sorted(tmp_path.iterdir()) == [earlier]
