@@ -191,8 +191,6 @@ def test_an_interrupted_row_continues_to_the_same_weights(tmp_path, monkeypatch)
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    (tmp_path / "cut").mkdir()
-    (tmp_path / "whole").mkdir(exist_ok=True)
     monkeypatch.setattr(rc, "make_batch", interrupt_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         rc.train_row(plan, row, tmp_path / "cut", torch.device("cpu"), progress=False, log=lambda m: None)

@@ -12,7 +12,8 @@ import torch
 
 from longnet.utils.atomic import atomic_write_json, save_figure
 
-__all__ = ["device_name", "device_slug", "format_rows", "format_table", "plot_attention", "plot_decode", "write_results"]
+__all__ = ["device_name", "device_slug", "format_rows", "format_table", "plot_attention", "plot_decode",
+           "write_results"]
 
 
 def device_name(device: torch.device) -> str:

@@ -39,14 +39,14 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``longnet experiment`` and its three experiments."""
+    from longnet.bench.results import add_overwrite_option
     from longnet.cli import experiment_recall, experiment_runtime
 
     parser.epilog = ("examples:\n  longnet experiment table2 --out runs/table2\n"
                      "  longnet experiment recall --quick\n  longnet experiment runtime --quick")
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT")
-    experiment_recall.add_parser(sub)
-    experiment_runtime.add_parser(sub)
+    sub = parser.add_subparsers(dest="experiment", metavar="EXPERIMENT",
+                                help="table2 (perplexity, dense / sparse / LongNet), recall (long context), "
+                                     "runtime (the paper's Figure 5)")
     p = sub.add_parser("table2", help="the paper's Table 2 in miniature (dense / sparse / LongNet)",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", default=None,
@@ -74,9 +74,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", metavar="DIR", default=None, help="token-file cache (default: ~/.cache/longnet)")
     p.add_argument("--results-dir", metavar="DIR", default=None,
                    help="also write table2-<device>.json/.png here (e.g. benchmarks/results)")
+    add_overwrite_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress bars (default: when stderr is a terminal)")
+    experiment_recall.add_parser(sub)
+    experiment_runtime.add_parser(sub)
+
+
+def claim_results_dir(args: argparse.Namespace, name: str) -> tuple[str, str] | None:
+    """``(folder, stem)`` for ``--results-dir``, claimed before anything runs (see
+    :func:`longnet.bench.results.claim_results`: never overwrite without ``--overwrite``, and no
+    ``--quick`` run into ``benchmarks/results``); None without ``--results-dir``."""
+    from longnet.bench.report import device_slug
+    from longnet.bench.results import claim_results
+    from longnet.train.runtime import resolve_device
+
+    if not args.results_dir:
+        return None
+    stem = f"{name}-{device_slug(resolve_device(args.device))}" + ("-quick" if args.quick else "")
+    claim_results(args.results_dir, stem, overwrite=args.overwrite, quick=args.quick)
+    return args.results_dir, stem
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,13 +143,13 @@ def plan_from_args(args: argparse.Namespace):
 
 
 def _table2(args: argparse.Namespace) -> int:
-    from longnet.bench.report import device_slug, write_results
+    from longnet.bench.report import write_results
     from longnet.experiments.table2 import run_table2
     from longnet.experiments.table2_report import format_table, markdown_table, plot_table2, summary_line
-    from longnet.train.runtime import resolve_device
     from longnet.utils.atomic import atomic_write_text
 
     plan = plan_from_args(args)
+    results = claim_results_dir(args, "table2")
     out = Path(args.out or ("runs/table2-quick" if args.quick else "runs/table2")).expanduser()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     doc = run_table2(plan, out, cache_dir=args.cache_dir, device=args.device, progress=args.progress, log=log)
@@ -140,9 +158,8 @@ def _table2(args: argparse.Namespace) -> int:
         log("note: matplotlib is not installed, so no plot; pip install matplotlib")
     write_results(out, "table2", doc, plot)
     atomic_write_text(out / "table2.md", markdown_table(doc) + "\n")
-    if args.results_dir:
-        stem = f"table2-{device_slug(resolve_device(args.device))}" + ("-quick" if args.quick else "")
-        write_results(args.results_dir, stem, doc, plot)
+    if results:
+        write_results(results[0], results[1], doc, plot)
     print(format_table(doc))
     sys.stdout.flush()
     print(json.dumps(summary_line(doc), allow_nan=False), flush=True)

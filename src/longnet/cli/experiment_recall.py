@@ -33,6 +33,8 @@ examples:
 
 def add_parser(sub) -> None:
     """Add ``recall`` to the ``longnet experiment`` subcommands."""
+    from longnet.bench.results import add_overwrite_option
+
     p = sub.add_parser("recall", help="associative recall at distance: does a model use long context?",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", default=None,
@@ -49,6 +51,7 @@ def add_parser(sub) -> None:
                    help="sequences scored at each evaluation length (default: 64)")
     p.add_argument("--results-dir", metavar="DIR", default=None,
                    help="also write recall-<device>.json/.png/.md here (for example benchmarks/results)")
+    add_overwrite_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress bars (default: when stderr is a terminal)")
@@ -66,13 +69,14 @@ def plan_from_args(args: argparse.Namespace):
 
 def run_recall_command(args: argparse.Namespace) -> int:
     """Run the experiment, write its files and print the tables and the JSON line."""
-    from longnet.bench.report import device_slug, write_results
+    from longnet.bench.report import write_results
+    from longnet.cli.experiment import claim_results_dir
     from longnet.experiments.recall import run_recall
     from longnet.experiments.recall_report import format_table, markdown_table, plot_recall, summary_line
-    from longnet.train.runtime import resolve_device
     from longnet.utils.atomic import atomic_write_text
 
     plan = plan_from_args(args)
+    results = claim_results_dir(args, "recall")
     out = Path(args.out or ("runs/recall-quick" if args.quick else "runs/recall")).expanduser()
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     doc = run_recall(plan, out, device=args.device, progress=args.progress, log=log)
@@ -82,10 +86,9 @@ def run_recall_command(args: argparse.Namespace) -> int:
     md = markdown_table(doc) + "\n"
     write_results(out, "recall", doc, plot)
     atomic_write_text(out / "recall.md", md)
-    if args.results_dir:
-        stem = f"recall-{device_slug(resolve_device(args.device))}" + ("-quick" if args.quick else "")
-        write_results(args.results_dir, stem, doc, plot)
-        atomic_write_text(Path(args.results_dir) / f"{stem}.md", md)
+    if results:
+        write_results(results[0], results[1], doc, plot)
+        atomic_write_text(Path(results[0]) / f"{results[1]}.md", md)
     print(format_table(doc))
     sys.stdout.flush()
     print(json.dumps(summary_line(doc), allow_nan=False), flush=True)

@@ -28,6 +28,8 @@ examples:
 
 def add_parser(sub) -> None:
     """Add ``runtime`` to the ``longnet experiment`` subcommands."""
+    from longnet.bench.results import add_overwrite_option
+
     p = sub.add_parser("runtime", help="the paper's Figure 5: attention time against length, dilated vs dense",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", metavar="DIR", default=None,
@@ -42,6 +44,7 @@ def add_parser(sub) -> None:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per point; the median is kept (default: 1)")
     p.add_argument("--results-dir", metavar="DIR", default=None,
                    help="also write runtime-<device>.json/.png here (for example benchmarks/results)")
+    add_overwrite_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show progress bars (default: when stderr is a terminal)")
@@ -49,10 +52,12 @@ def add_parser(sub) -> None:
 
 def run_runtime_command(args: argparse.Namespace) -> int:
     """Run the measurement, write its files and print the table and the JSON line."""
-    from longnet.bench.report import device_name, device_slug, write_results
+    from longnet.bench.report import device_name, write_results
+    from longnet.cli.experiment import claim_results_dir
     from longnet.experiments.runtime import RuntimePlan, format_table, plot_runtime, run_runtime, summary_line
     from longnet.train.runtime import resolve_device
 
+    results = claim_results_dir(args, "runtime")
     plan = RuntimePlan.preset("quick" if args.quick else "default", tokens=args.tokens, max_length=args.max_length,
                               heads=args.heads, head_dim=args.head_dim, dense_limit_s=args.dense_limit,
                               repeats=args.repeats)
@@ -65,8 +70,8 @@ def run_runtime_command(args: argparse.Namespace) -> int:
     if plot is None:
         log("note: matplotlib is not installed, so no plot; pip install matplotlib")
     write_results(out, "runtime", doc, plot)
-    if args.results_dir:
-        write_results(args.results_dir, f"runtime-{device_slug(device)}" + ("-quick" if args.quick else ""), doc, plot)
+    if results:
+        write_results(results[0], results[1], doc, plot)
     print(format_table(doc))
     sys.stdout.flush()
     print(json.dumps(summary_line(doc), allow_nan=False), flush=True)

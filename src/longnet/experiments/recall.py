@@ -288,6 +288,7 @@ def train_row(plan: RecallPlan, row: RecallRow, folder: Path, device: torch.devi
     """Train ``row`` in ``folder`` (resuming from its checkpoint); return ``(model, history, seconds)``."""
     from longnet.models import LongNetLM
 
+    folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(plan.seed)
     model = LongNetLM(plan.model_config(row)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, betas=(0.9, 0.98), weight_decay=plan.weight_decay)
