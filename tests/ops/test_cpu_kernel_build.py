@@ -47,18 +47,27 @@ def test_build_environment_names_torch_compiler_and_python_abi():
     assert env["compiler"].split(":")[0].strip()  # the compiler's name, then its version line
 
 
+class _Builds(list):
+    """Names built, with ``sources``: the source paths each build was given."""
+
+    sources: list
+
+
 @pytest.fixture
 def fake_build(monkeypatch, tmp_path):
     """``load_cpu_kernel`` with an empty cache under ``tmp_path`` and a builder that writes the binary."""
     import torch.utils.cpp_extension as cpp
 
-    builds = []
+    builds = _Builds()
 
     def load(name, sources, extra_cflags, build_directory, verbose):
         builds.append(name)
+        load.sources.append(sources)
         (tmp_path / "kernels" / name / f"{name}.so").write_bytes(b"binary %d" % len(builds))
         return f"module {name}"
 
+    load.sources = []
+    builds.sources = load.sources
     monkeypatch.setenv("LONGNET_CACHE", str(tmp_path))
     monkeypatch.setattr(cpp, "load", load)
     monkeypatch.setattr(ck, "_state", {})
@@ -90,3 +99,19 @@ def test_a_rebuild_of_an_existing_binary_prints_exactly_one_line(fake_build, cap
     ck.load_cpu_kernel()  # the fake builder rewrites the binary, as torch does when it is stale
     err = capsys.readouterr().err
     assert len(fake_build) == 2 and len(err.splitlines()) == 1 and "recompiled" in err
+
+
+def test_two_checkouts_with_the_same_source_compile_the_same_path(fake_build, monkeypatch, tmp_path):
+    """The source compiled lives in the build folder, so a second checkout (another path to the
+    same source) gives torch the same build description and does not rebuild the first's kernel."""
+    original = ck._SOURCE
+    other = tmp_path / "checkout-b" / original.name
+    other.parent.mkdir()
+    other.write_bytes(original.read_bytes())
+    ck.load_cpu_kernel()
+    monkeypatch.setattr(ck, "_state", {})
+    monkeypatch.setattr(ck, "_SOURCE", other)
+    ck.load_cpu_kernel()
+    first, second = fake_build.sources
+    assert first == second and first[0].startswith(str(tmp_path / "kernels"))
+    assert open(first[0], "rb").read() == original.read_bytes()

@@ -82,7 +82,23 @@ def build_key(source: bytes, environment: dict[str, str]) -> str:
     return h.hexdigest()[:12]
 
 
-def _build(name: str, build: Path):
+def _source_in(build: Path, source: bytes) -> Path:
+    """The kernel's source, copied into ``build`` (rewritten only when it differs).
+
+    Compiling this copy rather than the package's file makes the build independent of where the
+    package lives: torch's build files record the source's path, so two checkouts (or venvs) with
+    the same source and environment, which share one build folder, would otherwise make it rebuild
+    each other's kernel on every alternation.
+    """
+    from longnet.utils.atomic import atomic_write_bytes
+
+    copy = build / _SOURCE.name
+    if not copy.is_file() or copy.read_bytes() != source:
+        atomic_write_bytes(copy, source)
+    return copy
+
+
+def _build(name: str, build: Path, source: bytes):
     """``cpp_extension.load`` in ``build``, with exactly one line on stderr when it compiles: before
     a first build, or after torch rebuilt an existing binary it judged out of date."""
     from torch.utils.cpp_extension import load
@@ -92,7 +108,8 @@ def _build(name: str, build: Path):
     if before is None:
         print(f"longnet: compiling the CPU attention kernel into {build} (once per torch, compiler and "
               "Python; about a minute)...", file=sys.stderr, flush=True)
-    module = load(name, [str(_SOURCE)], extra_cflags=_FLAGS, build_directory=str(build), verbose=False)
+    module = load(name, [str(_source_in(build, source))], extra_cflags=_FLAGS, build_directory=str(build),
+                  verbose=False)
     if before is not None and binary.exists() and binary.stat().st_mtime_ns != before:
         print(f"longnet: recompiled the CPU attention kernel in {build}: torch found its build out of "
               "date", file=sys.stderr, flush=True)
@@ -106,11 +123,12 @@ def load_cpu_kernel():
             return _state["module"]
         if "error" in _state:
             raise RuntimeError(_state["error"])
-        name = f"longnet_cpu_attention_{build_key(_SOURCE.read_bytes(), build_environment())}"
+        source = _SOURCE.read_bytes()
+        name = f"longnet_cpu_attention_{build_key(source, build_environment())}"
         build = _build_dir(name)
         try:
             build.mkdir(parents=True, exist_ok=True)
-            module = _build(name, build)
+            module = _build(name, build, source)
         except Exception as err:  # no compiler, no headers, unsupported flags...
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             _state["error"] = (f"the CPU attention kernel could not be built ({first}); "
