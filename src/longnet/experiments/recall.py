@@ -259,6 +259,8 @@ class RowResult:
     train_tokens: int
     train_flops: float
     train_wall_s: float
+    train_cpu_s: float
+    threads: int
     eval_wall_s: float
     final_loss: float
     history: list[dict[str, float]]
@@ -270,11 +272,12 @@ def _state_path(folder: Path) -> Path:
     return folder / "state.pt"
 
 
-def _save_state(folder: Path, model, optimizer, step: int, elapsed: float, history: list, plan: RecallPlan) -> None:
+def _save_state(folder: Path, model, optimizer, step: int, elapsed: float, cpu: float, history: list,
+                plan: RecallPlan) -> None:
     from longnet.utils.atomic import atomic_save
 
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "elapsed": elapsed,
-             "history": history, "plan": plan.to_dict()}
+             "cpu": cpu, "history": history, "plan": plan.to_dict()}
     atomic_save(_state_path(folder), lambda path: torch.save(state, path))
 
 
@@ -285,14 +288,15 @@ def _answer_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
 
 def train_row(plan: RecallPlan, row: RecallRow, folder: Path, device: torch.device, *,
               progress: bool | None = None, log: Callable[[str], None] = print):
-    """Train ``row`` in ``folder`` (resuming from its checkpoint); return ``(model, history, seconds)``."""
+    """Train ``row`` in ``folder`` (resuming from its checkpoint); return ``(model, history, seconds)``,
+    the seconds being ``(wall, process CPU)`` time of the training steps."""
     from longnet.models import LongNetLM
 
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(plan.seed)
     model = LongNetLM(plan.model_config(row)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=plan.lr, betas=(0.9, 0.98), weight_decay=plan.weight_decay)
-    step, elapsed, history = 0, 0.0, []
+    step, elapsed, cpu, history = 0, 0.0, 0.0, []
     path = _state_path(folder)
     if path.is_file():
         state = torch.load(path, map_location=device, weights_only=True)
@@ -301,13 +305,14 @@ def train_row(plan: RecallPlan, row: RecallRow, folder: Path, device: torch.devi
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, elapsed, history = int(state["step"]), float(state["elapsed"]), list(state["history"])
+        cpu = float(state.get("cpu", 0.0))
         log(f"    {row.key}: resuming at step {step} of {plan.steps}")
     model.train()
     bar = tqdm(total=plan.steps, initial=step, desc=f"{row.key} train", unit="step", leave=False,
                disable=None if progress is None else not progress)
     try:
         while step < plan.steps:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             length, min_distance = plan.phase(step)
             batch = make_batch(plan.seed, 0, step, batch_size=plan.tokens_per_step // length, length=length,
                                vocab=plan.vocab, num_queries=min(plan.num_keys, max_queries(length)),
@@ -323,20 +328,21 @@ def train_row(plan: RecallPlan, row: RecallRow, folder: Path, device: torch.devi
             optimizer.step()
             step += 1
             elapsed += time.perf_counter() - start
+            cpu += time.process_time() - start_cpu
             acc = float(_answer_accuracy(out.logits.detach(), batch.labels.to(device)))
             history.append({"step": step, "length": length, "loss": float(out.loss.detach()), "accuracy": acc,
                             "time": round(elapsed, 2)})
             bar.update(1)
             bar.set_postfix(loss=f"{float(out.loss.detach()):.3f}", acc=f"{acc:.2f}", refresh=False)
             if step % plan.save_every == 0 or step == plan.steps:
-                _save_state(folder, model, optimizer, step, elapsed, history, plan)
+                _save_state(folder, model, optimizer, step, elapsed, cpu, history, plan)
     except KeyboardInterrupt:
-        _save_state(folder, model, optimizer, step, elapsed, history, plan)
+        _save_state(folder, model, optimizer, step, elapsed, cpu, history, plan)
         log(f"    {row.key}: interrupted at step {step}; saved, run the same command again to continue")
         raise
     finally:
         bar.close()
-    return model, history, elapsed
+    return model, history, (elapsed, cpu)
 
 
 @torch.no_grad()
@@ -411,7 +417,7 @@ def run_recall(plan: RecallPlan, out: str | Path, *, device: str = "auto", progr
             continue
         folder.mkdir(parents=True, exist_ok=True)
         log(f"[{index}/{len(plan.selected_rows)}] {row.key}: train")
-        model, history, elapsed = train_row(plan, row, folder, torch_device, progress=progress, log=log)
+        model, history, (elapsed, cpu) = train_row(plan, row, folder, torch_device, progress=progress, log=log)
         start = time.perf_counter()
         scored = evaluate_row(plan, model, torch_device, desc=f"{row.key} eval", progress=progress)
         eval_wall = time.perf_counter() - start
@@ -425,6 +431,7 @@ def run_recall(plan: RecallPlan, out: str | Path, *, device: str = "auto", progr
         result = RowResult(row=dataclasses.asdict(row), parameters=model.num_parameters(),
                            attention_flops_per_token=attention_flops_per_token(model, plan.train_length),
                            train_tokens=tokens, train_flops=float(flops), train_wall_s=round(elapsed, 1),
+                           train_cpu_s=round(cpu, 1), threads=torch.get_num_threads(),
                            eval_wall_s=round(eval_wall, 1),
                            final_loss=float(np.mean([h["loss"] for h in tail])) if tail else float("nan"),
                            history=history, accuracy=accuracy, plan=plan.to_dict())
@@ -442,7 +449,8 @@ def summarize(plan: RecallPlan, results: dict[str, RowResult], device: str, devi
     for key, res in results.items():
         rows.append({"key": key, "label": res.row["label"], "parameters": res.parameters,
                      "attention_flops_per_token": res.attention_flops_per_token, "train_tokens": res.train_tokens,
-                     "train_flops": res.train_flops, "train_wall_s": res.train_wall_s, "eval_wall_s": res.eval_wall_s,
+                     "train_flops": res.train_flops, "train_wall_s": res.train_wall_s,
+                     "train_cpu_s": res.train_cpu_s, "threads": res.threads, "eval_wall_s": res.eval_wall_s,
                      "final_loss": res.final_loss, "accuracy": res.accuracy,
                      "curve": [{k: h[k] for k in ("step", "loss", "accuracy")} for h in res.history]})
     return {"experiment": "recall", "device": device, "device_type": device_type, "torch": torch.__version__,

@@ -29,7 +29,8 @@ def _rows_for(doc: dict[str, Any], length: int) -> tuple[list[str], list[list[st
     for row in doc["rows"]:
         cells = [_cell(b) for b in row["accuracy"][str(length)]]
         body.append([row["label"], f"{row['parameters'] / 1e6:.2f}M", f"{row['attention_flops_per_token'] / 1e6:.2f}M",
-                     f"{row['train_flops']:.2e}", f"{row['train_wall_s'] / 60:.1f} min"] + cells)
+                     f"{row['train_flops']:.2e}",
+                     f"{row['train_wall_s'] / 60:.1f} min ({row['train_cpu_s'] / 60:.1f} CPU-min)"] + cells)
     return header, body
 
 
@@ -58,7 +59,7 @@ def markdown_table(doc: dict[str, Any]) -> str:
         header, body = _rows_for(doc, length)
         lines.append(f"Accuracy [95% Wilson interval] by query distance, evaluated at {length:,} tokens:")
         lines.append("")
-        lines.append("| model | params | attention FLOPs / token | training FLOPs | training time | "
+        lines.append("| model | params | attention FLOPs / token | training FLOPs | training time (process CPU) | "
                      + " | ".join(header) + " |")
         lines.append("|---" * (5 + len(header)) + "|")
         lines.extend("| " + " | ".join(r) + " |" for r in body)
