@@ -45,7 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--short-steps", type=int, default=None, help="steps of the short first phase (default: 500)")
     p.add_argument("--long-steps", type=int, default=None, help="steps at the training length (default: 150)")
     p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (default: 4,096)")
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate, the same for every row (default: 0.01, from a sweep on the dense row)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate, the same for every row (default: 0.01, from a sweep on the dense row)")
     p.add_argument("--seed", type=int, default=None, help="seed of the weights and the data (default: 0)")
     p.add_argument("--eval-sequences", type=int, default=None,
                    help="sequences scored at each evaluation length (default: 32)")
