@@ -19,6 +19,7 @@ import torch
 from longnet.cli.options import int_list, positive_int
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
+from longnet.utils.strict_json import print_json_line
 
 __all__ = ["add_arguments", "run"]
 
@@ -291,7 +292,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         print(format_table(doc["comparisons_cpu_time"]))
         _print_targets(doc["targets_cpu_time"], "CPU time")
     print(f"wrote {json_path}" + (f" and {png_path}" if doc["files"]["png"] else ""))
-    print(json.dumps(doc, separators=(",", ":")))
+    print_json_line(doc, compact=True)
     return 0 if note is None else 130
 
 

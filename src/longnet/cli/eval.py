@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from longnet.cli.train import report_error
 from longnet.paper import PAPER_EVAL_LENGTHS
+from longnet.utils.strict_json import print_json_line
 
 DESCRIPTION = """\
 Perplexity of a trained LongNet on a held-out split at several context lengths, as in the paper
@@ -145,8 +145,7 @@ def _run(args: argparse.Namespace) -> int:
         if (run_folder / "loss.png").is_file():
             print(f"training curves: {run_folder / 'loss.png'}")
             break
-    sys.stdout.flush()
-    print(json.dumps(summary), flush=True)
+    print_json_line(summary)
     return 0
 
 
