@@ -18,7 +18,7 @@ import torch
 from longnet.cli.main import main
 from longnet.data import Tokenizer, prepare_data
 from longnet.models import LongNetLM
-from longnet.train import latest_checkpoint, load_trainer_checkpoint
+from longnet.train import latest_checkpoint, load_trainer_checkpoint, read_metrics
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 
@@ -110,6 +110,71 @@ def test_eval_finds_a_run_folder_corrupted_on_disk_by_its_manifest(tmp_path, tra
         weights.write_bytes(bytes(data))
         assert main(["eval", "--checkpoint", str(folder), "--seq-len", "32"]) == 2
         _one_line_error(capsys, f"{weights}: corrupted on disk (SHA-256 differs")
+
+
+def _strict_json(line: str) -> dict:
+    """``json.loads`` that refuses NaN, Infinity and -Infinity (as jq and JSON.parse do)."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_eval_of_a_non_finite_loss_is_an_error_not_a_nan(tmp_path, trained_run, corpus, cache, capsys):
+    """Finite weights (so loading accepts them) whose forward pass overflows float32: the loss is
+    NaN, and eval says so and exits 1 instead of printing ``nan`` as a perplexity."""
+    model = LongNetLM.from_pretrained(trained_run)
+    with torch.no_grad():
+        model.embed.weight.fill_(1e38)
+    broken = tmp_path / "broken"
+    model.save_pretrained(broken)
+    Tokenizer.load(trained_run).save(broken)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(broken), "--data", str(corpus), "--cache-dir", str(cache),
+                 "--seq-len", "32", "--max-tokens", "256", "--no-progress"]) == 1
+    line = _one_line_error(capsys, "nan")
+    assert "weights are finite but the forward pass overflows" in line
+
+
+def test_eval_of_non_finite_weights_is_refused_at_load(tmp_path, trained_run, capsys):
+    model = LongNetLM.from_pretrained(trained_run)
+    name = next(n for n, _ in model.named_parameters() if "norm" in n)
+    with torch.no_grad():
+        model.get_parameter(name).fill_(float("nan"))
+    broken = tmp_path / "broken"
+    model.save_pretrained(broken)
+    Tokenizer.load(trained_run).save(broken)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(broken), "--seq-len", "32", "--no-progress"]) == 2
+    line = _one_line_error(capsys, name)
+    assert "not finite" in line or "NaN" in line or "nan" in line
+
+
+def test_trainer_and_eval_agree_on_the_same_tokens(tmp_path, micro, corpus, cache, capsys):
+    run = tmp_path / "run"
+    assert main(micro(corpus, cache, run, steps=2)) == 0  # evaluates at its last step: 256 tokens at 32
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if line.startswith("step 2:") and "validation loss" in line]
+    assert len(said) == 1 and "256 tokens of the validation split" in said[0] and "windows of 32" in said[0], err
+    record = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "eval"][-1]
+    assert (record["step"], record["val_tokens"], record["val_split"], record["val_seq_len"]) == (
+        2, 256, "validation", 32)
+    assert main(["eval", "--checkpoint", str(run), "--split", "validation", "--seq-len", "32", "--max-tokens", "256",
+                 "--no-progress"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    figures = _strict_json(out[-1])
+    assert (figures["split"], figures["tokens@32"]) == ("validation", 256)
+    assert figures["loss@32"] == pytest.approx(record["val_loss"], abs=1e-6)
+    assert f"{record['val_perplexity']:.2f}" in said[0]
+    assert "first 256 tokens of the validation split" in out[0]
+    row = next(line.split() for line in out if line.split()[:1] == ["32"])
+    assert row[1:4] == ["8", "256", "validation"]
+
+
+def test_eval_help_says_which_tokens_each_figure_scores(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--eval-tokens" in text and "--max-tokens" in text and "docs/evaluation.md" in text
 
 
 # ----------------------------------------------------------------------------------- train

@@ -23,6 +23,7 @@ from longnet.bench.results import QUICK_DIR, add_overwrite_option, claim_results
 from longnet.cli.options import int_list, positive_int
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
+from longnet.utils.strict_json import print_json_line
 
 __all__ = ["add_arguments", "run"]
 
@@ -373,7 +374,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         _print_targets(doc["targets_cpu_time"], "CPU time")
     print(timing_note(cfg, records))
     print(f"wrote {json_path}" + (f" and {png_path}" if doc["files"]["png"] else "") + " (every figure)")
-    print(json.dumps(summary_line(doc), separators=(",", ":")))
+    print_json_line(summary_line(doc), compact=True)
     return 0 if note is None else 130
 
 

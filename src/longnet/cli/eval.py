@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from longnet.cli.train import report_error
 from longnet.paper import PAPER_EVAL_LENGTHS
+from longnet.utils.strict_json import print_json_line
 
 DESCRIPTION = """\
 Perplexity of a trained LongNet on a held-out split at several context lengths, as in the paper
@@ -21,12 +21,22 @@ with a note.
 
 Beyond the training length LongNet keeps its dilated pattern (it runs at any length); a dense
 baseline (--attention dense) switches to blockwise causal attention over windows of its
-training length, as the paper evaluates it. The last line of the output is one JSON object with
-the figures ({"perplexity@2048": ..., ...})."""
+training length, as the paper evaluates it. Each row says how many tokens it scored; the last
+line of the output is one strict JSON object with the figures ({"split": "validation",
+"perplexity@2048": ..., "tokens@2048": ..., ...}). A NaN or infinite loss is an error (exit 1),
+never a figure.
+
+Which tokens: the validation figure longnet train prints scores the first --eval-tokens (65,536)
+tokens of the validation split in windows of the training length; this command scores the first
+--max-tokens (131,072, capped by the split and rounded down to a multiple of the longest
+--seq-len) at each --seq-len. Different tokens give different perplexities. To reproduce the
+trainer's figure, ask for its tokens: --split validation --seq-len TRAIN_LEN --max-tokens
+EVAL_TOKENS (docs/evaluation.md)."""
 
 EPILOG = """\
 examples:
   longnet eval --checkpoint runs/tiny
+  longnet eval --checkpoint runs/tiny --seq-len 512 --max-tokens 65536   # the trainer's validation figure
   longnet eval --checkpoint runs/tiny --seq-len 2048 8192 --split test --max-tokens 0
   longnet eval --checkpoint runs/tiny/checkpoints/step-00000100 --device cuda"""
 
@@ -46,8 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int, default=131072, metavar="N",
                         help="tokens scored per length (rounded down to a multiple of the longest length), "
                              "0 = the whole split (default: 131072)")
-    parser.add_argument("--batch-size", type=int, default=1, metavar="WINDOWS",
-                        help="windows per forward pass (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=None, metavar="WINDOWS",
+                        help="windows per forward pass (default: as many as fit in "
+                             "longnet.train.evaluate.EVAL_BATCH_TOKENS tokens, at least 1; the figures do not "
+                             "depend on it beyond float rounding)")
     parser.add_argument("--data", metavar="SPEC", default=None,
                         help="corpus to evaluate on (default: the run's --data)")
     parser.add_argument("--cache-dir", metavar="DIR", default=None,
@@ -74,9 +86,14 @@ def _model_folder(path: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate; 0 when done, 2 on bad input."""
+    """Evaluate; 0 when done, 1 when the loss is NaN or infinite, 2 on bad input."""
+    from longnet.train.evaluate import NonFiniteLoss
+
     try:
         return _run(args)
+    except NonFiniteLoss as err:  # broken weights or an overflow: no figure to report
+        report_error(err)
+        return 1
     except (ValueError, OSError) as err:  # bad input: checkpoint, data, lengths
         report_error(err)
         return 2
@@ -91,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
 
     if any(n < 1 for n in args.seq_len):
         raise ValueError(f"--seq-len values must be positive, got {args.seq_len}")
-    if args.max_tokens < 0 or args.batch_size < 1:
+    if args.max_tokens < 0 or (args.batch_size is not None and args.batch_size < 1):
         raise ValueError("--max-tokens must be >= 0 and --batch-size >= 1")
     folder = _model_folder(Path(args.checkpoint).expanduser())
     device = resolve_device(args.device)
@@ -124,18 +141,20 @@ def _run(args: argparse.Namespace) -> int:
 
     trained = model.config.max_train_length
     step = _step_of(folder)
+    scored = max(r.tokens for r in results)
     print(f"perplexity of {folder} (step {step if step is not None else '?'}, {model.config.attention} "
-          f"attention, trained at {trained} tokens) on the {args.split} split of {spec!r}")
-    print(f"{'context':>8}  {'windows':>7}  {'tokens':>9}  {'loss':>7}  {'perplexity':>10}")
+          f"attention, trained at {trained} tokens) on the first {scored:,} tokens of the {args.split} split "
+          f"({len(tokens):,} tokens) of {spec!r}")
+    print(f"{'context':>8}  {'windows':>7}  {'tokens':>9}  {'split':>10}  {'loss':>7}  {'perplexity':>10}")
     summary: dict[str, object] = {"checkpoint": str(folder), "step": step, "split": args.split,
-                                  "train_seq_len": trained}
+                                  "split_tokens": len(tokens), "train_seq_len": trained}
     skipped = {}
     for r in results:
         if r.skipped:
             print(f"{r.seq_len:>8}  skipped: {r.skipped}")
             skipped[str(r.seq_len)] = r.skipped
             continue
-        print(f"{r.seq_len:>8}  {r.windows:>7}  {r.tokens:>9,}  {r.loss:>7.4f}  {r.perplexity:>10.3f}")
+        print(f"{r.seq_len:>8}  {r.windows:>7}  {r.tokens:>9,}  {r.split:>10}  {r.loss:>7.4f}  {r.perplexity:>10.3f}")
         summary[f"perplexity@{r.seq_len}"] = round(r.perplexity, 6) if math.isfinite(r.perplexity) else None
         summary[f"loss@{r.seq_len}"] = round(r.loss, 6)
         summary[f"tokens@{r.seq_len}"] = r.tokens
@@ -145,8 +164,7 @@ def _run(args: argparse.Namespace) -> int:
         if (run_folder / "loss.png").is_file():
             print(f"training curves: {run_folder / 'loss.png'}")
             break
-    sys.stdout.flush()
-    print(json.dumps(summary), flush=True)
+    print_json_line(summary)
     return 0
 
 

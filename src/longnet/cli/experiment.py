@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import signal
 import sys
 from pathlib import Path
@@ -147,6 +146,7 @@ def _table2(args: argparse.Namespace) -> int:
     from longnet.experiments.table2 import run_table2
     from longnet.experiments.table2_report import format_table, markdown_table, plot_table2, summary_line
     from longnet.utils.atomic import atomic_write_text
+    from longnet.utils.strict_json import print_json_line
 
     plan = plan_from_args(args)
     results = claim_results_dir(args, "table2")
@@ -161,6 +161,5 @@ def _table2(args: argparse.Namespace) -> int:
     if results:
         write_results(results[0], results[1], doc, plot)
     print(format_table(doc))
-    sys.stdout.flush()
-    print(json.dumps(summary_line(doc), allow_nan=False), flush=True)
+    print_json_line(summary_line(doc))
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -75,6 +74,7 @@ def run_recall_command(args: argparse.Namespace) -> int:
     from longnet.experiments.recall import run_recall
     from longnet.experiments.recall_report import format_table, markdown_table, plot_recall, summary_line
     from longnet.utils.atomic import atomic_write_text
+    from longnet.utils.strict_json import print_json_line
 
     plan = plan_from_args(args)
     results = claim_results_dir(args, "recall")
@@ -91,6 +91,5 @@ def run_recall_command(args: argparse.Namespace) -> int:
         write_results(results[0], results[1], doc, plot)
         atomic_write_text(Path(results[0]) / f"{results[1]}.md", md)
     print(format_table(doc))
-    sys.stdout.flush()
-    print(json.dumps(summary_line(doc), allow_nan=False), flush=True)
+    print_json_line(summary_line(doc))
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 from pathlib import Path
 
@@ -56,6 +55,7 @@ def run_runtime_command(args: argparse.Namespace) -> int:
     from longnet.cli.experiment import claim_results_dir
     from longnet.experiments.runtime import RuntimePlan, format_table, plot_runtime, run_runtime, summary_line
     from longnet.train.runtime import resolve_device
+    from longnet.utils.strict_json import print_json_line
 
     results = claim_results_dir(args, "runtime")
     plan = RuntimePlan.preset("quick" if args.quick else "default", tokens=args.tokens, max_length=args.max_length,
@@ -73,6 +73,5 @@ def run_runtime_command(args: argparse.Namespace) -> int:
     if results:
         write_results(results[0], results[1], doc, plot)
     print(format_table(doc))
-    sys.stdout.flush()
-    print(json.dumps(summary_line(doc), allow_nan=False), flush=True)
+    print_json_line(summary_line(doc))
     return 0

@@ -14,7 +14,6 @@ and from the gathered-row shapes for the ones it shares. Memory is an estimate (
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 
@@ -23,6 +22,7 @@ from longnet.models.config import PRESETS, LongNetConfig
 from longnet.ops.pattern import DilatedPattern
 from longnet.paper import GPT2_VOCAB
 from longnet.parallel.layout import kv_pairs, place_branches, plan_bytes, residue_slots
+from longnet.utils.strict_json import print_json_line
 
 FLAG_FIELDS = {"layers": "num_layers", "embed_dim": "embed_dim", "heads": "num_heads", "kv_heads": "num_kv_heads",
                "ffn_dim": "ffn_dim", "vocab_size": "vocab_size", "segment_lengths": "segment_lengths",
@@ -293,5 +293,5 @@ def run(args: argparse.Namespace) -> int:
     ]
     for name, value in rows:
         print(f"{name:<42} {value:>16}")
-    print(json.dumps(r))
+    print_json_line(r)
     return 0

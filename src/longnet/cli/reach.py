@@ -10,7 +10,6 @@ the shortest segment), ``--layers`` bounds the depth.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -21,6 +20,7 @@ from longnet.ops.pattern import DilatedPattern
 from longnet.ops.reach import alternating_shift, reach, work
 from longnet.paper import PAPER_DILATION_RATES as PAPER_DILATIONS
 from longnet.paper import PAPER_SEGMENT_LENGTHS as PAPER_SEGMENTS
+from longnet.utils.strict_json import print_json_line
 
 _SLOW = 7 * 10**7  # block * classes above which the causal analysis takes over a minute (2 cores)
 _DILATED_PRESETS = sorted(k for k, v in PRESETS.items() if "segment_lengths" in v)
@@ -189,5 +189,5 @@ def run(args: argparse.Namespace) -> int:
     out = {"segment_lengths": list(patterns[0].segment_lengths),
            "dilation_rates": list(patterns[0].dilation_rates), "shifted": bool(args.shifted),
            **rep.to_dict(), "seconds": seconds}
-    print(json.dumps(out))
+    print_json_line(out)
     return 0

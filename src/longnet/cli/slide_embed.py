@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from longnet.cli.train import report_error
+from longnet.utils.strict_json import print_json_line
 
 DESCRIPTION = """\
 Slide embeddings with Prov-GigaPath's slide encoder (slide_encoder.pth, or a file written by
@@ -233,10 +234,9 @@ def _run(args: argparse.Namespace) -> int:
     for name, why in failed.items():
         print(f"failed: {name}: {why}")
     print(f"embeddings in {out}")
-    sys.stdout.flush()
-    print(json.dumps({"out": str(out), "slides": len(inputs), "embedded": done, "already_done": skipped,
-                      "failed": failed, "seconds": round(seconds, 3), "device": str(device),
-                      "dtype": str(dtype).replace("torch.", "")}), flush=True)
+    print_json_line({"out": str(out), "slides": len(inputs), "embedded": done, "already_done": skipped,
+                     "failed": failed, "seconds": round(seconds, 3), "device": str(device),
+                     "dtype": str(dtype).replace("torch.", "")})
     return 1 if failed else 0
 
 

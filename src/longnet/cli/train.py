@@ -125,7 +125,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
           help="compute precision: auto = bfloat16 autocast on GPU, float32 on CPU (default: auto)")
     _flag(run, "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: off)")
     _flag(run, "--eval-every", type=int, metavar="N", help="validate every N steps and at the end (default: 100)")
-    _flag(run, "--eval-tokens", type=int, metavar="N", help="validation tokens per evaluation (default: 65536)")
+    _flag(run, "--eval-tokens", type=int, metavar="N",
+          help="validation tokens per evaluation: the first N of the validation split in windows of --seq-len; "
+               "longnet eval --seq-len SEQ_LEN --max-tokens N scores the same ones (default: 65536)")
     _flag(run, "--save-every", type=int, metavar="N", help="checkpoint every N steps and at the end (default: 500)")
     _flag(run, "--sequence-parallel", type=int, metavar="P",
           help="under torchrun: P processes share each sequence (each holds seq-len / P tokens), the "

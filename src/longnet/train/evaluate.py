@@ -5,6 +5,10 @@ Window i of length L reads tokens ``[i*L, (i+1)*L + 1)``: every position of the 
 ``max_tokens // L`` windows over the *same* text for every L. Perplexity is ``exp`` of the mean
 loss over all scored tokens. All lengths score the same tokens (see :func:`perplexities`).
 
+Short windows are scored many at a time: a forward pass takes ``EVAL_BATCH_TOKENS // L`` windows
+(at least one), which changes only the float32 summation order, not which tokens are scored.
+A loss that is NaN or infinite raises :class:`NonFiniteLoss` rather than becoming a figure.
+
 Beyond the training length the model keeps its attention kind: LongNet keeps its dilated pattern
 (it runs at any length), the dense baseline switches to blockwise causal attention of its training
 length (``LongNetConfig.for_eval_length``), as in the paper's evaluation.
@@ -22,6 +26,39 @@ from longnet.data import EvalBatches, TokenStream
 from longnet.models import LongNetLM
 from longnet.train.runtime import autocast
 
+EVAL_BATCH_TOKENS = 4096
+"""Tokens per forward pass when scoring: ``EVAL_BATCH_TOKENS // L`` windows of length ``L`` (at least
+one). Scoring 32-token windows one at a time spends most of the time in per-call overhead."""
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The evaluation loss is NaN or infinite: the weights or the arithmetic broke, not the data."""
+
+
+def eval_batch_size(seq_len: int, tokens_per_forward: int = EVAL_BATCH_TOKENS) -> int:
+    """Windows of ``seq_len`` tokens per forward pass: ``tokens_per_forward // seq_len``, at least 1."""
+    return max(1, tokens_per_forward // seq_len)
+
+
+def non_finite_parameters(model: torch.nn.Module) -> list[str]:
+    """Names of ``model``'s parameters and buffers that hold a NaN or an infinity."""
+    tensors = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, t in tensors if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+
+
+def check_finite_loss(loss: float, model: torch.nn.Module, what: str, dtype: torch.dtype) -> None:
+    """Raise :class:`NonFiniteLoss` saying why when ``loss`` (the mean loss of ``what``) is NaN/inf."""
+    if math.isfinite(loss):
+        return
+    broken = non_finite_parameters(model)
+    if broken:
+        cause = (f"{len(broken)} of the model's weight tensors hold NaN or infinity (first: {broken[0]}); "
+                 "these weights cannot be evaluated: use an earlier checkpoint, or retrain with a lower --lr")
+    else:
+        cause = (f"the weights are finite but the forward pass overflows in {str(dtype).replace('torch.', '')}; "
+                 "evaluate with --dtype float32")
+    raise NonFiniteLoss(f"the loss on {what} is {loss}: {cause}")
+
 
 @dataclass
 class PerplexityResult:
@@ -30,12 +67,21 @@ class PerplexityResult:
     seq_len: int
     windows: int = 0
     tokens: int = 0
+    """How many tokens were scored (``windows * seq_len``)."""
     loss: float = math.nan
     skipped: str | None = None
+    split: str = ""
+    """The name of the split the tokens came from (``validation``, ``test``)."""
 
     @property
     def perplexity(self) -> float:
-        return math.exp(self.loss) if self.skipped is None else math.nan
+        """``exp(loss)`` (infinity past float64's range); NaN for a skipped length."""
+        if self.skipped is not None:
+            return math.nan
+        try:
+            return math.exp(self.loss)
+        except OverflowError:  # a finite loss above ~709.8 nats
+            return math.inf
 
 
 @torch.no_grad()
@@ -44,11 +90,16 @@ def mean_loss(
     batches: EvalBatches,
     device: torch.device,
     dtype: torch.dtype,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool | None = False,
     desc: str = "eval",
 ) -> tuple[float, int]:
-    """``(mean next-token loss over every scored token, number of tokens)`` of ``batches``."""
+    """``(mean next-token loss over every scored token, number of tokens)`` of ``batches``.
+
+    ``batch_size``: windows per forward pass (None: :func:`eval_batch_size`); the loss does not
+    depend on it beyond float32 rounding. Raises :class:`NonFiniteLoss` when the loss is NaN/inf.
+    """
+    batch_size = eval_batch_size(batches.seq_len) if batch_size is None else batch_size
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -67,7 +118,10 @@ def mean_loss(
     finally:
         bar.close()
         model.train(was_training)
-    return total / count, count
+    loss = total / count
+    check_finite_loss(loss, model, f"{count:,} tokens of the {batches.tokens.name} split in windows of "
+                      f"{batches.seq_len:,}", dtype)
+    return loss, count
 
 
 def model_for_length(model: LongNetLM, seq_len: int) -> LongNetLM:
@@ -89,7 +143,7 @@ def perplexities(
     max_tokens: int | None,
     device: torch.device,
     dtype: torch.dtype,
-    batch_size: int = 1,
+    batch_size: int | None = None,
     progress: bool | None = None,
 ) -> list[PerplexityResult]:
     """Perplexity of ``model`` on ``tokens`` at each context length in ``seq_lens``.
@@ -98,7 +152,8 @@ def perplexities(
     Every other length scores the same first ``T`` tokens of the split: ``T`` is ``max_tokens``
     (None: the whole split) rounded down to a multiple of the longest such length (at least one
     window of it), so the figures compare the same text. Lengths that do not divide ``T`` score
-    the ``T // L`` whole windows that fit.
+    the ``T // L`` whole windows that fit. ``batch_size``: windows per forward pass (None: as
+    many as fit in :data:`EVAL_BATCH_TOKENS`). Raises :class:`NonFiniteLoss` on a NaN/inf loss.
     """
     fillable = [n for n in seq_lens if len(tokens) >= n + 1]
     budget = 0
@@ -109,11 +164,11 @@ def perplexities(
     results = []
     for seq_len in seq_lens:
         if seq_len not in fillable:
-            results.append(PerplexityResult(seq_len, skipped=(
+            results.append(PerplexityResult(seq_len, split=tokens.name, skipped=(
                 f"the {tokens.name} split has {len(tokens):,} tokens, fewer than {seq_len + 1:,}")))
             continue
         batches = EvalBatches(tokens, seq_len, max_sequences=budget // seq_len)
         runner = model_for_length(model, seq_len)
         loss, count = mean_loss(runner, batches, device, dtype, batch_size, progress, desc=f"eval @{seq_len}")
-        results.append(PerplexityResult(seq_len, windows=len(batches), tokens=count, loss=loss))
+        results.append(PerplexityResult(seq_len, windows=len(batches), tokens=count, loss=loss, split=tokens.name))
     return results

@@ -46,7 +46,7 @@ from longnet.train.distributed import (
     setup_parallel,
     torchrun_world_size,
 )
-from longnet.train.evaluate import mean_loss
+from longnet.train.evaluate import NonFiniteLoss, check_finite_loss, mean_loss
 from longnet.train.metrics import MetricsLog, plot_losses
 from longnet.train.optim import build_optimizer
 from longnet.train.rundir import open_run_dir, write_run_file
@@ -483,19 +483,31 @@ def _one_step(run: _Run, progress: _Progress) -> dict[str, Any]:
 
 
 def _evaluate(run: _Run, progress: _Progress, metrics: MetricsLog | None) -> None:
-    """Validation loss now (every rank takes part under torchrun); rank 0 logs and plots it."""
-    if run.parallel is None:
-        val_loss, _ = mean_loss(run.model, run.val_batches, run.device, run.dtype)
-    else:
-        val_loss, _ = parallel_mean_loss(run.model, run.val_batches, run.device, run.dtype, run.parallel)
+    """Validation loss now (every rank takes part under torchrun); rank 0 logs and plots it.
+
+    The line says which tokens it scored (``longnet eval --seq-len L --max-tokens N`` scores the
+    same ones and gives the same figure). Raises :class:`TrainingDiverged` on a NaN/inf loss."""
+    batches = run.val_batches
+    try:
+        if run.parallel is None:
+            val_loss, count = mean_loss(run.model, batches, run.device, run.dtype)
+        else:
+            val_loss, count = parallel_mean_loss(run.model, batches, run.device, run.dtype, run.parallel)
+            check_finite_loss(val_loss, run.model, f"the {batches.tokens.name} split", run.dtype)
+    except NonFiniteLoss as err:
+        raise TrainingDiverged(f"at step {progress.step}, {err}; the last checkpoint is "
+                               f"{progress.checkpoint or 'none yet'}") from err
     progress.val_loss = val_loss
+    split = batches.tokens.name
     record = {"kind": "eval", "step": progress.step, "val_loss": val_loss,
-              "val_perplexity": math.exp(min(val_loss, 700.0)), "tokens": progress.tokens}
+              "val_perplexity": math.exp(min(val_loss, 700.0)), "val_tokens": count, "val_split": split,
+              "val_seq_len": batches.seq_len, "tokens": progress.tokens}
     progress.history.append(record)
     if run.main:
         metrics.log(record)
         tqdm.write(f"step {progress.step}: train loss {progress.train_loss:.4f}, validation loss {val_loss:.4f} "
-                   f"(perplexity {record['val_perplexity']:.2f})", file=sys.stderr)
+                   f"(perplexity {record['val_perplexity']:.2f} on the first {count:,} tokens of the {split} split, "
+                   f"windows of {batches.seq_len:,})", file=sys.stderr)
         plot_losses(run.run_dir)
 
 

@@ -1,1 +1,2 @@
-"""Small helpers that every layer of longnet may use (they import nothing from longnet)."""
+"""Small helpers that every layer of longnet may use (they import nothing from longnet outside
+``longnet.utils``)."""

@@ -15,13 +15,12 @@ is left as it was.
 - :func:`fsync_file`, :func:`fsync_dir`, :func:`file_mode`: the pieces, for callers that publish
   a whole folder at once (trainer checkpoints).
 
-This module imports nothing from longnet, so models, data, training, parallel and benchmark
-code can all use it.
+This module imports nothing from longnet outside ``longnet.utils``, so models, data, training,
+parallel and benchmark code can all use it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
+
+from longnet.utils.strict_json import to_json
 
 __all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_save",
            "save_figure", "atomic_copy", "fsync_file", "fsync_dir", "file_mode"]
@@ -123,12 +124,13 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 1, sort_keys: bool = True) -> None:
-    """Write ``value`` as JSON (and a final newline) to ``path`` atomically.
+    """Write ``value`` as strict JSON (and a final newline) to ``path`` atomically.
 
-    The value is serialized before anything is written, so a value that is not JSON-safe raises
-    ``TypeError`` and leaves ``path`` untouched.
+    The value is serialized (:func:`~longnet.utils.strict_json.to_json`) before anything is
+    written, so a value that is not JSON-safe raises ``TypeError``, and one holding NaN or
+    infinity ``ValueError``, and ``path`` is left untouched.
     """
-    atomic_write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys) + "\n")
+    atomic_write_text(path, to_json(value, indent=indent, sort_keys=sort_keys) + "\n")
 
 
 def save_figure(fig: Any, path: str | os.PathLike, **savefig_kwargs: Any) -> Path:
