@@ -41,14 +41,14 @@ def add_parser(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a micro model at 512 tokens: a smoke run of seconds")
     p.add_argument("--rows", nargs="+", metavar="ROW", default=None,
                    help="models to run (default: all): dense dense-block sparse longnet longnet-shifted")
-    p.add_argument("--short-steps", type=int, default=None, help="steps of the short first phase (default: 500)")
-    p.add_argument("--long-steps", type=int, default=None, help="steps at the training length (default: 150)")
-    p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (default: 4,096)")
+    p.add_argument("--short-steps", type=int, default=None, help="steps of the short first phase (default: 400)")
+    p.add_argument("--long-steps", type=int, default=None, help="steps at the training length (default: 200)")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="tokens per optimizer step (default: 8,192)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate, the same for every row (default: 0.01, from a sweep on the dense row)")
     p.add_argument("--seed", type=int, default=None, help="seed of the weights and the data (default: 0)")
     p.add_argument("--eval-sequences", type=int, default=None,
-                   help="sequences scored at each evaluation length (default: 32)")
+                   help="sequences scored at each evaluation length (default: 64)")
     p.add_argument("--results-dir", metavar="DIR", default=None,
                    help="also write recall-<device>.json/.png/.md here (for example benchmarks/results)")
     add_overwrite_option(p)
