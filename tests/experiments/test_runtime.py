@@ -12,7 +12,8 @@ from longnet.experiments.runtime import RuntimePlan, fit_exponent
 
 def test_pattern_grows_with_the_length_and_keeps_keys_per_query():
     plan = RuntimePlan()
-    assert plan.lengths[0] == 8192 and plan.lengths[-1] == 1 << 22
+    assert plan.lengths[0] == 2048 and plan.lengths[-1] == 1 << 22
+    assert plan.pattern(2048) == ([2048], [1])  # one dense block
     segments, rates = plan.pattern(8192)
     assert segments == [2048, 4096, 8192] and rates == [1, 2, 4]
     segments, rates = plan.pattern(1 << 22)

@@ -12,7 +12,8 @@ The paper's runtime figure in miniature: the forward time of one causal attentio
 against dense (scaled_dot_product_attention), with the tokens per call held constant (batch = tokens
 / N), so linear cost gives a flat curve and quadratic cost one that doubles with N. Dilated
 attention runs the paper's runtime pattern (segments 2048, 4096, ... N with rates 1, 2, 4, ...)
-from 8K to 4M tokens; dense attention runs until one call takes more than --dense-limit seconds.
+from 2K to 4M tokens; dense attention runs from 2K until one call takes more than --dense-limit
+seconds (60: at 2^22 tokens per call that is reached at 8K on a 2-core CPU).
 On CPU the time is the process CPU time of the call (all threads); on CUDA, CUDA time.
 
 Printed: a table, the fitted growth exponent b of time ~ N^b for each method, and a last JSON line.

@@ -36,7 +36,8 @@ class RuntimePlan:
 
     tokens: int = 1 << 22
     """Tokens per call (``batch * N``), held constant."""
-    min_length: int = 8192
+    min_length: int = 2048
+    """Shortest ``N`` of both methods (at ``N = base`` dilated attention is one dense block)."""
     max_length: int = 1 << 22
     """Longest ``N`` of dilated attention (the lengths are powers of two from ``min_length``)."""
     base: int = 2048
@@ -49,7 +50,7 @@ class RuntimePlan:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "RuntimePlan":
-        """``"default"`` (2^22 tokens, 8K ... 4M) or ``"quick"`` (2^15 tokens, 1K ... 32K, seconds)."""
+        """``"default"`` (2^22 tokens, 2K ... 4M) or ``"quick"`` (2^15 tokens, 1K ... 32K, seconds)."""
         presets: dict[str, dict[str, Any]] = {
             "default": {},
             "quick": dict(tokens=1 << 15, min_length=1024, max_length=1 << 15, base=256, head_dim=32,
