@@ -171,7 +171,7 @@ def test_quick_run_resumes_without_training_again(quick_run, capsys, monkeypatch
 
 def test_a_row_of_another_plan_is_refused(quick_run, capsys):
     root, args, _ = quick_run
-    assert main(args + ["--lr", "0.01"]) == 2
+    assert main(args + ["--lr", "0.02"]) == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("error: ") and "written by another plan" in last
 
