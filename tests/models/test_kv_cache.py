@@ -113,6 +113,8 @@ def test_slot_cache_holds_each_position_its_group_reads_once(branches, heads, N)
             group = torch.arange(j * G, (j + 1) * G).view(1, -1)
             wanted = segment[pattern.keeps(b, segment.view(-1, 1), group).any(1)]
             assert sorted(held.tolist()) == wanted.tolist()  # each once
+    written = cache.positions[0] >= 0  # (Hkv, S): every slot holds the offset the layout assigns it
+    assert torch.equal((cache.positions[0] % cache.slot_w)[written], cache.layout.slot_offsets()[written])
 
 
 def test_slot_cache_chunk_crossing_an_aligned_start_splits_there():

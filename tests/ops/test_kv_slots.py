@@ -24,6 +24,8 @@ def test_each_kv_head_keeps_its_groups_offsets_once_in_dense_slots(pattern, head
     layout = kv_slot_layout(pattern, H, Hkv)
     rank = layout.rank_table()
     m = layout.residue_counts()
+    held = layout.slot_offsets()  # (Hkv, total): the inverse map
+    assert held.shape == (Hkv, layout.total)
     for b, (w, r) in enumerate(pattern.branches):
         offsets = torch.arange(w)
         counts = []
@@ -35,6 +37,9 @@ def test_each_kv_head_keeps_its_groups_offsets_once_in_dense_slots(pattern, head
             slots = slot_of_offset(offsets[wanted], r, m[b], ranks[wanted])
             # increasing with the offset and exactly 0 .. count-1: each kept position once
             assert torch.equal(slots, torch.arange(int(wanted.sum())))
+            first = layout.firsts[b]
+            branch = held[j, first:first + layout.sizes[b]]
+            assert torch.equal(branch[slots], offsets[wanted]) and bool((branch[len(slots):] == -1).all())
             assert m[b] == min(G, r) == len(layout.residues[b][j])
             counts.append(int(wanted.sum()))
         assert layout.sizes[b] == max(counts) <= min(w, G * pattern.max_cached_positions(b))

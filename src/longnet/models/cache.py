@@ -92,6 +92,13 @@ class SlotLayerCache:
         self.branch_first = torch.tensor(self.offsets, dtype=torch.long, device=device)
         self.branch_m = torch.tensor(self.layout.residue_counts(), dtype=torch.long, device=device)
         self.rank = self.layout.rank_table(device)  # (nb, Hkv, max r), -1: residue not kept
+        self.slot_branch = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))  # (S,)
+        # (H, S) bool: query head h reads slot s of its key/value head when it keeps the offset
+        offsets = self.layout.slot_offsets(device)[torch.arange(num_heads, device=device)
+                                                   // self.layout.group_size]  # (H, S), -1: none
+        self.head_reads = kept(offsets, torch.arange(num_heads, device=device).view(-1, 1),
+                               self.slot_w, self.slot_r)
         self.period = math.lcm(*pattern.segment_lengths)  # every segment starts at its multiples
         self.max_chunk = 256  # query rows per unaligned sub-chunk: (B, H, 256, S + 256) scores
 
@@ -106,15 +113,22 @@ class SlotLayerCache:
         return self.layout.nbytes(self.B, self.D, self.dtype)
 
     def _query_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """(B, H, n, S) bool: query (B, n) positions may read slot positions (B, Hkv, S)."""
-        H = self.H
-        w, r = self.slot_w, self.slot_r  # (S,)
-        heads = torch.arange(H, device=q_pos.device)
+        """(B, H, n, S) bool: query (B, n) positions may read slot positions (B, Hkv, S).
+
+        Three factors: the query head keeps the slot's offset (static, :attr:`head_reads`), the
+        query is kept by its head in the slot's branch, and the slot holds a position of the
+        query's segment at or before it (per key/value head, shared by its group)."""
+        B, n = q_pos.shape
+        H, Hkv, G = self.H, self.Hkv, self.layout.group_size
+        heads = torch.arange(H, device=q_pos.device).view(1, H, 1, 1)
         q = q_pos[:, None, :, None]  # (B, 1, n, 1)
-        k = k_pos[:, heads // self.layout.group_size, None, :]  # (B, H, 1, S)
-        heads = heads.view(1, H, 1, 1)
-        return (kept(q, heads, w, r) & kept(k, heads, w, r) & (k <= q)
-                & same_segment(k, q, w))  # (B, H, n, S)
+        q_kept = kept(q, heads, self.branch_w, self.branch_r)[..., self.slot_branch]  # (B, H, n, S)
+        k = k_pos[:, :, None, :]  # (B, Hkv, 1, S)
+        held = (k >= 0) & (k <= q) & same_segment(k, q, self.slot_w)  # (B, Hkv, n, S)
+        S = k_pos.shape[-1]
+        mask = (self.head_reads.view(1, Hkv, G, 1, S) & q_kept.view(B, Hkv, G, n, S)
+                & held.view(B, Hkv, 1, n, S))
+        return mask.view(B, H, n, S)
 
     def _attention(self, query, keys, values, mask, scale):
         """SDPA of query heads (B, H, n, D) over their key/value head's keys (B, Hkv, L, D), mask

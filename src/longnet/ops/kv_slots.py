@@ -111,6 +111,20 @@ class KVSlotLayout:
                 table[b, j, list(res)] = torch.arange(len(res))
         return table.to(device)
 
+    def slot_offsets(self, device=None) -> torch.Tensor:
+        """(Hkv, total) long: the segment offset each slot of each key/value head holds (the
+        inverse of :func:`slot_of_offset`), ``-1`` for slots a head never uses."""
+        table = torch.full((self.num_kv_heads, self.total), -1, dtype=torch.long)
+        ranks, counts = self.rank_table(), self.residue_counts()
+        for b, (first, w, r) in enumerate(zip(self.firsts, self.pattern.segment_lengths,
+                                              self.pattern.dilation_rates)):
+            offsets = torch.arange(w)
+            for j in range(self.num_kv_heads):
+                rank = ranks[b, j, offsets % r]
+                held = offsets[rank >= 0]
+                table[j, first + slot_of_offset(held, r, counts[b], rank[rank >= 0])] = held
+        return table.to(device)
+
     def nbytes(self, batch_size: int, head_dim: int, dtype: torch.dtype) -> int:
         """Bytes of a cache with this layout: keys and values (``dtype``) and int64 positions of
         :attr:`total` slots per key/value head and row."""
