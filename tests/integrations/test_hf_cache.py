@@ -237,6 +237,22 @@ def test_layers_store_per_kv_head_the_union_of_their_query_heads_residues(kv_hea
     assert cache.nbytes == real == bound_bytes(model.config, 2, torch.float64)
 
 
+def test_allocate_on_meta_counts_the_bytes_of_a_real_run():
+    """benchmarks/gqa_cache_bytes.py counts bytes of caches allocated on the meta device."""
+    model = make_model(num_key_value_heads=1)
+    real, meta = DilatedCache(model.config), DilatedCache(model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, VOCAB, (2, 3)), cache=real, use_cache=True)
+    with pytest.raises(ValueError, match="lazy_initialization"):
+        meta.layers[0].allocate()
+    key = torch.empty(2, 1, 1, 8, dtype=torch.float64, device="meta")
+    for layer in meta.layers:
+        layer.lazy_initialization(key, key)
+        layer.allocate()
+        assert layer.slots.keys.is_meta
+    assert meta.nbytes == real.nbytes == bound_bytes(model.config, 2, torch.float64)
+
+
 def test_start_at_skips_what_no_query_reads():
     """Segments 4, 8, 16 nest: a 45-token prompt's continuation reads nothing before 32."""
     model = make_model(segment_lengths=[4, 8, 16], dilation_rates=[1, 2, 4])

@@ -168,6 +168,16 @@ class DilatedLayer(CacheLayerMixin):
         """Bytes held (slot keys, values, positions): the pattern's bound once tokens arrived."""
         return 0 if self.slots is None else self.slots.nbytes
 
+    def allocate(self) -> None:
+        """Make the layer's slots at their bound (the first :meth:`attend` does it), on the device
+        and in the dtype of the first keys (``lazy_initialization``; a ``"meta"`` device counts
+        bytes without holding them)."""
+        if not self.is_initialized:
+            raise ValueError(f"DilatedCache layer {self.layer_idx}: allocate needs the first keys "
+                             "(lazy_initialization) for its batch, heads and dtype")
+        self.slots = SlotLayerCache(self.pattern, self.batch_size, self.num_heads, self.head_dim,
+                                    num_kv_heads=self.kv_heads, dtype=self.dtype, device=self.device)
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, *, scale: float | None, causal: bool,
                dropout: float) -> torch.Tensor:
@@ -216,8 +226,7 @@ class DilatedLayer(CacheLayerMixin):
         self.offsets = first
         positions = past + torch.arange(q, device=device).unsqueeze(0) - offsets.unsqueeze(1)
         if self.slots is None:
-            self.slots = SlotLayerCache(self.pattern, B, H, D, num_kv_heads=self.kv_heads,
-                                        dtype=self.dtype, device=device)
+            self.allocate()
         return self.slots.attend(query, key, value, positions, valid, scale=scale)
 
 

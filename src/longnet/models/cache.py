@@ -92,8 +92,8 @@ class SlotLayerCache:
         self.branch_first = torch.tensor(self.offsets, dtype=torch.long, device=device)
         self.branch_m = torch.tensor(self.layout.residue_counts(), dtype=torch.long, device=device)
         self.rank = self.layout.rank_table(device)  # (nb, Hkv, max r), -1: residue not kept
-        self.slot_branch = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device))  # (S,)
+        self.slot_branch = torch.tensor([b for b, n in enumerate(sizes) for _ in range(n)],
+                                        dtype=torch.long, device=device)  # (S,)
         # (H, S) bool: query head h reads slot s of its key/value head when it keeps the offset
         offsets = self.layout.slot_offsets(device)[torch.arange(num_heads, device=device)
                                                    // self.layout.group_size]  # (H, S), -1: none
