@@ -21,6 +21,7 @@ SLUG = device_slug(torch.device("cpu"))
 @pytest.mark.parametrize("script, stem, extra", [
     ("decode.py", "decode-cpu", []),
     ("hf_decode.py", "hf_decode-cpu", []),
+    ("gqa_cache_bytes.py", "gqa_cache_bytes", []),
     ("train_speed.py", f"train_speed_{SLUG}", ["--device", "cpu"]),
     ("profile_attention.py", f"profile_attention_{SLUG}_N16384_causal", []),
 ])

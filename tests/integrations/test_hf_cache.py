@@ -212,11 +212,45 @@ def test_bytes_are_the_bound_and_constant_while_the_dense_cache_grows():
             model(input_ids=x[:, t:t + 1], cache=dense, use_cache=True)
             sizes.append(cache.nbytes)
             dense_sizes.append(sum(layer.keys.nbytes + layer.values.nbytes for layer in dense.layers))
-    slots = 3 + 4 + 4  # sum ceil(w / r)
-    assert cache.slots_per_head == slots
-    expected = 2 * 2 * 4 * slots * (2 * 8 * 8 + 8)  # layers * batch * heads * slots * bytes
+    # per key/value head, its 2 query heads' residues once: (3, 1) -> 3, (8, 2) -> residues
+    # {0, 1} of 2 -> 8, (16, 4) -> {0, 1} or {2, 3} of 4 -> 8 (per query head: 3 + 4 + 4 each)
+    slots = 3 + 8 + 8
+    assert cache.slots_per_kv_head == slots < 2 * (3 + 4 + 4)
+    expected = 2 * 2 * 2 * slots * (2 * 8 * 8 + 8)  # layers * batch * kv heads * slots * bytes
     assert sizes == [expected] * 70 == [bound_bytes(model.config, 2, torch.float64)] * 70
     assert dense_sizes[-1] == 70 * dense_sizes[0] > sizes[-1]
+
+
+@pytest.mark.parametrize("kv_heads, slots", [(4, 3 + 4 + 4), (2, 3 + 8 + 8), (1, 3 + 8 + 16)])
+def test_layers_store_per_kv_head_the_union_of_their_query_heads_residues(kv_heads, slots):
+    """4 query heads, segments 3, 8, 16, rates 1, 2, 4: a key/value head of G query heads keeps
+    min(G, r) residues of each branch, once (per query head it would be G * (3 + 4 + 4))."""
+    model = make_model(num_key_value_heads=kv_heads)
+    cache = DilatedCache(model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, VOCAB, (2, 5)), cache=cache, use_cache=True)
+    assert cache.slots_per_kv_head == slots
+    for layer in cache.layers:
+        assert layer.slots.keys.shape == layer.slots.values.shape == (2, kv_heads, slots, 8)
+    real = sum(t.nbytes for layer in cache.layers
+               for t in (layer.slots.keys, layer.slots.values, layer.slots.positions))
+    assert cache.nbytes == real == bound_bytes(model.config, 2, torch.float64)
+
+
+def test_allocate_on_meta_counts_the_bytes_of_a_real_run():
+    """benchmarks/gqa_cache_bytes.py counts bytes of caches allocated on the meta device."""
+    model = make_model(num_key_value_heads=1)
+    real, meta = DilatedCache(model.config), DilatedCache(model.config)
+    with torch.no_grad():
+        model(input_ids=torch.randint(1, VOCAB, (2, 3)), cache=real, use_cache=True)
+    with pytest.raises(ValueError, match="lazy_initialization"):
+        meta.layers[0].allocate()
+    key = torch.empty(2, 1, 1, 8, dtype=torch.float64, device="meta")
+    for layer in meta.layers:
+        layer.lazy_initialization(key, key)
+        layer.allocate()
+        assert layer.slots.keys.is_meta
+    assert meta.nbytes == real.nbytes == bound_bytes(model.config, 2, torch.float64)
 
 
 def test_start_at_skips_what_no_query_reads():

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.models.cache import DenseLayerCache, SlotLayerCache
+from longnet.ops.reference import reference_dilated_attention
 from longnet.ops.reference_cache import DilatedLayerCache
 
 
@@ -48,12 +49,72 @@ def test_caches_in_chunks_equal_full_attention(branches, N, heads, chunks, seed,
     k = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
     v = torch.randn(2, Hkv, N, 5, generator=g, dtype=torch.float64)
     if kind == "compact":
-        cache = DilatedLayerCache(pattern, 2, H, 5, dtype=torch.float64)
+        cache = DilatedLayerCache(pattern, 2, H, 5, num_kv_heads=Hkv, dtype=torch.float64)
     else:
-        cache = SlotLayerCache(pattern, 2, H, 5, dtype=torch.float64)
+        cache = SlotLayerCache(pattern, 2, H, 5, num_kv_heads=Hkv, dtype=torch.float64)
         cache.max_chunk = max_chunk  # unaligned chunks run in sub-chunks of this many rows
     out = _run(cache, q, k, v, chunks)
     torch.testing.assert_close(out, _full(q, k, v, pattern), rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    branches=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 7)), min_size=1, max_size=3),
+    kv_heads=st.integers(1, 2),
+    group=st.sampled_from([1, 2, 4]),
+    prompt=st.integers(0, 20),
+    steps=st.integers(1, 25),
+    seed=st.integers(0, 1000),
+)
+def test_slot_cache_decoding_with_gqa_equals_the_float64_reference_on_the_prefix(
+        branches, kv_heads, group, prompt, steps, seed):
+    """Per key/value head storage: each decoding step (after a prefill chunk of ``prompt``
+    tokens) equals the dense float64 reference run on the whole prefix, at its last row."""
+    pattern = DilatedPattern([w for w, _ in branches], [r for _, r in branches])
+    H, Hkv, N, D = kv_heads * group, kv_heads, prompt + steps, 4
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, H, N, D, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 2, Hkv, N, D, generator=g, dtype=torch.float64).unbind(0)
+    cache = SlotLayerCache(pattern, 2, H, D, num_kv_heads=Hkv, dtype=torch.float64)
+    pos = torch.arange(N).expand(2, N)
+    if prompt:
+        cache.attend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], pos[:, :prompt])
+    for t in range(prompt, N):
+        out = cache.attend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], pos[:, t:t + 1])
+        ref, _ = reference_dilated_attention(q[:, :, :t + 1], k[:, :, :t + 1], v[:, :, :t + 1],
+                                             pattern.segment_lengths, pattern.dilation_rates,
+                                             is_causal=True, enable_gqa=True)
+        torch.testing.assert_close(out, ref[:, :, t:t + 1], rtol=0, atol=1e-12)
+    assert cache.keys.shape[1] == Hkv  # stored per key/value head
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    branches=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 7)), min_size=1, max_size=3),
+    heads=st.sampled_from([(2, 1), (4, 1), (4, 2), (8, 2), (3, 3)]),
+    N=st.integers(1, 40),
+)
+def test_slot_cache_holds_each_position_its_group_reads_once(branches, heads, N):
+    """After ``N`` tokens, branch ``b`` of key/value head ``j`` holds exactly the positions of the
+    last segment that some query head of the group keeps, each in one slot."""
+    pattern = DilatedPattern([w for w, _ in branches], [r for _, r in branches])
+    H, Hkv = heads
+    G = H // Hkv
+    cache = SlotLayerCache(pattern, 1, H, 2, num_kv_heads=Hkv)
+    x = torch.randn(1, H, N, 2)
+    for t in range(N):
+        cache.attend(x[:, :, t:t + 1], x[:, :Hkv, t:t + 1], x[:, :Hkv, t:t + 1], torch.tensor([[t]]))
+    for b, w in enumerate(pattern.segment_lengths):
+        first, size = cache.offsets[b], cache.layout.sizes[b]
+        segment = torch.arange((N - 1) // w * w, N)
+        for j in range(Hkv):
+            held = cache.positions[0, j, first:first + size]
+            held = held[(held >= 0) & (held // w == (N - 1) // w)]
+            group = torch.arange(j * G, (j + 1) * G).view(1, -1)
+            wanted = segment[pattern.keeps(b, segment.view(-1, 1), group).any(1)]
+            assert sorted(held.tolist()) == wanted.tolist()  # each once
+    written = cache.positions[0] >= 0  # (Hkv, S): every slot holds the offset the layout assigns it
+    assert torch.equal((cache.positions[0] % cache.slot_w)[written], cache.layout.slot_offsets()[written])
 
 
 def test_slot_cache_chunk_crossing_an_aligned_start_splits_there():

@@ -1,10 +1,14 @@
 """A bounded KV cache for transformers models with dilated attention: :class:`DilatedCache`.
 
 A causal query of dilated attention reads only keys of its own segment, and per head only those at
-its residue, so each layer needs at most ``S = sum_i ceil(w_i / r_i)`` cached keys per (query) head:
-the cache stops growing once the largest segment is full, whatever the context length. Each layer
-of a :class:`DilatedCache` holds a :class:`longnet.models.cache.SlotLayerCache` (the cache
-``LongNetLM.generate`` uses: fixed slots written in place, one softmax over all branches).
+its residue, so each layer needs at most ``sum_i ceil(w_i / r_i)`` cached keys per query head: the
+cache stops growing once the largest segment is full, whatever the context length. Each layer of a
+:class:`DilatedCache` holds a :class:`longnet.models.cache.SlotLayerCache` (the cache
+``LongNetLM.generate`` uses: fixed slots written in place, one softmax over all branches), which
+stores per key/value head: with grouped-query attention (``G`` query heads per key/value head) a
+key/value head keeps, per branch, the union of its group's residues once
+(:mod:`longnet.ops.kv_slots`), at most ``min(w_i, G * ceil(w_i / r_i))`` slots, where copies per
+query head would take ``G * ceil(w_i / r_i)`` (``G`` copies of the ``r = 1`` branch).
 
 How it meets transformers: a model calls ``cache.update(key, value, layer_idx)`` and hands what it
 returns to the attention function. :meth:`DilatedLayer.update` returns the *new* keys and values,
@@ -30,6 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from longnet.models.cache import SlotLayerCache
+from longnet.ops.kv_slots import KVSlotLayout, kv_slot_layout
 from longnet.ops.pattern import DilatedPattern
 
 __all__ = ["DilatedCache", "DilatedLayer", "bound_bytes", "cache_argument", "layer_of"]
@@ -60,8 +65,8 @@ class DilatedLayer(CacheLayerMixin):
 
     Args:
         pattern: the layer's dilated pattern.
-        num_heads: query heads (keys are stored per query head: heads of one GQA group keep
-            different residues).
+        num_heads: query heads (the key/value heads come with the first keys; the cache stores
+            per key/value head the union of its query heads' residues).
         layer_idx: the layer's index (for messages).
     """
 
@@ -163,6 +168,16 @@ class DilatedLayer(CacheLayerMixin):
         """Bytes held (slot keys, values, positions): the pattern's bound once tokens arrived."""
         return 0 if self.slots is None else self.slots.nbytes
 
+    def allocate(self) -> None:
+        """Make the layer's slots at their bound (the first :meth:`attend` does it), on the device
+        and in the dtype of the first keys (``lazy_initialization``; a ``"meta"`` device counts
+        bytes without holding them)."""
+        if not self.is_initialized:
+            raise ValueError(f"DilatedCache layer {self.layer_idx}: allocate needs the first keys "
+                             "(lazy_initialization) for its batch, heads and dtype")
+        self.slots = SlotLayerCache(self.pattern, self.batch_size, self.num_heads, self.head_dim,
+                                    num_kv_heads=self.kv_heads, dtype=self.dtype, device=self.device)
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, *, scale: float | None, causal: bool,
                dropout: float) -> torch.Tensor:
@@ -211,16 +226,19 @@ class DilatedLayer(CacheLayerMixin):
         self.offsets = first
         positions = past + torch.arange(q, device=device).unsqueeze(0) - offsets.unsqueeze(1)
         if self.slots is None:
-            self.slots = SlotLayerCache(self.pattern, B, H, D, dtype=self.dtype, device=device)
+            self.allocate()
         return self.slots.attend(query, key, value, positions, valid, scale=scale)
 
 
 class DilatedCache(Cache):
     """Bounded KV cache for a transformers causal LM with ``attn_implementation="dilated"``.
 
-    Each layer keeps at most ``sum_i ceil(w_i / r_i)`` keys and values per query head (the
-    pattern's bound, reached from the first token on: slots are preallocated), whatever the
-    context length; :attr:`nbytes` reports them. Use it in place of transformers' dense cache::
+    Each layer keeps, per key/value head, the keys and values its query heads can still read:
+    for each branch the union of the group's residues, each position once (:attr:`slots_per_kv_head`
+    slots, at most ``sum_i min(w_i, G * ceil(w_i / r_i))``; ``sum_i ceil(w_i / r_i)`` without GQA).
+    That bound is reached from the first token on (slots are preallocated), whatever the context
+    length; :attr:`nbytes` reports the bytes held and :func:`bound_bytes` computes them from the
+    config. Use it in place of transformers' dense cache::
 
         cache = DilatedCache(model.config)
         out = model.generate(ids, attention_mask=mask, max_new_tokens=100, cache=cache)
@@ -271,9 +289,9 @@ class DilatedCache(Cache):
         return sum(layer.nbytes for layer in self.layers)
 
     @property
-    def slots_per_head(self) -> int:
-        """Keys (and values) each layer keeps per query head: ``sum_i ceil(w_i / r_i)``."""
-        return sum(self.pattern.max_cached_positions(b) for b in range(len(self.pattern)))
+    def slots_per_kv_head(self) -> int:
+        """Keys (and values) each layer keeps per key/value head (:mod:`longnet.ops.kv_slots`)."""
+        return _layout(self.config).total
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         from longnet.integrations.transformers import registered_names
@@ -333,14 +351,20 @@ class DilatedCache(Cache):
             layer.seen = layer.start = position
 
 
-def bound_bytes(config, batch_size: int, dtype: torch.dtype) -> int:
-    """Bytes a full :class:`DilatedCache` holds for ``config``: keys, values (``dtype``) and int64
-    positions of ``sum_i ceil(w_i / r_i)`` slots per query head and layer."""
+def _layout(config) -> KVSlotLayout:
+    """The slot layout of ``config``'s layers (the pattern, query and key/value heads)."""
     from longnet.integrations.transformers import pattern_from_config
 
-    pattern = pattern_from_config(config)
-    slots = sum(pattern.max_cached_positions(b) for b in range(len(pattern)))
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    per_slot = 2 * head_dim * torch.empty((), dtype=dtype).element_size() + 8
-    return config.num_hidden_layers * batch_size * config.num_attention_heads * slots * per_slot
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return kv_slot_layout(pattern_from_config(config), heads, kv_heads)
 
+
+def bound_bytes(config, batch_size: int, dtype: torch.dtype) -> int:
+    """Bytes a :class:`DilatedCache` holds for ``config`` once tokens arrived (its constant size):
+    keys, values (``dtype``) and int64 positions of :attr:`DilatedCache.slots_per_kv_head` slots
+    per key/value head, row and layer."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config(decoder=True)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers * _layout(config).nbytes(batch_size, head_dim, dtype)

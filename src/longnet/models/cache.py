@@ -1,13 +1,14 @@
 """The generation cache of a :class:`~longnet.LongNetLM`: one layer cache per block.
 
 With causal dilated attention a query only reads keys of its own segment, and per head only the
-positions at its residue, so each layer keeps at most ``ceil(w_i / r_i)`` keys per head and branch:
-the cache stops growing once the largest segment is full, whatever the context length. Two exact
-layer cache does this, :class:`SlotLayerCache` (fixed slots written in place, one softmax over all
-branches). An independent second one, :class:`longnet.ops.reference_cache.DilatedLayerCache`
-(grows to the bound, recompacted at each call, one softmax per branch), is kept as a test
-reference: the slot cache decodes about 2-3x faster and prefills about 10x faster on CPU
-(``benchmarks/decode.py``).
+positions at its residue, so each layer keeps at most ``ceil(w_i / r_i)`` keys per query head and
+branch: the cache stops growing once the largest segment is full, whatever the context length.
+:class:`SlotLayerCache` does this (fixed slots written in place, one softmax over all branches),
+per key/value head: with grouped-query attention a key/value head keeps the union of its group's
+residues once (:mod:`longnet.ops.kv_slots`), not one copy per query head. An independent second
+cache, :class:`longnet.ops.reference_cache.DilatedLayerCache` (per query head, grows to the bound,
+recompacted at each call, one softmax per branch), is kept as a test reference: the slot cache
+decodes about 2-3x faster and prefills about 10x faster on CPU (``benchmarks/decode.py``).
 
 Dense attention (``attention="dense"``) reads every earlier key, so its cache
 (:class:`DenseLayerCache`) keeps them all and grows with the context: it is the baseline, exact
@@ -25,7 +26,8 @@ import torch.nn.functional as F
 
 from longnet.ops.cache_tokens import new_tokens
 from longnet.ops.dilated import dilated_attention
-from longnet.ops.pattern import DilatedPattern, kept, same_segment, slot_in_segment
+from longnet.ops.kv_slots import kv_slot_layout, slot_of_offset
+from longnet.ops.pattern import DilatedPattern, kept, same_segment
 
 __all__ = ["DilatedKVCache", "DenseLayerCache", "SlotLayerCache", "make_cache"]
 
@@ -35,51 +37,68 @@ _NEG_INF = float("-inf")
 class SlotLayerCache:
     """The keys/values one dilated attention layer still needs, in fixed slots (no copying).
 
-    Head ``h`` of branch ``(w, r)`` keeps the positions ``p`` of the current segment with
-    ``(p % w) % r == h % r``; position ``p`` lives in slot ``(p % w) // r`` of that branch, so a
-    new token is written in place (overwriting a slot of a finished segment) and nothing is ever
-    compacted. The slots of all branches are one array of ``S = sum_i ceil(w_i / r_i)`` slots per
-    head, and attention is a single softmax over it: a key held by several branches sits in several
-    slots, which is exactly the branch mixture (the one-softmax identity of docs/design.md). A slot is
-    read by a query when it holds a real position of the query's segment (in the slot's branch), at
-    or before the query, and the query itself is kept by that branch and head.
+    Storage is per key/value head. Query head ``h`` of branch ``(w, r)`` reads the positions ``p``
+    of the current segment with ``(p % w) % r == h % r``, through key/value head ``h // G``
+    (``G = H / Hkv``); so key/value head ``j`` keeps the positions at the union of its group's
+    residues, each once, in the slots of :mod:`longnet.ops.kv_slots` (``(p % w) // r * m +
+    rank``, ``m = min(G, r)`` residues per head). A new token is written in place (overwriting a
+    slot of a finished segment) and nothing is ever compacted. The slots of all branches are one
+    array of ``S`` slots per key/value head (``S = sum_i ceil(w_i / r_i)`` without GQA; with GQA
+    at most ``sum_i min(w_i, G * ceil(w_i / r_i))``, against ``G * sum_i ceil(w_i / r_i)`` for
+    copies per query head: the ``r = 1`` branch is held once, not ``G`` times). Attention is a
+    single softmax over the slots: a key held by several branches sits in several slots, which
+    is exactly the branch mixture (the one-softmax identity of docs/design.md). A query reads a
+    slot when the slot holds a real position of the query's segment (in the slot's branch) at or
+    before the query, both kept by the query's head in that branch. The query heads of a group
+    attend as one (B, Hkv, G * n) block over their key/value head's slots, so keys are never
+    copied per query head.
 
     A prefill chunk that starts a segment of every branch (a multiple of all segment lengths)
     reads nothing cached and runs the dilated attention operator on itself; other chunks attend in
     sub-chunks of ``max_chunk`` rows over the slots plus their own keys (each counted once per
     branch holding it, a ``log(count)`` score bias).
 
-    Same interface and results as :class:`~longnet.ops.reference_cache.DilatedLayerCache`; preallocated, so
-    ``nbytes`` is the bound from the first token on.
+    Same interface and results as :class:`~longnet.ops.reference_cache.DilatedLayerCache`;
+    preallocated, so ``nbytes`` is the bound (:attr:`max_nbytes`) from the first token on.
 
     Args:
-        pattern: the layer's dilated pattern.
-        batch_size, num_heads, head_dim: query-side sizes (keys are stored per query head, since
-            heads of one GQA group keep different residues).
+        pattern: the layer's dilated pattern (unshifted).
+        batch_size, num_heads, head_dim: query-side sizes.
+        num_kv_heads: key/value heads (default ``num_heads``); ``num_heads`` must be a multiple.
         dtype, device: storage.
     """
 
     def __init__(self, pattern: DilatedPattern, batch_size: int, num_heads: int, head_dim: int,
-                 *, dtype=torch.float32, device=None):
+                 *, num_kv_heads: int | None = None, dtype=torch.float32, device=None):
         self.pattern = pattern
-        self.B, self.H, self.D = batch_size, num_heads, head_dim
+        self.layout = kv_slot_layout(pattern, num_heads, num_kv_heads)
+        self.B, self.H, self.Hkv, self.D = batch_size, num_heads, self.layout.num_kv_heads, head_dim
         self.dtype, self.device = dtype, device
-        sizes = [pattern.max_cached_positions(b) for b in range(len(pattern))]
-        self.offsets = [sum(sizes[:b]) for b in range(len(sizes))]  # first slot of each branch
-        S = sum(sizes)
-        self.keys = torch.zeros(batch_size, num_heads, S, head_dim, dtype=dtype, device=device)
+        sizes = self.layout.sizes
+        self.offsets = list(self.layout.firsts)  # first slot of each branch
+        S = self.layout.total
+        self.keys = torch.zeros(batch_size, self.Hkv, S, head_dim, dtype=dtype, device=device)
         self.values = torch.zeros_like(self.keys)
-        self.positions = torch.full((batch_size, num_heads, S), -1, dtype=torch.long,
+        self.positions = torch.full((batch_size, self.Hkv, S), -1, dtype=torch.long,
                                     device=device)  # -1 = empty
         # per slot: its branch's segment length and dilation rate, (S,)
         self.slot_w = torch.tensor([w for w, n in zip(pattern.segment_lengths, sizes)
                                     for _ in range(n)], dtype=torch.long, device=device)
         self.slot_r = torch.tensor([r for r, n in zip(pattern.dilation_rates, sizes)
                                     for _ in range(n)], dtype=torch.long, device=device)
-        # per branch: segment length, dilation rate, first slot, (nb,)
+        # per branch: segment length, dilation rate, first slot, residues per kv head, (nb,)
         self.branch_w = torch.tensor(pattern.segment_lengths, dtype=torch.long, device=device)
         self.branch_r = torch.tensor(pattern.dilation_rates, dtype=torch.long, device=device)
         self.branch_first = torch.tensor(self.offsets, dtype=torch.long, device=device)
+        self.branch_m = torch.tensor(self.layout.residue_counts(), dtype=torch.long, device=device)
+        self.rank = self.layout.rank_table(device)  # (nb, Hkv, max r), -1: residue not kept
+        self.slot_branch = torch.tensor([b for b, n in enumerate(sizes) for _ in range(n)],
+                                        dtype=torch.long, device=device)  # (S,)
+        # (H, S) bool: query head h reads slot s of its key/value head when it keeps the offset
+        offsets = self.layout.slot_offsets(device)[torch.arange(num_heads, device=device)
+                                                   // self.layout.group_size]  # (H, S), -1: none
+        self.head_reads = kept(offsets, torch.arange(num_heads, device=device).view(-1, 1),
+                               self.slot_w, self.slot_r)
         self.period = math.lcm(*pattern.segment_lengths)  # every segment starts at its multiples
         self.max_chunk = 256  # query rows per unaligned sub-chunk: (B, H, 256, S + 256) scores
 
@@ -88,32 +107,59 @@ class SlotLayerCache:
         """Bytes held (keys, values and their positions): constant, the pattern's bound."""
         return sum(t.numel() * t.element_size() for t in (self.keys, self.values, self.positions))
 
+    @property
+    def max_nbytes(self) -> int:
+        """Most bytes this layer can hold: :meth:`KVSlotLayout.nbytes` (equal to :attr:`nbytes`)."""
+        return self.layout.nbytes(self.B, self.D, self.dtype)
+
     def _query_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        """(B, H, n, S) bool: query (B, n) positions may read slot positions (B, H, S)."""
-        H = self.H
-        w, r = self.slot_w, self.slot_r  # (S,)
+        """(B, H, n, S) bool: query (B, n) positions may read slot positions (B, Hkv, S).
+
+        Three factors: the query head keeps the slot's offset (static, :attr:`head_reads`), the
+        query is kept by its head in the slot's branch, and the slot holds a position of the
+        query's segment at or before it (per key/value head, shared by its group)."""
+        B, n = q_pos.shape
+        H, Hkv, G = self.H, self.Hkv, self.layout.group_size
         heads = torch.arange(H, device=q_pos.device).view(1, H, 1, 1)
         q = q_pos[:, None, :, None]  # (B, 1, n, 1)
-        k = k_pos[:, :, None, :]  # (B, H, 1, S)
-        return kept(q, heads, w, r) & (k >= 0) & (k <= q) & same_segment(k, q, w)  # (B, H, n, S)
+        q_kept = kept(q, heads, self.branch_w, self.branch_r)[..., self.slot_branch]  # (B, H, n, S)
+        k = k_pos[:, :, None, :]  # (B, Hkv, 1, S)
+        held = (k >= 0) & (k <= q) & same_segment(k, q, self.slot_w)  # (B, Hkv, n, S)
+        S = k_pos.shape[-1]
+        mask = (self.head_reads.view(1, Hkv, G, 1, S) & q_kept.view(B, Hkv, G, n, S)
+                & held.view(B, Hkv, 1, n, S))
+        return mask.view(B, H, n, S)
+
+    def _attention(self, query, keys, values, mask, scale):
+        """SDPA of query heads (B, H, n, D) over their key/value head's keys (B, Hkv, L, D), mask
+        (B, H, n, L) bool or float: the G heads of a group run as G * n rows of one head."""
+        B, H, n, D = query.shape
+        Hkv, L = keys.shape[1], keys.shape[2]
+        out = F.scaled_dot_product_attention(
+            query.reshape(B, Hkv, -1, D), keys, values, attn_mask=mask.reshape(B, Hkv, -1, L),
+            scale=scale)
+        return out.view(B, H, n, D)
 
     def _write(self, k_new, v_new, positions, valid) -> None:
-        """Store the new tokens that later queries can read: those of each row's last segment."""
-        B, H, n, _ = k_new.shape
+        """Store the new tokens that later queries can read: those of each row's last segment,
+        in every key/value head whose group keeps them (k_new, v_new: (B, Hkv, n, D))."""
+        B, Hkv, n, _ = k_new.shape
         last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(1)  # (B,)
-        w, r, first = self.branch_w, self.branch_r, self.branch_first  # (nb,) each
-        heads = torch.arange(H, device=positions.device).view(1, H, 1, 1)
+        w, r, first, m = self.branch_w, self.branch_r, self.branch_first, self.branch_m  # (nb,)
         p = positions[:, None, :, None]  # (B, 1, n, 1)
-        write = (valid[:, None, :, None] & kept(p, heads, w, r)
-                 & same_segment(p, last.view(B, 1, 1, 1), w))  # (B, H, n, nb)
-        bi, hi, ti, br = write.nonzero(as_tuple=True)
+        offset = p % w  # (B, 1, n, nb)
+        branch = torch.arange(len(w), device=positions.device)
+        kv = torch.arange(Hkv, device=positions.device).view(1, Hkv, 1, 1)
+        rank = self.rank[branch, kv, offset % r]  # (B, Hkv, n, nb), -1: not kept by the group
+        write = (valid[:, None, :, None] & (p >= 0) & (rank >= 0)
+                 & same_segment(p, last.view(B, 1, 1, 1), w))  # (B, Hkv, n, nb)
+        bi, ji, ti, br = write.nonzero(as_tuple=True)
         if bi.numel() == 0:
             return
-        pos = positions[bi, ti]
-        slot = first[br] + slot_in_segment(pos, w[br], r[br])
-        self.keys[bi, hi, slot] = k_new[bi, hi, ti]
-        self.values[bi, hi, slot] = v_new[bi, hi, ti]
-        self.positions[bi, hi, slot] = pos
+        slot = first[br] + slot_of_offset(offset[bi, 0, ti, br], r[br], m[br], rank[bi, ji, ti, br])
+        self.keys[bi, ji, slot] = k_new[bi, ji, ti]
+        self.values[bi, ji, slot] = v_new[bi, ji, ti]
+        self.positions[bi, ji, slot] = positions[bi, ti]
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                positions: torch.Tensor, valid: torch.Tensor | None = None,
@@ -126,14 +172,13 @@ class SlotLayerCache:
         that nothing reads (finite).
         """
         B, H, n, D = query.shape
-        valid, k_new, v_new = new_tokens(self, query, key, value, positions, valid)  # (B, H, n, D)
+        valid, k_new, v_new = new_tokens(self, query, key, value, positions, valid)  # (B, Hkv, n, D)
         if n == 1:  # decoding: write, then one softmax over the slots
             self._write(k_new, v_new, positions, valid)
             allowed = self._query_mask(positions, self.positions)  # (B, H, 1, S)
             none = ~allowed.any(-1, keepdim=True)  # (B, H, 1, 1): a query no branch keeps
-            out = F.scaled_dot_product_attention(
-                query, self.keys.to(query.dtype), self.values.to(query.dtype),
-                attn_mask=allowed | none, scale=scale)
+            out = self._attention(query, self.keys.to(query.dtype), self.values.to(query.dtype),
+                                  allowed | none, scale)
             return out.masked_fill(none, 0.0)  # as the operator: 0 where no key is read
         # a chunk: where it starts a segment of every branch (a multiple of all w), nothing
         # cached is read and the operator runs on it; before that, sub-chunks over the slots
@@ -174,10 +219,9 @@ class SlotLayerCache:
                           & valid[:, None, :, None], 0.0, _NEG_INF).to(query.dtype)
         mask = torch.cat([old, bias], -1)  # (B, H, n, S + n)
         none = torch.isinf(mask).all(-1, keepdim=True)  # (B, H, n, 1)
-        keys = torch.cat([self.keys, k_new], 2).to(query.dtype)  # (B, H, S + n, D)
+        keys = torch.cat([self.keys, k_new], 2).to(query.dtype)  # (B, Hkv, S + n, D)
         vals = torch.cat([self.values, v_new], 2).to(query.dtype)
-        out = F.scaled_dot_product_attention(query, keys, vals, attn_mask=mask.masked_fill(
-            none, 0.0), scale=scale)
+        out = self._attention(query, keys, vals, mask.masked_fill(none, 0.0), scale)
         self._write(k_new, v_new, positions, valid)
         return out.masked_fill(none, 0.0)
 
@@ -282,10 +326,10 @@ class DenseLayerCache:
 class DilatedKVCache:
     """Per-layer attention caches of a language model, with per-sequence positions.
 
-    Made by :meth:`LongNetLM.make_cache`. Each layer holds a
-    :class:`~longnet.ops.reference_cache.DilatedLayerCache` (dilated and sparse attention: at most
-    ``ceil(w_i / r_i)`` keys per head and branch, whatever the context length) or a
-    :class:`DenseLayerCache` (dense attention: every key, growing with the context).
+    Made by :meth:`LongNetLM.make_cache`. Each layer holds a :class:`SlotLayerCache` (dilated and
+    sparse attention: per key/value head the union of its query heads' ``ceil(w_i / r_i)`` keys per
+    branch, whatever the context length; or the layer cache class given to :func:`make_cache`) or
+    a :class:`DenseLayerCache` (dense attention: every key, growing with the context).
 
     Attributes:
         layers: one layer cache per block.
@@ -309,15 +353,11 @@ class DilatedKVCache:
 
     @property
     def max_nbytes(self) -> int | None:
-        """Most bytes the cache can ever hold, or ``None`` when a dense layer makes it unbounded."""
-        total = 0
-        for layer, pattern in zip(self.layers, self.patterns):
-            if pattern is None:
-                return None
-            slot = 2 * layer.D * torch.empty((), dtype=layer.dtype).element_size() + 8
-            slots = sum(pattern.max_cached_positions(b) for b in range(len(pattern)))
-            total += layer.B * layer.H * slots * slot
-        return total
+        """Most bytes the cache can ever hold (each layer's ``max_nbytes``), or ``None`` when a
+        dense layer makes it unbounded."""
+        if not self.bounded:
+            return None
+        return sum(layer.max_nbytes for layer in self.layers)
 
     @property
     def default_prefill_chunk(self) -> int:
@@ -405,7 +445,7 @@ def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None, devi
                                           num_kv_heads=attn.num_kv_heads, dtype=dtype,
                                           device=device))
         else:
-            layers.append(layer_cache(attn.pattern, batch_size, attn.num_heads,
-                                                    attn.head_dim, dtype=dtype, device=device))
+            layers.append(layer_cache(attn.pattern, batch_size, attn.num_heads, attn.head_dim,
+                                      num_kv_heads=attn.num_kv_heads, dtype=dtype, device=device))
         patterns.append(attn.pattern)
     return DilatedKVCache(layers, patterns, batch_size, device=device)

@@ -25,6 +25,7 @@ import math
 import torch
 
 from longnet.ops.cache_tokens import new_tokens
+from longnet.ops.kv_slots import kv_slot_layout
 from longnet.ops.merge import acc_dtype
 from longnet.ops.pattern import DilatedPattern
 
@@ -38,15 +39,18 @@ class DilatedLayerCache:
 
     Args:
         pattern: the layer's dilated pattern.
-        batch_size, num_heads, head_dim: query-side sizes (GQA keys are stored per query head,
-            since heads of one group keep different residues).
+        batch_size, num_heads, head_dim: query-side sizes (keys are stored per query head: this
+            reference keeps the simple layout; the slot cache stores per key/value head).
+        num_kv_heads: key/value heads of the keys it is given (default ``num_heads``).
         dtype, device: storage.
     """
 
     def __init__(self, pattern: DilatedPattern, batch_size: int, num_heads: int, head_dim: int,
-                 *, dtype=torch.float32, device=None):
+                 *, num_kv_heads: int | None = None, dtype=torch.float32, device=None):
         self.pattern = pattern
         self.B, self.H, self.D = batch_size, num_heads, head_dim
+        self.Hkv = kv_slot_layout(pattern, num_heads, num_kv_heads).num_kv_heads  # checks the counts
+        self.layout = kv_slot_layout(pattern, num_heads)  # stored per query head (G = 1)
         self.dtype, self.device = dtype, device
         self.keys: list[torch.Tensor] = []  # per branch (B, H, M, D)
         self.values: list[torch.Tensor] = []
@@ -64,6 +68,11 @@ class DilatedLayerCache:
         return sum(t.numel() * t.element_size()
                    for ts in (self.keys, self.values, self.positions) for t in ts)
 
+    @property
+    def max_nbytes(self) -> int:
+        """Most bytes this layer can hold: ``ceil(w_i / r_i)`` slots per query head and branch."""
+        return self.layout.nbytes(self.B, self.D, self.dtype)
+
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                positions: torch.Tensor, valid: torch.Tensor | None = None,
                scale: float | None = None) -> torch.Tensor:
@@ -80,6 +89,8 @@ class DilatedLayerCache:
         """
         B, H, n, D = query.shape
         valid, k_new, v_new = new_tokens(self, query, key, value, positions, valid)
+        group = torch.arange(H, device=query.device) // (H // self.Hkv)  # kv head of each query head
+        k_new, v_new = k_new[:, group], v_new[:, group]  # (B, H, n, D)
         scale = 1.0 / math.sqrt(D) if scale is None else scale
         acc = acc_dtype(query.dtype)
         heads = torch.arange(H, device=query.device).view(1, H, 1)
