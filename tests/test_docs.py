@@ -213,3 +213,12 @@ def test_linked_results_exist():
             assert path.is_file(), f"{page.name} links to {target}, which does not exist"
             if path.suffix == ".json":
                 json.loads(path.read_text())
+
+
+def test_every_plot_is_shown():
+    """Each PNG directly under benchmarks/results/ is shown on a page (``![...](../benchmarks/results/X.png)``)."""
+    shown = set()
+    for page in PAGES[1:]:
+        shown |= set(re.findall(r"!\[[^\]]*\]\(\.\./benchmarks/results/([^)\s]+\.png)\)", page.read_text()))
+    plots = {p.name for p in (ROOT / "benchmarks" / "results").glob("*.png")}
+    assert plots <= shown, f"plots no page shows: {sorted(plots - shown)}"

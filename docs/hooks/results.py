@@ -24,9 +24,10 @@ def _root(config) -> Path:
 
 def on_files(files, config):
     results = _root(config) / RESULTS
-    for path in sorted(results.iterdir()):
+    for path in sorted(results.rglob("*")):
         if path.is_file():
-            files.append(File.generated(config, f"results/{path.name}", abs_src_path=str(path)))
+            rel = path.relative_to(results).as_posix()
+            files.append(File.generated(config, f"results/{rel}", abs_src_path=str(path)))
     return files
 
 
