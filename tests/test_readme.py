@@ -1,4 +1,4 @@
-"""The README's commands are the ones CI runs."""
+"""The README's commands are the ones CI runs; the generation example runs on a run folder."""
 
 import re
 from pathlib import Path
@@ -25,13 +25,13 @@ def test_ci_runs_the_readme_test_command():
     assert "pytest" in test_cmd and "pip install" in test_cmd
 
 
-def _readme_python(section: str) -> list[str]:
-    text = (ROOT / "README.md").read_text()
+def _page_python(page: str, section: str) -> list[str]:
+    text = (ROOT / page).read_text()
     body = text.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"```python\n(.*?)\n```", body, flags=re.S)
 
 
-def test_readme_generation_snippet_runs_on_a_run_folder(tmp_path, monkeypatch, capsys):
+def test_generation_snippet_runs_on_a_run_folder(tmp_path, monkeypatch, capsys):
     import torch
 
     from longnet import LongNetConfig, LongNetLM
@@ -45,9 +45,9 @@ def test_readme_generation_snippet_runs_on_a_run_folder(tmp_path, monkeypatch, c
     torch.manual_seed(0)
     LongNetLM(config).save_pretrained(run)
     tokenizer.save(run)
-    (snippet,) = _readme_python("Generation with a bounded cache")
+    (snippet,) = _page_python("docs/generation.md", "A bounded cache")
     monkeypatch.chdir(tmp_path)
     scope: dict = {}
-    exec(compile(snippet, "README.md (Generation with a bounded cache)", "exec"), scope)
+    exec(compile(snippet, "docs/generation.md (A bounded cache)", "exec"), scope)
     assert scope["out"].shape[0] == 1 and scope["out"].shape[1] <= scope["ids"].shape[1] + 200
     assert scope["cache"].nbytes > 0 and isinstance(capsys.readouterr().out, str)

@@ -135,8 +135,8 @@ def load_slide_encoder(checkpoint, *, compat: str | None = "torchscale", num_hea
             costs one more read and hash of the file and one pass over the weights.
 
     Raises:
-        :class:`~longnet.CheckpointError` (a ``ValueError``) naming the file and every missing,
-        unexpected or mis-shaped key, a non-finite tensor, or a refused pickle.
+        CheckpointError: (a ``ValueError``, :class:`~longnet.CheckpointError`) naming the file and
+            every missing, unexpected or mis-shaped key, a non-finite tensor, or a refused pickle.
     """
     name = "state dict" if isinstance(checkpoint, Mapping) else str(checkpoint)
     state, config = read_checkpoint(checkpoint, verify=verify)

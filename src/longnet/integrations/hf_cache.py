@@ -32,6 +32,7 @@ import inspect
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.configuration_utils import PretrainedConfig
 
 from longnet.models.cache import SlotLayerCache
 from longnet.ops.kv_slots import KVSlotLayout, kv_slot_layout
@@ -254,7 +255,7 @@ class DilatedCache(Cache):
         ValueError: for configs it cannot serve (naming the field).
     """
 
-    def __init__(self, config):
+    def __init__(self, config: PretrainedConfig) -> None:
         from longnet.integrations.transformers import pattern_from_config
 
         if getattr(config, "is_encoder_decoder", False):

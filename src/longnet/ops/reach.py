@@ -60,7 +60,7 @@ Method (exact; no ``N x N`` matrix):
 Cost: non-causal ``O(depth * C^3 + M * C * buckets)``; causal ``O(M * C * (branches * depth +
 buckets))`` with ``M`` the longest piece and ``depth`` the largest finite hop count. Paper
 pattern, 12 heads: ``M = 32768``, ``C = 192``, depth 3, a few seconds at any ``N`` on 2 CPU cores
-(README, "How far dilated attention reaches"). Exact at every ``N``, but fast only while the
+(``docs/reach.md``, "Method and cost"). Exact at every ``N``, but fast only while the
 piece ``M`` and the class count
 ``C`` stay small: nested segment lengths (each dividing the next, as in the paper and the
 presets) keep ``M = max w`` for one pattern. Two limits:
