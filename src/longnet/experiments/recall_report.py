@@ -98,6 +98,9 @@ def plot_recall(doc: dict[str, Any], path: Path) -> None:
         ax.axvline(doc["plan"]["train_length"], color="gray", ls=":", lw=0.8)
         ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="query-to-pair distance (tokens)", ylabel="accuracy",
                title=f"evaluated at {length:,} tokens")
+        edges = [e for e in doc["buckets"] if e <= length]
+        ax.set_xticks(edges, [f"{e // 1024}K" if e >= 1024 else str(e) for e in edges])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     for i, row in enumerate(doc["rows"]):
         curve = row["curve"]
         window = 10
