@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-sequences", type=int, default=None,
                    help="sequences scored at each evaluation length (default: 64)")
     p.add_argument("--results-dir", metavar="DIR", default=None,
-                   help="also write recall-<device>.json/.png/.md here (for example benchmarks/results)")
+                   help="also write recall-<device>.json/.png here (for example benchmarks/results)")
     add_overwrite_option(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: auto)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -89,7 +89,6 @@ def run_recall_command(args: argparse.Namespace) -> int:
     atomic_write_text(out / "recall.md", md)
     if results:
         write_results(results[0], results[1], doc, plot)
-        atomic_write_text(Path(results[0]) / f"{results[1]}.md", md)
     print(format_table(doc))
     print_json_line(summary_line(doc))
     return 0
