@@ -44,3 +44,11 @@ def test_quick_run_end_to_end(tmp_path, capsys):
     doc = json.loads((tmp_path / "runtime.json").read_text())
     assert all(p["cpu_s"] > 0 for p in doc["points"])
     assert "growth exponent" in "\n".join(out)
+
+
+def test_presets_refuse_unknown_names_and_fields():
+    with pytest.raises(ValueError, match="unknown scale 'huge'"):
+        RuntimePlan.preset("huge")
+    with pytest.raises(ValueError, match=r"unknown RuntimePlan fields \['nope'\]"):
+        RuntimePlan.preset("default", nope=1)
+    assert RuntimePlan.preset("quick", heads=None).heads == 1  # None keeps the preset's value

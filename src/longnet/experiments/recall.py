@@ -114,13 +114,9 @@ class RecallPlan:
                           queries_per_sequence=8,
                           warmup_steps=1, eval_sequences=2, save_every=2),
         }
-        if name not in presets:
-            raise ValueError(f"unknown scale {name!r}; choose one of: {', '.join(presets)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown RecallPlan fields {unknown}")
-        return cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
+        from longnet.experiments.presets import from_preset
+
+        return from_preset(cls, presets, name, overrides)
 
     def __post_init__(self) -> None:
         self.rows = tuple(self.rows)

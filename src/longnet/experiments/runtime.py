@@ -56,9 +56,9 @@ class RuntimePlan:
             "quick": dict(tokens=1 << 15, min_length=1024, max_length=1 << 15, base=256, head_dim=32,
                           dense_limit_s=0.5),
         }
-        if name not in presets:
-            raise ValueError(f"unknown scale {name!r}; choose one of: {', '.join(presets)}")
-        return cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
+        from longnet.experiments.presets import from_preset
+
+        return from_preset(cls, presets, name, overrides)
 
     def __post_init__(self) -> None:
         for name in ("tokens", "min_length", "max_length", "base", "heads", "head_dim", "repeats"):

@@ -110,13 +110,9 @@ class Table2Plan:
             "large": dict(embed_dim=384, num_layers=6, ffn_dim=1536, vocab_size=8192, steps=2000,
                           tokens_per_step=262_144, lr=1e-3, warmup_steps=100),
         }
-        if name not in presets:
-            raise ValueError(f"unknown scale {name!r}; choose one of: {', '.join(presets)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown Table2Plan fields {unknown}")
-        return cls(**{**presets[name], **{k: v for k, v in overrides.items() if v is not None}})
+        from longnet.experiments.presets import from_preset
+
+        return from_preset(cls, presets, name, overrides)
 
     def __post_init__(self) -> None:
         self.copy_distances = tuple(self.copy_distances)
