@@ -257,7 +257,7 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path, trained_run, ca
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     doc = json.loads((run / "run.json").read_text())
-    doc["settings"]["model_overrides"]["ffn_dim"] = 128  # the run now asks for another model
+    doc["config"]["model"]["model_overrides"]["ffn_dim"] = 128  # the run now asks for another model
     (run / "run.json").write_text(json.dumps(doc))
     before = _snapshot(run)
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "20", "--no-progress"]) == 2

@@ -63,6 +63,6 @@ def test_unsupported_uses_are_refused():
     from longnet.parallel.layout import place_branches
     with pytest.raises(ValueError, match="not supported under sequence parallelism"):
         place_branches(DilatedPattern([8], [1], shift=4), 64, 2)
-    from longnet.train.distributed import ParallelSettingsError, check_pattern_split
+    from longnet.parallel.runtime import ParallelSettingsError, check_pattern_split
     with pytest.raises(ParallelSettingsError, match="shifted segments"):
         check_pattern_split(_lm(True).config, 64, 2)

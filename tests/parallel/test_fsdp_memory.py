@@ -24,12 +24,13 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _measure(rank, world, shard):
     from longnet.train import build_optimizer
-    from longnet.train.distributed import setup_parallel
+    from longnet.parallel import init_mesh, parallelize
+    from longnet.train.config import ParallelSection
 
-    par = setup_parallel(2, torch.device("cpu"))
+    par = init_mesh(2, torch.device("cpu"))
     torch.manual_seed(0)
     model = LongNetLM(LongNetConfig(**CONFIG))
-    par.data_parallel(model, fsdp=True, fsdp_shard=shard)
+    parallelize(model, par, ParallelSection(fsdp=True, fsdp_shard=shard))
     opt = build_optimizer(model, lr=1e-3)
     x = torch.randint(0, 41, (1, 16))
     model(x, labels=x).loss.backward()

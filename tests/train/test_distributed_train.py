@@ -23,13 +23,10 @@ from longnet.models import LongNetConfig, LongNetLM
 from longnet.parallel import run_workers
 from longnet.parallel.launch import free_port
 from longnet.train import build_optimizer, read_metrics, train
-from longnet.train.distributed import (
-    check_in_sync,
-    check_pattern_split,
-    check_sequence_parallel,
-    local_micro_batch,
-    setup_parallel,
-)
+from longnet.parallel import init_mesh, parallelize
+from longnet.parallel.parallelize import check_replicas
+from longnet.parallel.runtime import check_pattern_split, check_sequence_parallel, local_micro_batch
+from longnet.train.config import ParallelSection
 from longnet.train.step import compute_gradients, train_step
 
 SP_MODEL = MICRO_MODEL | {"segment_lengths": [8, 32], "dilation_rates": [1, 2]}
@@ -55,7 +52,7 @@ def _step_worker(rank, world, sp):
     ref = _model()
     ref_params = list(ref.parameters())
     ref_loss = compute_gradients(ref, inputs, labels, micro=1, device=cpu, dtype=torch.float32)
-    par = setup_parallel(sp, cpu)
+    par = init_mesh(sp, cpu)
     assert (par.dp, par.sp) == (world // sp, sp) and not par.owns_group
     model = _model()
     if rank > 0:  # DDP starts every replica from the first rank's parameters
@@ -66,24 +63,21 @@ def _step_worker(rank, world, sp):
     rows = slice(par.dp_rank * B // par.dp, (par.dp_rank + 1) * B // par.dp)
     start, stop = par.columns(N)
     x, y = inputs[rows, start:stop], labels[rows, start:stop]  # this rank's rows and chunk
-    with pytest.raises(RuntimeError, match="data_parallel"):
-        compute_gradients(model, x, y, micro=1, device=cpu, dtype=torch.float32, parallel=par)
-    ddp = par.data_parallel(model)
+    trained = parallelize(model, par, ParallelSection())
+    ddp = trained.forward
     assert isinstance(ddp, DistributedDataParallel) and ddp.module is model
     if par.sp > 1:  # ranks sharing a sequence are in different data-parallel groups
-        check_in_sync(params, par)
+        check_replicas(params, par)
     # rows / micro micro-batches per rank: all but the last run under no_sync
-    loss = compute_gradients(ddp, x, y, micro=1, device=cpu, dtype=torch.float32, parallel=par)
+    loss = compute_gradients(trained, x, y, micro=1, dtype=torch.float32)
     grad_err = max((p.grad - q.grad).abs().max().item() for p, q in zip(params, ref_params))
     # one full optimizer step on each side (AdamW, clipping): the updated parameters agree
     opt, ref_opt = build_optimizer(model, lr=1e-3), build_optimizer(ref, lr=1e-3)
     for p in params + ref_params:
         p.grad = None
-    train_step(ref, ref_params, ref_opt, inputs, labels, lr=1e-3, grad_clip=0.5, micro=2, device=cpu,
-               dtype=torch.float32)
-    train_step(ddp, params, opt, x, y, lr=1e-3, grad_clip=0.5, micro=1, device=cpu, dtype=torch.float32,
-               parallel=par)
-    check_in_sync(params, par)
+    train_step(ref, ref_opt, inputs, labels, lr=1e-3, grad_clip=0.5, micro=2, device=cpu, dtype=torch.float32)
+    train_step(trained, opt, x, y, lr=1e-3, grad_clip=0.5, micro=1, dtype=torch.float32)
+    check_replicas(params, par)
     param_err = max((p - q).abs().max().item() for p, q in zip(params, ref_params))
     return abs(loss - ref_loss), grad_err, param_err
 
@@ -100,14 +94,14 @@ def test_step_matches_one_process(world, sp):
 
 def test_in_sync_check_detects_drift():
     def worker(rank, world):
-        par = setup_parallel(1, torch.device("cpu"))
+        par = init_mesh(1, torch.device("cpu"))
         p = torch.nn.Parameter(torch.ones(5))
-        check_in_sync([p], par)
+        check_replicas([p], par)
         if rank == 1:
             with torch.no_grad():
                 p[3] += 1e-7
         with pytest.raises(RuntimeError, match="diverged"):
-            check_in_sync([p], par)
+            check_replicas([p], par)
         return True
 
     assert run_workers(_call, 2, worker, timeout_s=60, start_method="fork") == [True, True]

@@ -26,12 +26,13 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 
 def _mixed_precision_worker(rank, world):
     from longnet.models import LongNetConfig, LongNetLM
-    from longnet.train.distributed import setup_parallel
+    from longnet.parallel import init_mesh, parallelize
+    from longnet.train.config import ParallelSection
 
-    par = setup_parallel(1, torch.device("cuda", 0))
+    par = init_mesh(1, torch.device("cuda", 0))
     assert par.backend == "nccl"
     model = LongNetLM(LongNetConfig(vocab_size=64, max_train_length=32, **MICRO_MODEL)).cuda()
-    par.data_parallel(model, fsdp=True, param_dtype=torch.bfloat16)
+    parallelize(model, par, ParallelSection(fsdp=True), param_dtype=torch.bfloat16)
     seen = []
     # inside the block's forward its weights are the gathered bf16 copies
     model.blocks[0].ffn_norm.register_forward_pre_hook(lambda m, args: seen.append((m.weight.dtype, args[0].dtype)))

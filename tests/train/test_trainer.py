@@ -195,30 +195,29 @@ def test_resume_with_nothing_to_do_changes_nothing_on_disk(tmp_path, settings):
         again = train({"max_steps": max_steps, "progress": False}, run, resume=True, log=notes.append)
         assert again.step == 6 and any(n.startswith("nothing to do") for n in notes)
         assert _file_hashes(run) == before  # run.json still says max_steps 6; no file rewritten or added
-    assert json.loads((run / "run.json").read_text())["settings"]["max_steps"] == 6
+    assert json.loads((run / "run.json").read_text())["config"]["schedule"]["max_steps"] == 6
     assert main(["train", "--out", str(run), "--resume", "--max-steps", "4", "--no-progress"]) == 0
     assert _file_hashes(run) == before
 
 
 def test_resume_at_max_steps_keeps_the_checkpoint_figures(tmp_path, settings, monkeypatch):
     from longnet.train import trainer as trainer_mod
-    from longnet.train.settings import TrainSettings
 
     run = tmp_path / "run"
     first = train(settings(max_steps=6), run, log=lambda m: None)
     snapshot = {p: p.stat().st_mtime_ns for p in (run / "checkpoints").rglob("*")}
     calls = {"resolve": 0, "device": 0}
-    real_resolve, real_device = TrainSettings.resolve.__func__, trainer_mod.resolve_device
+    real_resolve, real_device = trainer_mod.resolve_config, trainer_mod.resolve_device
 
-    def counting_resolve(cls, *args, **kwargs):
+    def counting_resolve(*args, **kwargs):
         calls["resolve"] += 1
-        return real_resolve(cls, *args, **kwargs)
+        return real_resolve(*args, **kwargs)
 
     def counting_device(name):
         calls["device"] += 1
         return real_device(name)
 
-    monkeypatch.setattr(TrainSettings, "resolve", classmethod(counting_resolve))
+    monkeypatch.setattr(trainer_mod, "resolve_config", counting_resolve)
     monkeypatch.setattr(trainer_mod, "resolve_device", counting_device)
     notes = []
     again = train({"max_steps": 6, "progress": False}, run, resume=True, log=notes.append)

@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from longnet.data import Tokenizer, prepare_data
-    from longnet.models import LongNetLM
     from longnet.train import default_cache_dir, perplexities
+    from longnet.train.config import stored_settings
+    from longnet.train.families import family_of_folder
     from longnet.train.rundir import find_run_file
     from longnet.train.runtime import resolve_device, resolve_dtype
 
@@ -113,7 +114,8 @@ def _run(args: argparse.Namespace) -> int:
     folder = _model_folder(Path(args.checkpoint).expanduser())
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    model = LongNetLM.from_pretrained(folder).to(device)
+    family = family_of_folder(folder)  # a LongNet or a Hugging Face (--hf-model) run
+    model = family.load(folder).to(device)
     if not (folder / "tokenizer.json").is_file():
         raise ValueError(f"{folder} has no tokenizer.json; it is not a longnet train checkpoint")
     tokenizer = Tokenizer.load(folder)
@@ -121,20 +123,22 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"{folder}: tokenizer has {tokenizer.vocab_size} ids, the model only "
                          f"{model.config.vocab_size}; the checkpoint is inconsistent")
     run_doc = find_run_file(folder)
-    settings = run_doc.get("settings", {}) if isinstance(run_doc, dict) else {}
+    settings = stored_settings(run_doc) if isinstance(run_doc, dict) else {}
     spec = args.data or settings.get("data")
     if spec is None:
         raise ValueError(f"{folder} has no run.json naming its data; pass --data")
     cache_dir = args.cache_dir or settings.get("cache_dir") or default_cache_dir()
     prepared = None
-    if spec == settings.get("data") and settings.get("vocab_size"):  # the run's own cache entry
+    if spec == settings.get("data") and settings.get("vocab_size") and settings.get("hf_model") is None:
+        # the run's own cache entry (a Hugging Face run's tokenizer is the model's: below)
         prepared = prepare_data(spec, cache_dir, settings["vocab_size"], progress=args.progress)
     if prepared is None or prepared.tokenizer.sha256() != tokenizer.sha256():
         prepared = prepare_data(spec, cache_dir, tokenizer=tokenizer, progress=args.progress)
     tokens = prepared.tokens(args.split)
     max_tokens = None if args.max_tokens == 0 else args.max_tokens
     results = perplexities(model, tokens, list(args.seq_len), max_tokens=max_tokens, device=device,
-                           dtype=dtype, batch_size=args.batch_size, progress=args.progress)
+                           dtype=dtype, batch_size=args.batch_size, progress=args.progress,
+                           for_length=family.for_length)
     if all(r.skipped for r in results):
         raise ValueError(f"the {args.split} split of --data {spec!r} has {len(tokens):,} tokens, too few for "
                          f"any --seq-len in {list(args.seq_len)}; evaluate shorter lengths")

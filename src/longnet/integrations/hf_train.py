@@ -127,9 +127,16 @@ class HFRunConfig:
     the model folder and its transformers config switched to dilated attention."""
 
     attention = "dilated"
+    shift_segments = False
 
     def __init__(self, folder: str | Path, hf_config, grad_checkpointing: bool = False):
         self.folder, self.hf, self.grad_checkpointing = Path(folder), hf_config, grad_checkpointing
+
+    def pattern(self):
+        """The dilated pattern of the run (a :class:`~longnet.ops.pattern.DilatedPattern`)."""
+        from longnet.ops.pattern import DilatedPattern
+
+        return DilatedPattern(list(self.hf.segment_lengths), list(self.hf.dilation_rates))
 
     @classmethod
     def from_settings(cls, settings) -> "HFRunConfig":
@@ -173,6 +180,11 @@ class HFModelConfig:
     @property
     def hf(self):
         return self._owner.model.config
+
+    @property
+    def vocab_size(self) -> int:
+        """Embeddings of the model (as ``LongNetConfig.vocab_size``)."""
+        return int(self.hf.vocab_size)
 
     @property
     def grad_checkpointing(self) -> bool:
@@ -327,16 +339,20 @@ class HFCausalLM(nn.Module):
             verify_weights(model.state_dict(), Path(folder) / WEIGHTS_NAME)
         return cls(model)
 
-    def save_pretrained(self, folder: str | Path) -> None:
+    def save_pretrained(self, folder: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Write ``model.safetensors`` + ``config.json`` (+ ``generation_config.json``); quietly,
-        since the trainer saves while its own progress bar runs."""
+        since the trainer saves while its own progress bar runs.
+
+        ``state_dict``: this module's weights to write instead of its own (keys as
+        ``self.state_dict()``, e.g. the full weights gathered from FSDP2 shards)."""
+        inner = None if state_dict is None else {k.removeprefix("model."): v for k, v in state_dict.items()}
         from transformers.utils import logging as hf_logging
 
         quiet = hf_logging.is_progress_bar_enabled()
         if quiet:
             hf_logging.disable_progress_bar()
         try:
-            self.model.save_pretrained(folder, safe_serialization=True)
+            self.model.save_pretrained(folder, safe_serialization=True, state_dict=inner)
         finally:
             if quiet:
                 hf_logging.enable_progress_bar()

@@ -135,10 +135,16 @@ class LongNetBase(nn.Module):
     def _extra(self) -> dict[str, Any]:
         return {}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (atomically)."""
-        return save_model(self, directory, model_type=type(self).__name__, config=self.config,
-                          extra=self._extra(), tied=self.tied_keys)
+    def save_pretrained(self, directory: str | os.PathLike,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``model.safetensors`` and ``config.json`` into ``directory`` (atomically).
+
+        ``state_dict``: weights to write instead of the module's own (e.g. the full weights
+        gathered from FSDP2 shards)."""
+        # the class that defines the model (a wrapper such as FSDP2 subclasses it)
+        model_type = next(c for c in type(self).__mro__ if c.__module__.startswith("longnet.")).__name__
+        return save_model(self, directory, model_type=model_type, config=self.config,
+                          extra=self._extra(), tied=self.tied_keys, state_dict=state_dict)
 
     @classmethod
     def _from_config(cls, config: LongNetConfig, extra: dict[str, Any]):

@@ -43,13 +43,17 @@ class CheckpointError(ValueError):
 
 
 def save_model(model: torch.nn.Module, directory: str | os.PathLike, *, model_type: str,
-               config: LongNetConfig, extra: dict[str, Any], tied: tuple[str, ...]) -> Path:
-    """Write ``model``'s weights (minus the ``tied`` copies) and config into ``directory``."""
+               config: LongNetConfig, extra: dict[str, Any], tied: tuple[str, ...],
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model``'s weights (minus the ``tied`` copies) and config into ``directory``.
+
+    ``state_dict``: the weights to write instead of ``model.state_dict()`` (the full weights
+    gathered from shards)."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()
-             if k not in tied}
-    if any(t.device.type == "meta" for t in model.state_dict().values()):
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {k: v.detach().to("cpu").contiguous() for k, v in source.items() if k not in tied}
+    if any(t.device.type == "meta" for t in source.values()):
         raise ValueError("cannot save a model whose parameters are on the meta device")
     meta = {"format": "pt", "model_type": model_type, "format_version": str(FORMAT_VERSION)}
     atomic_save(out / WEIGHTS_NAME, lambda p: save_file(state, p, metadata=meta))

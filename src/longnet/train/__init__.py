@@ -1,4 +1,5 @@
-"""longnet.train: the trainer, checkpoints, metrics, schedules and perplexity evaluation.
+"""longnet.train: the trainer, its configuration tree, the model families, checkpoints, metrics,
+schedules and perplexity evaluation.
 
 ``longnet train`` and ``longnet eval`` are thin command-line layers over :func:`train` and
 :func:`perplexities`.
@@ -15,11 +16,17 @@ from longnet.train.metrics import MetricsLog, plot_losses, read_metrics
 from longnet.train.optim import build_optimizer, parameter_groups
 from longnet.train.rundir import RunFolderError, open_run_dir
 from longnet.train.schedule import learning_rate
-from longnet.train.settings import TrainSettings, default_cache_dir
+from longnet.train.config import TrainConfig, default_cache_dir, resolve_config
+from longnet.train.families import HFFamily, LongNetFamily, ModelFamily, family_for
 from longnet.train.trainer import TrainingDiverged, TrainingInterrupted, TrainResult, build_config, train
 
 __all__ = [
-    "TrainSettings",
+    "TrainConfig",
+    "resolve_config",
+    "ModelFamily",
+    "LongNetFamily",
+    "HFFamily",
+    "family_for",
     "default_cache_dir",
     "train",
     "TrainResult",

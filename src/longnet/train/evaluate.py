@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -93,32 +94,41 @@ def mean_loss(
     batch_size: int | None = None,
     progress: bool | None = False,
     desc: str = "eval",
+    mesh: Any = None,
 ) -> tuple[float, int]:
     """``(mean next-token loss over every scored token, number of tokens)`` of ``batches``.
 
     ``batch_size``: windows per forward pass (None: :func:`eval_batch_size`); the loss does not
-    depend on it beyond float32 rounding. Raises :class:`NonFiniteLoss` when the loss is NaN/inf.
+    depend on it beyond float32 rounding. ``mesh``: a :class:`~longnet.parallel.TrainMesh` whose
+    ranks share the work (windows split over the data-parallel ranks, columns over the
+    sequence-parallel ones, up to ``dp - 1`` trailing windows left out so that every rank runs
+    as many batches; every rank gets the same result), or None for this process alone. Raises
+    :class:`NonFiniteLoss` when the loss is NaN/inf.
     """
-    batch_size = eval_batch_size(batches.seq_len) if batch_size is None else batch_size
+    start, stop = mesh.columns(batches.seq_len) if mesh is not None else (0, batches.seq_len)
+    rank, world = (mesh.dp_rank, mesh.dp) if mesh is not None else (0, 1)
+    batch_size = eval_batch_size(stop - start) if batch_size is None else batch_size
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    bar = tqdm(total=len(batches), desc=desc, unit="win", leave=False,
+    total = torch.zeros(2, dtype=torch.float64)  # (loss sum, token count)
+    bar = tqdm(total=len(batches) // world, desc=desc, unit="win", leave=False,
                disable=None if progress is None else not progress)
     try:
-        for input_ids, labels in batches.batches(batch_size):
-            input_ids = input_ids.to(device, non_blocking=True)  # (b, L)
-            labels = labels.to(device, non_blocking=True)  # (b, L)
+        for input_ids, labels in batches.batches(batch_size, start, stop, rank=rank, world=world):
+            input_ids = input_ids.to(device, non_blocking=True)  # (b, n)
+            labels = labels.to(device, non_blocking=True)  # (b, n)
             with autocast(device, dtype):
                 out = model(input_ids, labels=labels)
             n = labels.numel()
-            total += float(out.loss.double()) * n
-            count += n
+            total[0] += float(out.loss.double()) * n
+            total[1] += n
             bar.update(input_ids.shape[0])
     finally:
         bar.close()
         model.train(was_training)
-    loss = total / count
+    if mesh is not None:
+        total = mesh.sum(total.to(device)).cpu()
+    loss, count = float(total[0]) / float(total[1]), int(total[1])
     check_finite_loss(loss, model, f"{count:,} tokens of the {batches.tokens.name} split in windows of "
                       f"{batches.seq_len:,}", dtype)
     return loss, count
@@ -145,6 +155,7 @@ def perplexities(
     dtype: torch.dtype,
     batch_size: int | None = None,
     progress: bool | None = None,
+    for_length: Any = None,
 ) -> list[PerplexityResult]:
     """Perplexity of ``model`` on ``tokens`` at each context length in ``seq_lens``.
 
@@ -153,8 +164,11 @@ def perplexities(
     (None: the whole split) rounded down to a multiple of the longest such length (at least one
     window of it), so the figures compare the same text. Lengths that do not divide ``T`` score
     the ``T // L`` whole windows that fit. ``batch_size``: windows per forward pass (None: as
-    many as fit in :data:`EVAL_BATCH_TOKENS`). Raises :class:`NonFiniteLoss` on a NaN/inf loss.
+    many as fit in :data:`EVAL_BATCH_TOKENS`). ``for_length(model, L)``: the model to score
+    length ``L`` with (None: :func:`model_for_length`, a LongNet model's rule; a model family's
+    ``for_length``). Raises :class:`NonFiniteLoss` on a NaN/inf loss.
     """
+    for_length = model_for_length if for_length is None else for_length
     fillable = [n for n in seq_lens if len(tokens) >= n + 1]
     budget = 0
     if fillable:
@@ -168,7 +182,7 @@ def perplexities(
                 f"the {tokens.name} split has {len(tokens):,} tokens, fewer than {seq_len + 1:,}")))
             continue
         batches = EvalBatches(tokens, seq_len, max_sequences=budget // seq_len)
-        runner = model_for_length(model, seq_len)
+        runner = for_length(model, seq_len)
         loss, count = mean_loss(runner, batches, device, dtype, batch_size, progress, desc=f"eval @{seq_len}")
         results.append(PerplexityResult(seq_len, windows=len(batches), tokens=count, loss=loss, split=tokens.name))
     return results

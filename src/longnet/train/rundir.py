@@ -1,4 +1,10 @@
-"""The run folder: what a new run may use, what a resumed run reads, ``run.json``."""
+"""The run folder: what a new run may use, what a resumed run reads, ``run.json`` and ``train.toml``.
+
+``run.json`` holds the resolved configuration tree (``config``, format 2; runs written before it
+hold flat ``settings``, format 1, and still resume: :func:`longnet.train.config.stored_settings`)
+and what describes the run (model config, parameters, data, layout). ``train.toml`` is the same
+configuration as TOML, for reading and for ``longnet train --config``.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from longnet.train.checkpoint import LATEST_FILE, read_json
-from longnet.utils.atomic import atomic_write_json
+from longnet.train.config import RUN_FORMAT
+from longnet.utils.atomic import atomic_write_json, atomic_write_text
 
 RUN_FILE = "run.json"
-RUN_FORMAT = 1
+TOML_FILE = "train.toml"
+RUN_FORMATS = (1, 2)
+"""``run.json`` formats that resume: 1 (flat ``settings``) and 2 (the ``config`` tree)."""
 
 
 class RunFolderError(ValueError):
@@ -31,7 +40,8 @@ def open_run_dir(out: str | Path, resume: bool) -> tuple[Path, dict[str, Any] | 
     run_file = path / RUN_FILE
     if run_file.is_file():
         stored = read_json(run_file, "run settings (run.json)")
-        if not isinstance(stored, dict) or stored.get("format_version") != RUN_FORMAT or "settings" not in stored:
+        if not isinstance(stored, dict) or stored.get("format_version") not in RUN_FORMATS \
+                or not ("settings" in stored or "config" in stored):
             raise RunFolderError(f"{run_file} is not a longnet run file; choose another --out")
         if not resume:
             step = _latest_step(path)
@@ -49,12 +59,14 @@ def open_run_dir(out: str | Path, resume: bool) -> tuple[Path, dict[str, Any] | 
     return path, None
 
 
-def write_run_file(path: Path, settings: dict[str, Any], **info: Any) -> None:
-    """Write ``run.json`` (settings plus descriptive ``info``) atomically."""
-    doc = {"format_version": RUN_FORMAT, "settings": settings,
+def write_run_file(path: Path, config: Any, **info: Any) -> None:
+    """Write ``run.json`` (the resolved config tree plus descriptive ``info``) and ``train.toml``,
+    atomically."""
+    doc = {"format_version": RUN_FORMAT, "config": config.to_dict(),
            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **info}
     Path(path).mkdir(parents=True, exist_ok=True)
     atomic_write_json(Path(path) / RUN_FILE, doc)
+    atomic_write_text(Path(path) / TOML_FILE, config.to_toml())
 
 
 def find_run_file(checkpoint: Path) -> dict[str, Any] | None:
