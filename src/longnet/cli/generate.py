@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from longnet.data import Tokenizer
-    from longnet.models import CheckpointError, LongNetLM
+    from longnet.models import CheckpointError
+    from longnet.train.families import family_of_folder
 
     folder = Path(args.checkpoint)
     if not folder.is_dir():
@@ -117,8 +118,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         return _fail(f"cannot load the tokenizer of {folder}: {err}")
     try:
-        model = LongNetLM.from_pretrained(folder, map_location=device)
-    except CheckpointError as err:
+        model = family_of_folder(folder).load(folder).to(device)  # a LongNet or a Hugging Face run
+    except (CheckpointError, ValueError) as err:
         return _fail(str(err).splitlines()[0])
     if tokenizer.vocab_size > model.config.vocab_size:
         return _fail(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "

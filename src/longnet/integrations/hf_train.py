@@ -73,12 +73,15 @@ def read_hf_config(folder: str | Path) -> dict:
 
 
 def is_hf_checkpoint(folder: str | Path) -> bool:
-    """True when ``folder/config.json`` is a transformers config (it names a ``model_type``)."""
+    """True when ``folder/config.json`` is a transformers config: it names a ``model_type`` and is
+    flat (a LongNet ``config.json`` also names its model type but nests the model config under
+    ``"config"``)."""
     path = Path(folder) / "config.json"
     try:
-        return "model_type" in json.loads(path.read_text(encoding="utf-8"))
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return isinstance(doc, dict) and "model_type" in doc and not isinstance(doc.get("config"), dict)
 
 
 def load_hf_tokenizer(folder: str | Path, config=None):
@@ -357,6 +360,48 @@ class HFCausalLM(nn.Module):
             if quiet:
                 hf_logging.enable_progress_bar()
 
+    # ------------------------------------------------------------------------------- generating
+    def make_cache(self, batch_size: int = 1):
+        """A bounded :class:`~longnet.integrations.hf_cache.DilatedCache` for :meth:`generate`
+        (``batch_size`` is accepted for symmetry with ``LongNetLM.make_cache``; the cache grows
+        to the batch it is given)."""
+        from longnet.integrations.hf_cache import DilatedCache
+
+        return DilatedCache(self.model.config)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 eos_token_id: int | None = None, cache=None, streamer=None,
+                 prefill_chunk_size: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Continue ``input_ids`` (B, T) with transformers' ``generate`` over a bounded dilated
+        cache; the arguments of :meth:`longnet.LongNetLM.generate`. ``streamer`` receives each new
+        token (B,) through ``put`` (the prompt is not passed to it) and ``end()``. Returns
+        ``(B, T + new)`` ids.
+
+        ``prefill_chunk_size`` is not supported (transformers prefills the prompt at once: a
+        ``ValueError``); ``generator`` seeds sampling through torch's global generator."""
+        if prefill_chunk_size is not None:
+            raise ValueError("--prefill-chunk-size applies to LongNet models; a Hugging Face model prefills "
+                             "its prompt in one pass: drop it")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return input_ids
+        if generator is not None:
+            torch.manual_seed(int(generator.initial_seed()))
+        cache = self.make_cache(input_ids.shape[0]) if cache is None else cache
+        sampling = {"temperature": temperature, "top_k": top_k or 0, "top_p": top_p or 1.0} if do_sample else {}
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self.model.generate(
+                input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
+                do_sample=do_sample, eos_token_id=eos_token_id, pad_token_id=eos_token_id, use_cache=True,
+                cache=cache, streamer=None if streamer is None else _SkipPrompt(streamer), **sampling)
+        finally:
+            self.model.train(was_training)
+
     # ---------------------------------------------------------------------------------- running
     def describe(self) -> str:
         """One line: the model folder's name, its type and its dilated pattern."""
@@ -379,3 +424,20 @@ class HFCausalLM(nn.Module):
         count = (labels != IGNORE_INDEX).sum()
         loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
         return HFOutput(logits=logits, loss=loss, num_tokens=count)
+
+
+class _SkipPrompt:
+    """A streamer that forwards new tokens only (transformers first passes the prompt)."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.seen_prompt = inner, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        self.inner.put(value)
+
+    def end(self) -> None:
+        if hasattr(self.inner, "end"):
+            self.inner.end()

@@ -228,7 +228,7 @@ def read_toml(path: str | Path, tree: type) -> dict[str, Any]:
     sections = {f.name for f in dataclasses.fields(tree)}
     out: dict[str, Any] = {}
     for key, value in doc.items():
-        if key in sections and isinstance(value, dict) and not (key in known):
+        if key in sections and isinstance(value, dict):  # a table (the setting `data` is a string)
             for name, v in value.items():
                 leaf = known.get(name)
                 if leaf is None or leaf.section != key:
