@@ -35,9 +35,9 @@ from transformers.masking_utils import (
 )
 
 from longnet.integrations.hf_cache import DilatedCache, layer_of
+from longnet.integrations.hf_pattern import MARK, pattern_from_config, registered_names
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.dilated_rows import dilated_attention_rows
-from longnet.ops.pattern import DilatedPattern
 
 __all__ = [
     "register",
@@ -53,24 +53,6 @@ _BUILTIN = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2", "f
 # keyword arguments some models pass that dilated attention cannot honour when set (a ``cache``
 # keyword is handled by _cache_layer: only a paged cache, continuous batching's, is refused)
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
-
-
-# ----------------------------------------------------------------------------------- pattern
-def pattern_from_config(config) -> DilatedPattern:
-    """The :class:`DilatedPattern` of a transformers config (``segment_lengths``, ``dilation_rates``).
-
-    Raises ``ValueError`` naming the fields when they are missing.
-    """
-    w = getattr(config, "segment_lengths", None)
-    r = getattr(config, "dilation_rates", None)
-    if w is None or r is None:
-        missing = [f for f, v in (("segment_lengths", w), ("dilation_rates", r)) if v is None]
-        raise ValueError(
-            f"dilated attention reads its pattern from the model config, which has no "
-            f"{' / '.join('config.' + f for f in missing)}: set config.segment_lengths and "
-            f"config.dilation_rates (e.g. config.segment_lengths = [2048, 4096]; "
-            f"config.dilation_rates = [1, 2]) before using attn_implementation='dilated'")
-    return DilatedPattern(w, r)
 
 
 # -------------------------------------------------------------------------------------- mask
@@ -240,6 +222,11 @@ def dilated_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+# what registered_names() recognises (longnet.integrations.hf_pattern)
+setattr(dilated_attention_forward, MARK, "attention")
+setattr(dilated_attention_mask, MARK, "mask")
+
+
 # ------------------------------------------------------------------------------ registration
 def register(name: str = "dilated") -> str:
     """Register dilated attention and its mask function under ``name``; returns ``name``.
@@ -272,10 +259,3 @@ def unregister(name: str = "dilated") -> None:
         return
     del AttentionInterface._global_mapping[name]
     del AttentionMaskInterface._global_mapping[name]
-
-
-def registered_names() -> list[str]:
-    """Names under which dilated attention is registered."""
-    return sorted(k for k, f in AttentionInterface._global_mapping.items()
-                  if f is dilated_attention_forward
-                  and AttentionMaskInterface._global_mapping.get(k) is dilated_attention_mask)
