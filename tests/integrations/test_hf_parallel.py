@@ -4,8 +4,9 @@ A tiny Llama (GQA, float64) wrapped in :class:`HFCausalLM`, on gloo:
 
 * sequence parallel (``sequence_parallel(model, group)``, each rank a chunk of every sequence):
   logits, loss and every parameter gradient equal one process on the full sequences, for 2 and 4
-  ranks, a pattern with branches local to a rank and spanning 2 and 4 ranks, and a single dense
-  branch; a bare transformers model with the chunk's ``position_ids`` gives the same logits;
+  ranks, a pattern with branches local to a rank and spanning 2 and 4 ranks, a single dense
+  branch, Mistral and Qwen2 (tied embeddings), and with gradient checkpointing; a bare
+  transformers model with the chunk's ``position_ids`` gives the same logits;
 * FSDP2 (``fully_shard_model`` over the decoder layers, tied embeddings) over 2 data-parallel
   ranks and over 2 sequence-parallel ranks, and DDP (``data_parallel``) over 2 ranks: one AdamW
   step gives the weights of one process;
@@ -26,7 +27,15 @@ import torch
 
 transformers = pytest.importorskip("transformers", minversion="5")
 
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import (  # noqa: E402
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import longnet.hf  # noqa: E402
 from longnet.integrations.hf_train import HFCausalLM, decoder_layers  # noqa: E402
@@ -45,16 +54,21 @@ DENSE = ([64], [1])  # one dense branch over the whole sequence: spans every ran
 SRC = Path(longnet.hf.__file__).resolve().parents[1]
 
 
-def _config(pattern=PATTERN, tied=False) -> LlamaConfig:
-    return LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-                       segment_lengths=pattern[0], dilation_rates=pattern[1], tie_word_embeddings=tied,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+def _config(pattern=PATTERN, tied=False, kind="llama"):
+    config_class = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[kind]
+    extra = {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}[kind]
+    return config_class(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+                        segment_lengths=pattern[0], dilation_rates=pattern[1], tie_word_embeddings=tied,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
 
 
-def _model(pattern=PATTERN, tied=False) -> HFCausalLM:
+def _model(pattern=PATTERN, tied=False, kind="llama", checkpointing=False) -> HFCausalLM:
     torch.manual_seed(0)
-    return HFCausalLM(LlamaForCausalLM(_config(pattern, tied))).double()
+    model_class = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}[kind]
+    model = HFCausalLM(model_class(_config(pattern, tied, kind))).double()
+    model.config.grad_checkpointing = checkpointing
+    return model
 
 
 def _data():
@@ -82,11 +96,11 @@ def _max_err(a: dict, b: dict) -> float:
 
 
 # ------------------------------------------------------------------------- sequence parallel
-def _sequence_worker(rank, world, patterns):
+def _sequence_worker(rank, world, cases):
     results = []
     pm = build_mesh(1, world)
-    for pattern in patterns:
-        model = _model(pattern)
+    for case in cases:
+        model = _model(**case)
         ref_loss, ref_logits, ref_grads = _reference(model)
         inputs, labels = _data()
         inp, lab = (shard_sequence(t, 1, pm.sp_rank, world) for t in (inputs, labels))
@@ -126,12 +140,14 @@ def _check_sequence(per_rank, world, shared):
 
 
 def test_sequence_parallel_two_ranks_equals_one_process():
-    per_rank = run_workers(_sequence_worker, 2, [PATTERN, DENSE], timeout_s=120, start_method="fork")
-    _check_sequence(per_rank, 2, [[2], [0]])
+    cases = [{}, {"pattern": DENSE}, {"kind": "mistral"}, {"kind": "qwen2", "tied": True},
+             {"checkpointing": True}]  # the model's own gradient checkpointing recomputes attention
+    per_rank = run_workers(_sequence_worker, 2, cases, timeout_s=120, start_method="fork")
+    _check_sequence(per_rank, 2, [[2], [0], [2], [2], [2]])
 
 
 def test_sequence_parallel_four_ranks_equals_one_process():
-    _check_sequence(run_workers(_sequence_worker, 4, [PATTERN], timeout_s=120, start_method="fork"), 4, [[1, 2]])
+    _check_sequence(run_workers(_sequence_worker, 4, [{}], timeout_s=120, start_method="fork"), 4, [[1, 2]])
 
 
 def _refusal_worker(rank, world):
@@ -292,11 +308,8 @@ def test_no_import_circle_between_the_transformers_modules():
 
     assert [m for m in modules if reaches(m, m)] == []
     assert graph["longnet.integrations.hf_pattern"] == set()
-    # each module alone, first, in a fresh interpreter
-    for first in ("longnet.integrations.hf_cache", "longnet.integrations.transformers"):
-        code = (f"import {first}, longnet.hf, transformers; "
-                "from longnet.integrations.hf_cache import DilatedCache; "
-                "from longnet.integrations.transformers import registered_names; "
-                "longnet.hf.register(); assert registered_names() == ['dilated']")
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert run.returncode == 0, run.stderr
+    # the cache module alone first, in a fresh interpreter (the other order is every other test's)
+    code = ("import longnet.integrations.hf_cache as cache; import longnet.integrations.transformers as tf; "
+            "assert cache.is_dilated_implementation(tf.register()) and tf.registered_names() == ['dilated']")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
