@@ -39,6 +39,7 @@ from transformers import (  # noqa: E402
 
 import longnet.hf  # noqa: E402
 from longnet.integrations.hf_train import HFCausalLM, decoder_layers  # noqa: E402
+from longnet.ops.pattern import DilatedPattern  # noqa: E402
 from longnet.parallel import CommCounter, run_workers, sequence_parallel, shard_sequence  # noqa: E402
 from longnet.parallel.mesh import (  # noqa: E402
     all_reduce_gradients,
@@ -283,6 +284,20 @@ def test_ddp_step_equals_one_process():
 def test_blocks_are_the_decoder_layers():
     model = _model()
     assert model.blocks is model.model.model.layers and len(model.blocks) == 2
+
+
+def test_configs_give_the_pattern_to_split_over_ranks():
+    """``pattern()`` / ``shift_segments`` as a LongNetConfig: the split checks read HF runs too."""
+    from longnet.integrations.hf_train import HFRunConfig
+    from longnet.parallel.layout import place_branches
+
+    model = _model()
+    run = HFRunConfig("llama", model.model.config)
+    assert run.pattern() == model.config.pattern() == DilatedPattern(*PATTERN)
+    assert not run.shift_segments and not model.config.shift_segments
+    assert [pl.local for pl in place_branches(run.pattern(), N, 4)] == [True, False, False]
+    with pytest.raises(ValueError, match="divide"):
+        place_branches(HFRunConfig("x", _config(([48], [1]))).pattern(), N, 2)
 
 
 # --------------------------------------------------------------------------------- imports

@@ -122,11 +122,23 @@ def load_hf_tokenizer(folder: str | Path, config=None):
     return tokenizer
 
 
+def _pattern(hf_config):
+    """The dilated pattern of a transformers config (``ValueError`` naming missing fields)."""
+    from longnet.integrations.hf_pattern import pattern_from_config
+
+    return pattern_from_config(hf_config)
+
+
 class HFRunConfig:
     """The model config of an ``--hf-model`` run (what ``build_config`` gives the trainer):
-    the model folder and its transformers config switched to dilated attention."""
+    the model folder and its transformers config switched to dilated attention.
+
+    ``pattern()`` and ``shift_segments`` answer as a ``LongNetConfig`` does, so the checks of a
+    sequence-parallel split read either config.
+    """
 
     attention = "dilated"
+    shift_segments = False  # transformers configs carry no shifted segments
 
     def __init__(self, folder: str | Path, hf_config, grad_checkpointing: bool = False):
         self.folder, self.hf, self.grad_checkpointing = Path(folder), hf_config, grad_checkpointing
@@ -141,6 +153,11 @@ class HFRunConfig:
 
     def to_dict(self) -> dict:
         return config_dict(self.hf, self.grad_checkpointing)
+
+    def pattern(self):
+        """The model's :class:`~longnet.ops.pattern.DilatedPattern` (from ``segment_lengths`` /
+        ``dilation_rates`` of its config)."""
+        return _pattern(self.hf)
 
     def describe(self) -> str:
         return describe(self.folder.name, self.hf)
@@ -163,9 +180,11 @@ class HFOutput:
 
 class HFModelConfig:
     """The part of a transformers config the trainer reads: ``to_dict()``, ``attention``,
-    ``grad_checkpointing`` (which switches the model's own gradient checkpointing)."""
+    ``grad_checkpointing`` (which switches the model's own gradient checkpointing), ``pattern()``
+    and ``shift_segments`` (as a ``LongNetConfig``)."""
 
     attention = "dilated"
+    shift_segments = False
 
     def __init__(self, owner: "HFCausalLM"):
         self._owner = owner
@@ -196,6 +215,10 @@ class HFModelConfig:
     def to_dict(self) -> dict:
         """The model's config fields (JSON types), without where/how it was saved."""
         return config_dict(self.hf, self.grad_checkpointing)
+
+    def pattern(self):
+        """The model's :class:`~longnet.ops.pattern.DilatedPattern`."""
+        return _pattern(self.hf)
 
 
 def config_dict(hf_config, grad_checkpointing: bool = False) -> dict:
