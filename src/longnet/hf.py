@@ -30,12 +30,11 @@ if Version(transformers.__version__).release[:2] < (5, 24):
     )
 
 from longnet.integrations.hf_cache import DilatedCache, cache_argument  # noqa: E402
+from longnet.integrations.hf_pattern import pattern_from_config, registered_names  # noqa: E402
 from longnet.integrations.transformers import (  # noqa: E402
     dilated_attention_forward,
     dilated_attention_mask,
-    pattern_from_config,
     register,
-    registered_names,
     unregister,
 )
 

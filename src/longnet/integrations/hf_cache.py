@@ -34,6 +34,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.configuration_utils import PretrainedConfig
 
+from longnet.integrations.hf_pattern import is_dilated_implementation, pattern_from_config
 from longnet.models.cache import SlotLayerCache
 from longnet.ops.kv_slots import KVSlotLayout, kv_slot_layout
 from longnet.ops.pattern import DilatedPattern
@@ -256,8 +257,6 @@ class DilatedCache(Cache):
     """
 
     def __init__(self, config: PretrainedConfig) -> None:
-        from longnet.integrations.transformers import pattern_from_config
-
         if getattr(config, "is_encoder_decoder", False):
             raise ValueError("DilatedCache serves decoder-only models (config.is_encoder_decoder is True)")
         if hasattr(config, "get_text_config"):
@@ -295,10 +294,8 @@ class DilatedCache(Cache):
         return _layout(self.config).total
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        from longnet.integrations.transformers import registered_names
-
         impl = getattr(self.config, "_attn_implementation", None)
-        if impl not in registered_names():
+        if not is_dilated_implementation(impl):
             raise ValueError(f"DilatedCache works only with dilated attention, but the model's "
                              f"attention is {impl!r}: call longnet.hf.register() and "
                              "model.set_attn_implementation('dilated') (and make the cache from "
@@ -354,8 +351,6 @@ class DilatedCache(Cache):
 
 def _layout(config) -> KVSlotLayout:
     """The slot layout of ``config``'s layers (the pattern, query and key/value heads)."""
-    from longnet.integrations.transformers import pattern_from_config
-
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return kv_slot_layout(pattern_from_config(config), heads, kv_heads)

@@ -25,8 +25,8 @@ from torch import nn
 
 from longnet.models.lm import IGNORE_INDEX
 
-__all__ = ["HFCausalLM", "HFModelConfig", "HFRunConfig", "config_dict", "default_pattern", "is_hf_checkpoint",
-           "load_hf_tokenizer", "prepare_hf_config", "read_hf_config"]
+__all__ = ["HFCausalLM", "HFModelConfig", "HFRunConfig", "config_dict", "decoder_layers", "default_pattern",
+           "is_hf_checkpoint", "load_hf_tokenizer", "prepare_hf_config", "read_hf_config"]
 
 # config fields that describe where and how a folder was written, not the model
 _METADATA = frozenset({"transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype",
@@ -125,32 +125,34 @@ def load_hf_tokenizer(folder: str | Path, config=None):
     return tokenizer
 
 
+def _pattern(hf_config):
+    """The dilated pattern of a transformers config (``ValueError`` naming missing fields)."""
+    from longnet.integrations.hf_pattern import pattern_from_config
+
+    return pattern_from_config(hf_config)
+
+
 class HFRunConfig:
     """The model config of an ``--hf-model`` run (what ``build_config`` gives the trainer):
-    the model folder and its transformers config switched to dilated attention."""
+    the model folder and its transformers config switched to dilated attention.
+
+    ``pattern()`` and ``shift_segments`` answer as a ``LongNetConfig`` does, so the checks of a
+    sequence-parallel split read either config.
+    """
 
     attention = "dilated"
-    shift_segments = False
+    shift_segments = False  # transformers configs carry no shifted segments
 
     def __init__(self, folder: str | Path, hf_config, grad_checkpointing: bool = False):
         self.folder, self.hf, self.grad_checkpointing = Path(folder), hf_config, grad_checkpointing
 
-    def pattern(self):
-        """The dilated pattern of the run (a :class:`~longnet.ops.pattern.DilatedPattern`)."""
-        from longnet.ops.pattern import DilatedPattern
-
-        return DilatedPattern(list(self.hf.segment_lengths), list(self.hf.dilation_rates))
-
-    @classmethod
-    def from_settings(cls, settings) -> "HFRunConfig":
-        """From ``TrainSettings`` (``hf_model``, ``seq_len``, the pattern, ``model_overrides``)."""
-        config = prepare_hf_config(settings.hf_model, seq_len=settings.seq_len,
-                                   segment_lengths=settings.segment_lengths,
-                                   dilation_rates=settings.dilation_rates, overrides=settings.model_overrides)
-        return cls(settings.hf_model, config, settings.grad_checkpointing)
-
     def to_dict(self) -> dict:
         return config_dict(self.hf, self.grad_checkpointing)
+
+    def pattern(self):
+        """The model's :class:`~longnet.ops.pattern.DilatedPattern` (from ``segment_lengths`` /
+        ``dilation_rates`` of its config)."""
+        return _pattern(self.hf)
 
     def describe(self) -> str:
         return describe(self.folder.name, self.hf)
@@ -173,9 +175,11 @@ class HFOutput:
 
 class HFModelConfig:
     """The part of a transformers config the trainer reads: ``to_dict()``, ``attention``,
-    ``grad_checkpointing`` (which switches the model's own gradient checkpointing)."""
+    ``grad_checkpointing`` (which switches the model's own gradient checkpointing), ``pattern()``
+    and ``shift_segments`` (as a ``LongNetConfig``)."""
 
     attention = "dilated"
+    shift_segments = False
 
     def __init__(self, owner: "HFCausalLM"):
         self._owner = owner
@@ -211,6 +215,10 @@ class HFModelConfig:
     def to_dict(self) -> dict:
         """The model's config fields (JSON types), without where/how it was saved."""
         return config_dict(self.hf, self.grad_checkpointing)
+
+    def pattern(self):
+        """The model's :class:`~longnet.ops.pattern.DilatedPattern`."""
+        return _pattern(self.hf)
 
 
 def config_dict(hf_config, grad_checkpointing: bool = False) -> dict:
@@ -273,12 +281,35 @@ def prepare_hf_config(folder: str | Path, *, seq_len: int, segment_lengths=None,
     return config
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``model.model.layers`` for Llama, Mistral,
+    Qwen2, ...), found through ``model.get_decoder()`` when the model has it.
+
+    Raises ``ValueError`` when the decoder has no ``layers`` ModuleList.
+    """
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        inner = getattr(model, "model", None)
+        layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder `layers` ModuleList found (looked at "
+                         "model.get_decoder().layers and model.model.layers)")
+    return layers
+
+
 class HFCausalLM(nn.Module):
     """A transformers causal LM with dilated attention, behind the trainer's model interface.
 
     Args:
         model: a transformers ``PreTrainedModel`` for causal LM whose config carries
             ``segment_lengths`` / ``dilation_rates``; it is switched to dilated attention.
+
+    Parallelism is applied from outside, as to LongNet models: :attr:`blocks` (the decoder layers)
+    lets :func:`longnet.parallel.fsdp.fully_shard_model` shard it layer by layer, and
+    :func:`longnet.parallel.parallelize_sequence` makes every attention call the exact
+    distributed operator and sets :attr:`sequence_rank`, so that the rotary positions of a chunk
+    of ``n`` tokens are ``sequence_rank * n + arange(n)``.
     """
 
     def __init__(self, model):
@@ -291,10 +322,18 @@ class HFCausalLM(nn.Module):
         model.set_attn_implementation(name)
         self.model = model
         self._config = HFModelConfig(self)
+        # set from outside by longnet.parallel.parallelize_sequence: this model's chunk of each
+        # sequence (positions start at sequence_rank * length of the input)
+        self.sequence_rank = 0
 
     @property
     def config(self) -> HFModelConfig:
         return self._config
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers (:func:`decoder_layers`), the units FSDP shards one by one."""
+        return decoder_layers(self.model)
 
     # ---------------------------------------------------------------------------------- loading
     @classmethod
@@ -414,15 +453,28 @@ class HFCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> HFOutput:
         """Logits ``(B, N, V)``; with ``labels`` (B, N, already shifted, -100 ignored) the mean
-        cross-entropy over the labelled tokens (float32) and their count."""
-        logits = self.model(input_ids=input_ids, use_cache=False).logits
+        cross-entropy over the labelled tokens (float32, or float64 for a float64 model; 0 when
+        none is labelled) and their count.
+
+        Under sequence parallelism ``input_ids`` is this rank's chunk of ``N`` tokens, at positions
+        ``sequence_rank * N + arange(N)`` of the sequences.
+        """
+        extra = {}
+        if self.sequence_rank:
+            n = input_ids.shape[1]
+            start = int(self.sequence_rank) * n
+            extra["position_ids"] = torch.arange(start, start + n, device=input_ids.device).unsqueeze(0)
+        logits = self.model(input_ids=input_ids, use_cache=False, **extra).logits
         if labels is None:
             return HFOutput(logits=logits)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
                              f"got {tuple(labels.shape)}")
         count = (labels != IGNORE_INDEX).sum()
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        logits32 = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        per_token = F.cross_entropy(logits32.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="none")
+        loss = per_token.sum() / count.clamp(min=1)
         return HFOutput(logits=logits, loss=loss, num_tokens=count)
 
 

@@ -18,6 +18,11 @@ cut off). The attention function then
   sequence (training, prefill), and :func:`~longnet.ops.dilated_rows.dilated_attention_rows`
   for the last ``q_len`` rows when a KV cache holds earlier keys (decoding). Both are exact.
 
+Under sequence parallelism (:func:`longnet.parallel.parallelize_sequence` on the model) each
+attention module carries ``longnet_attention_fn``, the exact distributed operator over its group,
+and ``longnet_sequence_rank``; the attention function then runs that operator on this rank's chunk
+and refuses a KV cache, a padding mask and ``position_ids`` that are not the chunk's global ones.
+
 Mask overlays that dilated attention cannot honour (sliding windows, chunked attention, packed
 sequences, custom ``or``/``and`` mask functions, prepared 4-D masks) raise ``ValueError`` instead of
 being dropped silently.
@@ -35,9 +40,9 @@ from transformers.masking_utils import (
 )
 
 from longnet.integrations.hf_cache import DilatedCache, layer_of
+from longnet.integrations.hf_pattern import MARK, pattern_from_config, registered_names
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.dilated_rows import dilated_attention_rows
-from longnet.ops.pattern import DilatedPattern
 
 __all__ = [
     "register",
@@ -53,24 +58,6 @@ _BUILTIN = frozenset({"eager", "sdpa", "flex_attention", "flash_attention_2", "f
 # keyword arguments some models pass that dilated attention cannot honour when set (a ``cache``
 # keyword is handled by _cache_layer: only a paged cache, continuous batching's, is refused)
 _UNSUPPORTED = ("sliding_window", "softcap", "s_aux", "position_bias")
-
-
-# ----------------------------------------------------------------------------------- pattern
-def pattern_from_config(config) -> DilatedPattern:
-    """The :class:`DilatedPattern` of a transformers config (``segment_lengths``, ``dilation_rates``).
-
-    Raises ``ValueError`` naming the fields when they are missing.
-    """
-    w = getattr(config, "segment_lengths", None)
-    r = getattr(config, "dilation_rates", None)
-    if w is None or r is None:
-        missing = [f for f, v in (("segment_lengths", w), ("dilation_rates", r)) if v is None]
-        raise ValueError(
-            f"dilated attention reads its pattern from the model config, which has no "
-            f"{' / '.join('config.' + f for f in missing)}: set config.segment_lengths and "
-            f"config.dilation_rates (e.g. config.segment_lengths = [2048, 4096]; "
-            f"config.dilation_rates = [1, 2]) before using attn_implementation='dilated'")
-    return DilatedPattern(w, r)
 
 
 # -------------------------------------------------------------------------------------- mask
@@ -165,6 +152,43 @@ def _check_kwargs(module, kwargs) -> None:
                          "use attn_implementation='eager' for output_attentions=True")
 
 
+def _sequence_parallel_forward(module, fn, query, key, value, attention_mask, *, pattern, causal,
+                               scaling, dropout, kwargs) -> tuple[torch.Tensor, None]:
+    """The call of :func:`dilated_attention_forward` on a module that
+    :func:`longnet.parallel.parallelize_sequence` made sequence parallel: ``fn`` is the distributed
+    operator over the module's group, ``query``/``key``/``value`` this rank's chunk of the sequence.
+
+    Refuses what cannot be split across ranks: a KV cache (decoding), a padding mask, and
+    ``position_ids`` other than this chunk's global positions ``rank * n + arange(n)`` (RoPE would
+    then rotate the chunk as if it started the sequence).
+    """
+    name = type(module).__name__
+    if layer_of(key) is not None or kwargs.get("cache") is not None:
+        raise ValueError(f"{name} is sequence parallel (longnet.parallel.parallelize_sequence): a KV "
+                         "cache / generation cannot run over a split sequence; call "
+                         "unparallelize_sequence(model) before generating")
+    q, n = query.shape[2], key.shape[2]
+    if q != n:
+        raise ValueError(f"{name} is sequence parallel: {q} queries over {n} keys is decoding with a KV "
+                         "cache, which cannot run over a split sequence; call unparallelize_sequence("
+                         "model) and pass use_cache=False under sequence parallelism")
+    if attention_mask is not None:
+        raise ValueError(f"{name} is sequence parallel: a padding attention_mask is not supported "
+                         "there; pass full sequences without attention_mask (labels of -100 leave "
+                         "tokens out of the loss)")
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None:
+        start = int(getattr(module, "longnet_sequence_rank", 0)) * n
+        expected = torch.arange(start, start + n, device=position_ids.device)
+        if position_ids.shape[-1] != n or not bool((position_ids == expected).all()):
+            raise ValueError(f"{name} is sequence parallel and holds positions [{start}, {start + n}) "
+                             f"of the sequence, but position_ids start at {int(position_ids.flatten()[0])}: "
+                             f"pass position_ids = {start} + arange({n}) (HFCausalLM does this itself)")
+    out = fn(query, key, value, segment_lengths=pattern, is_causal=causal, scale=scaling,
+             dropout_p=dropout, enable_gqa=key.shape[1] != query.shape[1])  # (B, H, n, D)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def dilated_attention_forward(
     module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
@@ -180,6 +204,8 @@ def dilated_attention_forward(
         dropout: attention dropout (the model passes 0 outside training).
         scaling: score scale (default ``1 / sqrt(D)``).
         is_causal: overrides ``module.is_causal`` when given.
+        **kwargs: what the model passes on; ``position_ids`` is checked under sequence parallelism
+            (``module.longnet_attention_fn`` set by :func:`longnet.parallel.parallelize_sequence`).
 
     Returns:
         ``(attn_output (B, q, H, D), None)``.
@@ -192,6 +218,11 @@ def dilated_attention_forward(
     pattern = pattern_from_config(config)
     causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
     causal = bool(causal)
+    parallel = getattr(module, "longnet_attention_fn", None)  # set by parallelize_sequence
+    if parallel is not None:
+        return _sequence_parallel_forward(module, parallel, query, key, value, attention_mask,
+                                          pattern=pattern, causal=causal, scaling=scaling,
+                                          dropout=float(dropout), kwargs=kwargs)
     B, H, q, D = query.shape
     n = key.shape[2]
     if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
@@ -240,6 +271,11 @@ def dilated_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
+# what registered_names() recognises (longnet.integrations.hf_pattern)
+setattr(dilated_attention_forward, MARK, "attention")
+setattr(dilated_attention_mask, MARK, "mask")
+
+
 # ------------------------------------------------------------------------------ registration
 def register(name: str = "dilated") -> str:
     """Register dilated attention and its mask function under ``name``; returns ``name``.
@@ -272,10 +308,3 @@ def unregister(name: str = "dilated") -> None:
         return
     del AttentionInterface._global_mapping[name]
     del AttentionMaskInterface._global_mapping[name]
-
-
-def registered_names() -> list[str]:
-    """Names under which dilated attention is registered."""
-    return sorted(k for k, f in AttentionInterface._global_mapping.items()
-                  if f is dilated_attention_forward
-                  and AttentionMaskInterface._global_mapping.get(k) is dilated_attention_mask)
