@@ -11,7 +11,7 @@ from other processes on a shared machine disturbs far less than wall-clock time.
 JSON is the default slot cache.
 
 - dilated ("slots", the default :class:`~longnet.models.cache.SlotLayerCache`, and "compact",
-  :class:`longnet.ops.reference_cache.DilatedLayerCache`): the real model prefill of a random prompt of
+  :class:`longnet.testing.reference_cache.DilatedLayerCache`): the real model prefill of a random prompt of
   ``P - steps`` tokens through
   ``LongNetLM.generate`` (prefill in chunks; tokens before the last largest segment are skipped
   exactly, since no later position reads them, so reaching 1M costs one segment of prefill), then
@@ -43,7 +43,7 @@ from longnet.bench.measure import StepTimes
 from longnet.bench.report import plot_decode, write_results
 from longnet.bench.results import add_overwrite_option, claim_results
 from longnet.models.generation import cached_forward
-from longnet.ops.reference_cache import DilatedLayerCache
+from longnet.testing.reference_cache import DilatedLayerCache
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prefill-chunk-size", type=int, default=None,
                    help="default: generate's (the largest segment for the slot cache, else 1024)")
     p.add_argument("--no-compact", action="store_true",
-                   help="skip the 'compact' reference layer cache (longnet.ops.reference_cache.DilatedLayerCache)")
+                   help="skip the 'compact' reference layer cache (longnet.testing.reference_cache.DilatedLayerCache)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=str(RESULTS), help="folder for the JSON and PNG")

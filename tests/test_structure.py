@@ -6,29 +6,65 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "longnet"
 
 
-def _module_name(path: Path) -> str:
-    rel = path.relative_to(SRC.parent).with_suffix("")
+def _module_name(path: Path, src: Path = SRC) -> str:
+    rel = path.relative_to(src.parent).with_suffix("")
     parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
     return ".".join(parts)
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """Module -> longnet modules it imports at module level (imports inside functions are lazy)."""
-    modules = {_module_name(p): p for p in SRC.rglob("*.py")}
+def _is_type_checking(test: ast.expr) -> bool:
+    """``if TYPE_CHECKING:`` or ``if typing.TYPE_CHECKING:``: a block that never runs."""
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _import_nodes(tree: ast.AST, lazy: bool) -> list[ast.Import | ast.ImportFrom]:
+    """The import statements that can run: never those of an ``if TYPE_CHECKING:`` body; with
+    ``lazy`` also those inside functions (they run when the function is called), without only
+    those that run at import (module level, class bodies, ``if`` / ``try`` blocks)."""
+    found, todo = [], [tree]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        if not lazy and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.If) and _is_type_checking(node.test):
+            todo.extend(node.orelse)
+            continue
+        todo.extend(ast.iter_child_nodes(node))
+    return found
+
+
+def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
+    """Names a statement may import as modules (``from a import b`` may import ``a.b``), with
+    relative imports resolved against ``module``."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        package = module.split(".") if is_package else module.split(".")[:-1]
+        package = package[:len(package) - (node.level - 1)]
+        base = ".".join(package + ([base] if base else []))
+    return [base] + [f"{base}.{a.name}" for a in node.names]
+
+
+def _import_graph(lazy: bool = False, src: Path = SRC) -> dict[str, set[str]]:
+    """Module -> the longnet modules it imports: at import time, or with ``lazy`` also inside
+    functions. A package ``__init__`` importing its own submodules is the usual re-export, not a
+    cycle, so a module's edge to a package that contains it is dropped."""
+    modules = {_module_name(p, src): p for p in src.rglob("*.py")}
     graph = {}
     for name, path in modules.items():
         deps = set()
-        for node in ast.parse(path.read_text()).body:
-            targets = []
-            if isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            deps |= {t for t in targets if t in modules and t != name}
-        graph[name] = deps
+        for node in _import_nodes(ast.parse(path.read_text()), lazy):
+            deps |= {t for t in _targets(node, name, path.name == "__init__.py") if t in modules and t != name}
+        graph[name] = {d for d in deps if not name.startswith(d + ".")}
     return graph
 
 
@@ -59,15 +95,46 @@ def _cycle(graph):
 
 def test_no_import_cycles_between_longnet_modules():
     graph = _import_graph()
-    # a package __init__ importing its own submodules is the usual re-export, not a cycle
-    for name in graph:
-        graph[name] = {d for d in graph[name] if not (name.startswith(d + ".") and d in graph)}
+    assert _cycle(graph) is None, f"import cycle at import time: {' -> '.join(_cycle(graph))}"
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "left to the training-path rewrite: longnet.integrations.hf_cache imports "
+    "longnet.integrations.transformers inside functions (DilatedCache.__init__ and _layout: "
+    "pattern_from_config; DilatedCache.update: registered_names), and longnet.integrations.transformers "
+    "imports longnet.integrations.hf_cache at module level (DilatedCache, layer_of)"))
+def test_no_import_cycles_counting_imports_inside_functions():
+    # an import inside a function runs on the first call: a cycle through one is still a cycle
+    # (the lower module reaches up into the higher one), only deferred
+    graph = _import_graph(lazy=True)
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
 
 
 def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_import_graph_sees_function_level_and_relative_imports(tmp_path):
+    pkg = tmp_path / "pkg"
+    (pkg / "sub").mkdir(parents=True)
+    files = {
+        "__init__.py": "from pkg.a import A\n",  # a package re-exporting its submodule
+        "a.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.b import B\nA = 1\n",
+        "b.py": "def f():\n    from .sub import c\n",  # relative, inside a function
+        "sub/__init__.py": "from . import c\n",
+        "sub/c.py": "class C:\n    from .. import a\n",  # runs at import (class body)
+    }
+    for rel, text in files.items():
+        (pkg / rel).write_text(text)
+    eager, lazy = _import_graph(src=pkg), _import_graph(lazy=True, src=pkg)
+    assert eager == {"pkg": {"pkg.a"}, "pkg.a": set(), "pkg.b": set(), "pkg.sub": {"pkg.sub.c"},
+                     "pkg.sub.c": {"pkg.a"}}  # TYPE_CHECKING-only imports never run; "pkg" itself is a parent
+    assert lazy == {**eager, "pkg.b": {"pkg.sub", "pkg.sub.c"}}
+    assert _cycle(lazy) is None
+    (pkg / "a.py").write_text("def g():\n    import pkg.b\n")
+    assert _cycle(_import_graph(src=pkg)) is None
+    assert _cycle(_import_graph(lazy=True, src=pkg)) == ["pkg.a", "pkg.b", "pkg.sub", "pkg.sub.c", "pkg.a"]
 
 
 def test_import_has_no_side_effects():

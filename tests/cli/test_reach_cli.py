@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 
+from longnet.analysis import alternating_shift, reach
 from longnet.cli.main import main
 from longnet.cli.reach import print_report
 from longnet.models.config import PRESETS
 from longnet.ops.pattern import DilatedPattern
-from longnet.ops.reach import alternating_shift, reach
 
 
 def _run(capsys, *argv):

@@ -20,7 +20,7 @@ import longnet  # noqa: E402
 import longnet.hf  # noqa: E402
 from longnet.ops.dilated_rows import dilated_attention_rows  # noqa: E402
 from longnet.ops.pattern import DilatedPattern  # noqa: E402
-from longnet.ops.reference import count_matrix, reference_dilated_attention  # noqa: E402
+from longnet.testing.reference import count_matrix, reference_dilated_attention  # noqa: E402
 
 VOCAB = 61
 SRC = os.path.dirname(os.path.dirname(os.path.abspath(longnet.__file__)))

@@ -6,7 +6,7 @@ import torch
 from longnet import DilatedKVCache, LongNetConfig, LongNetLM
 from longnet.models.cache import DenseLayerCache, SlotLayerCache
 from longnet.models.generation import cached_forward, sample_next_token
-from longnet.ops.reference_cache import DilatedLayerCache
+from longnet.testing.reference_cache import DilatedLayerCache
 
 V = 61  # vocabulary of the tiny models
 TOP = 16  # largest segment of the tiny pattern

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from longnet import DilatedPattern, dilated_attention
 from longnet.models.cache import DenseLayerCache, SlotLayerCache
-from longnet.ops.reference import reference_dilated_attention
-from longnet.ops.reference_cache import DilatedLayerCache
+from longnet.testing.reference import reference_dilated_attention
+from longnet.testing.reference_cache import DilatedLayerCache
 
 
 def _full(q, k, v, pattern):
@@ -41,7 +41,7 @@ def _run(cache, q, k, v, chunks, valid=None, pos=None):
     kind=st.sampled_from(["slots", "compact"]),
 )
 def test_caches_in_chunks_equal_full_attention(branches, N, heads, chunks, seed, max_chunk, kind):
-    """The slot cache (generation's) and the compact one (ops.reference_cache, a test reference)."""
+    """The slot cache (generation's) and the compact one (longnet.testing.reference_cache, a test reference)."""
     pattern = DilatedPattern([w for w, _ in branches], [r for _, r in branches])
     H, Hkv = heads
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from longnet import MultiheadDilatedAttention
-from longnet.ops.reference import reference_dilated_attention
+from longnet.testing.reference import reference_dilated_attention
 
 D64 = torch.float64
 

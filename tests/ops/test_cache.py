@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from longnet import DilatedPattern, dilated_attention
-from longnet.ops.reference_cache import DilatedLayerCache
+from longnet.testing.reference_cache import DilatedLayerCache
 
 # chunked decoding against full attention, with random patterns: tests/models/test_kv_cache.py
 # (this cache and the slot cache in one property test)

@@ -12,7 +12,7 @@ import longnet
 from longnet import DilatedPattern, dilated_attention
 from longnet.ops import backends as backends_mod
 from longnet.ops.dilated import _dropout_dilated_attention
-from longnet.ops.reference import reference_dilated_attention
+from longnet.testing.reference import reference_dilated_attention
 
 CPU_BACKENDS = ["cpu_flash", "math"]
 
@@ -188,7 +188,7 @@ def test_bfloat16_error_within_twice_sdpa_error():
     ours = dilated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), segment_lengths=ws,
                              dilation_rates=rs, is_causal=True)
     # PyTorch's own bf16 error on the same function: SDPA with the log-count bias
-    from longnet.ops.reference import count_matrix
+    from longnet.testing.reference import count_matrix
     bias = count_matrix(DilatedPattern(ws, rs), 96, 4, is_causal=True).log()
     sdpa = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(),
                                           attn_mask=bias.bfloat16())

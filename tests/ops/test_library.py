@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from longnet import DilatedPattern, dilated_attention
 from longnet.ops.calls import head_sets, plan_branch
 from longnet.ops.library import dilated_attention_backward_op, dilated_attention_op
-from longnet.ops.reference import reference_dilated_attention
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
+from longnet.testing.reference import reference_dilated_attention
 
 
 def _qkv(B, H, Hkv, N, D, layout="bhnd", dtype=torch.float64, seed=0):

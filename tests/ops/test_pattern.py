@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from longnet import DilatedPattern
-from longnet.ops.reference import count_matrix
+from longnet.testing.reference import count_matrix
 
 
 def test_kept_positions_follow_the_paper():
@@ -96,7 +96,7 @@ def test_shifted_reads_match_an_explicit_segment_list(w, r, shift, N, H, causal)
 @given(ws=st.lists(st.integers(1, 12), min_size=1, max_size=3), shift=st.integers(0, 20),
        N=st.integers(1, 40), H=st.integers(1, 4), causal=st.booleans())
 def test_shifted_flops_count_the_pairs_read(ws, shift, N, H, causal):
-    from longnet.ops.reference import count_matrix
+    from longnet.testing.reference import count_matrix
 
     p = DilatedPattern(ws, [1 + i for i in range(len(ws))], shift=shift)
     pairs = count_matrix(p, N, H, is_causal=causal).sum().item()

@@ -20,6 +20,7 @@ from longnet import (
     LongNetLM,
     MultiheadDilatedAttention,
 )
+from longnet.analysis import max_hops
 
 
 def operator(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -32,7 +33,7 @@ def operator(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 def pattern() -> float:
     p = DilatedPattern([8, 16], [1, 2])
-    return p.flops(1024, 4, 64, is_causal=True) / p.dense_flops(1024, 4, 64, is_causal=True) + p.max_hops(64, 4)
+    return p.flops(1024, 4, 64, is_causal=True) / p.dense_flops(1024, 4, 64, is_causal=True) + max_hops(p, 64, 4)
 
 
 def language_model(ids: torch.Tensor) -> torch.Tensor:

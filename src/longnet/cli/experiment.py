@@ -81,21 +81,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     experiment_runtime.add_parser(sub)
 
 
-def claim_results_dir(args: argparse.Namespace, name: str) -> tuple[str, str] | None:
-    """``(folder, stem)`` for ``--results-dir``, claimed before anything runs (see
-    :func:`longnet.bench.results.claim_results`: never overwrite without ``--overwrite``, and no
-    ``--quick`` run into ``benchmarks/results``); None without ``--results-dir``."""
-    from longnet.bench.report import device_slug
-    from longnet.bench.results import claim_results
-    from longnet.train.runtime import resolve_device
-
-    if not args.results_dir:
-        return None
-    stem = f"{name}-{device_slug(resolve_device(args.device))}" + ("-quick" if args.quick else "")
-    claim_results(args.results_dir, stem, overwrite=args.overwrite, quick=args.quick)
-    return args.results_dir, stem
-
-
 def run(args: argparse.Namespace) -> int:
     from longnet.cli.train import report_error
     from longnet.train import TrainingDiverged, TrainingInterrupted
@@ -143,6 +128,7 @@ def plan_from_args(args: argparse.Namespace):
 
 def _table2(args: argparse.Namespace) -> int:
     from longnet.bench.report import write_results
+    from longnet.cli.experiment_results import claim_results_dir
     from longnet.experiments.table2 import run_table2
     from longnet.experiments.table2_report import format_table, markdown_table, plot_table2, summary_line
     from longnet.utils.atomic import atomic_write_text

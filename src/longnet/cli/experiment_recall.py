@@ -70,7 +70,7 @@ def plan_from_args(args: argparse.Namespace):
 def run_recall_command(args: argparse.Namespace) -> int:
     """Run the experiment, write its files and print the tables and the JSON line."""
     from longnet.bench.report import write_results
-    from longnet.cli.experiment import claim_results_dir
+    from longnet.cli.experiment_results import claim_results_dir
     from longnet.experiments.recall import run_recall
     from longnet.experiments.recall_report import format_table, markdown_table, plot_recall, summary_line
     from longnet.utils.atomic import atomic_write_text

@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
 def run_runtime_command(args: argparse.Namespace) -> int:
     """Run the measurement, write its files and print the table and the JSON line."""
     from longnet.bench.report import device_name, write_results
-    from longnet.cli.experiment import claim_results_dir
+    from longnet.cli.experiment_results import claim_results_dir
     from longnet.experiments.runtime import RuntimePlan, format_table, plot_runtime, run_runtime, summary_line
     from longnet.train.runtime import resolve_device
     from longnet.utils.strict_json import print_json_line

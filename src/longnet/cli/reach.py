@@ -1,6 +1,6 @@
 """``longnet reach``: how many layers a dilated pattern needs to carry one token to another.
 
-Exact (see :mod:`longnet.ops.reach` for the definitions and the method): max hops over all pairs,
+Exact (see :mod:`longnet.analysis.reach` for the definitions and the method): max hops over all pairs,
 the fraction of pairs no number of layers connects, examples of such pairs, and hops against
 distance in log-spaced buckets; a last JSON line with the same numbers. ``--shifted`` analyses the
 layers of ``LongNetConfig(shift_segments=True)`` (even layers unshifted, odd layers shifted by half
@@ -14,10 +14,10 @@ import math
 import sys
 import time
 
+from longnet.analysis.reach import alternating_shift, reach, work
 from longnet.cli.options import int_list
 from longnet.models.config import PRESETS
 from longnet.ops.pattern import DilatedPattern
-from longnet.ops.reach import alternating_shift, reach, work
 from longnet.paper import PAPER_DILATION_RATES as PAPER_DILATIONS
 from longnet.paper import PAPER_SEGMENT_LENGTHS as PAPER_SEGMENTS
 from longnet.utils.strict_json import print_json_line
@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         block, classes = work(patterns, n, heads)
         if block * classes > _SLOW:
             print(f"note: lcm of the segment lengths is {block:,} tokens with {classes:,} residue "
-                  "classes; the exact analysis grows like their product (see longnet.ops.reach) "
+                  "classes; the exact analysis grows like their product (see longnet.analysis.reach) "
                   "and may take a long time; a shorter --seq-len is quicker", file=sys.stderr)
         t0 = time.perf_counter()
         rep = reach(patterns, n, heads, causal=not args.non_causal, layers=args.layers, distance_edges="log2",

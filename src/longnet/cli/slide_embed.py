@@ -145,7 +145,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from longnet.gigapath import load_slide_encoder, pad_slides
     from longnet.gigapath.slides import read_slide
-    from longnet.ops.torchscale_compat import check_torchscale_length
+    from longnet.interop.torchscale import check_torchscale_length
     from longnet.utils.atomic import atomic_write_bytes
 
     if args.batch_tiles < 1:

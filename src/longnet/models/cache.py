@@ -6,7 +6,7 @@ branch: the cache stops growing once the largest segment is full, whatever the c
 :class:`SlotLayerCache` does this (fixed slots written in place, one softmax over all branches),
 per key/value head: with grouped-query attention a key/value head keeps the union of its group's
 residues once (:mod:`longnet.ops.kv_slots`), not one copy per query head. An independent second
-cache, :class:`longnet.ops.reference_cache.DilatedLayerCache` (per query head, grows to the bound,
+cache, :class:`longnet.testing.reference_cache.DilatedLayerCache` (per query head, grows to the bound,
 recompacted at each call, one softmax per branch), is kept as a test reference: the slot cache
 decodes about 2-3x faster and prefills about 10x faster on CPU (``benchmarks/decode.py``).
 
@@ -58,7 +58,7 @@ class SlotLayerCache:
     sub-chunks of ``max_chunk`` rows over the slots plus their own keys (each counted once per
     branch holding it, a ``log(count)`` score bias).
 
-    Same interface and results as :class:`~longnet.ops.reference_cache.DilatedLayerCache`;
+    Same interface and results as :class:`~longnet.testing.reference_cache.DilatedLayerCache`;
     preallocated, so ``nbytes`` is the bound (:attr:`max_nbytes`) from the first token on.
 
     Args:
@@ -166,7 +166,7 @@ class SlotLayerCache:
                scale: float | None = None) -> torch.Tensor:
         """Causal dilated attention of ``n`` new tokens over the cache plus themselves.
 
-        Args and result as :meth:`longnet.ops.reference_cache.DilatedLayerCache.attend`: query
+        Args and result as :meth:`longnet.testing.reference_cache.DilatedLayerCache.attend`: query
         (B, H, n, D), key/value (B, Hkv, n, D), positions (B, n) long (increasing by one across
         real tokens and calls), valid (B, n) bool -> (B, H, n, D). Padding queries output values
         that nothing reads (finite).
@@ -229,7 +229,7 @@ class SlotLayerCache:
 class DenseLayerCache:
     """Every key/value of one layer (dense causal attention), with per-sequence positions.
 
-    Same interface as :class:`~longnet.ops.reference_cache.DilatedLayerCache`. Keys are stored per
+    Same interface as :class:`~longnet.testing.reference_cache.DilatedLayerCache`. Keys are stored per
     key/value head (GQA groups share them) in a buffer that doubles when full, and attention is
     ``F.scaled_dot_product_attention`` over the whole cache.
 
@@ -288,7 +288,7 @@ class DenseLayerCache:
                scale: float | None = None) -> torch.Tensor:
         """Causal attention of ``n`` new tokens over every cached token plus themselves.
 
-        Args and result as :meth:`longnet.ops.reference_cache.DilatedLayerCache.attend`: query
+        Args and result as :meth:`longnet.testing.reference_cache.DilatedLayerCache.attend`: query
         (B, H, n, D), key/value (B, Hkv, n, D), positions (B, n) long, valid (B, n) bool ->
         (B, H, n, D). A padding query (no real key at or before it) reads only itself.
         """
@@ -418,7 +418,7 @@ def make_cache(model, batch_size: int, *, dtype: torch.dtype | None = None, devi
         dtype, device: storage; default the model's parameter dtype and device.
         layer_cache: the cache of dilated layers: a name of :data:`LAYER_CACHES` or a layer cache
             class with :class:`SlotLayerCache`'s constructor (tests pass the reference
-            :class:`~longnet.ops.reference_cache.DilatedLayerCache`); dense layers always use
+            :class:`~longnet.testing.reference_cache.DilatedLayerCache`); dense layers always use
             :class:`DenseLayerCache`.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:

@@ -109,7 +109,7 @@ class LongNetConfig:
     semantics: str = "paper"
     """``"paper"`` (head offset ``h % r``, padding masked) or ``"torchscale"``: torchscale's
     dilated-attention rule, for its checkpoints (Prov-GigaPath's among them); see
-    :mod:`longnet.ops.torchscale_compat`."""
+    :mod:`longnet.interop.torchscale`."""
 
     # ---------------------------------------------------------------------------- validation
     def __post_init__(self) -> None:

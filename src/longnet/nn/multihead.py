@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from longnet.interop.torchscale import torchscale_dilated_attention
 from longnet.nn.positions import build_positions
 from longnet.ops.dilated import dilated_attention
 from longnet.ops.pattern import DilatedPattern
-from longnet.ops.torchscale_compat import torchscale_dilated_attention
 
 __all__ = ["MultiheadDilatedAttention"]
 
@@ -50,7 +50,7 @@ class MultiheadDilatedAttention(nn.Module):
         dense: use dense attention (``F.scaled_dot_product_attention``) instead of the pattern.
         backend: kernel family passed to :func:`longnet.dilated_attention`.
         semantics: ``"paper"``, or ``"torchscale"`` for torchscale's rule
-            (:func:`longnet.ops.torchscale_compat.torchscale_dilated_attention`).
+            (:func:`longnet.interop.torchscale_dilated_attention`).
         device, dtype: factory arguments for the parameters.
 
     Shapes: ``forward(x (B, N, E)) -> (B, N, E)``.

@@ -1,4 +1,4 @@
-"""The dilated attention operator: pattern, kernels, reference."""
+"""The dilated attention operator: the pattern, its kernels and registered ops."""
 
 from longnet.ops.dilated import (
     dilated_attention,

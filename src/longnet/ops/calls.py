@@ -170,7 +170,7 @@ def plan_branch(pattern: DilatedPattern, b: int, query, key, *, is_causal: bool,
     (accumulators, gradients); the fold chosen is a view for all of them. ``device_type``
     overrides ``query.device.type`` for planning (the call count test plans CUDA calls on CPU).
     ``heads`` (head sets as :func:`head_sets` gives them) and ``residue`` (head -> kept offset)
-    replace the paper's rule for another one (torchscale's, :mod:`longnet.ops.torchscale_compat`).
+    replace the paper's rule for another one (torchscale's, in :mod:`longnet.interop`).
     """
     B, H, N, D = query.shape
     Hkv = key.shape[1]

@@ -304,21 +304,6 @@ class DilatedPattern:
         inner = ", ".join(f"({w}, {r})" for w, r in self.branches)
         return f"DilatedPattern([{inner}]" + (f", shift={self.shift})" if self.shift else ")")
 
-    # ------------------------------------------------------------------ reach
-    def max_hops(self, length: int, num_heads: int, causal: bool = True) -> float:
-        """Most layers any pair needs to pass information (causal: ``i <= j``); ``math.inf``
-        when some pair has no path. Exact; see :mod:`longnet.ops.reach`."""
-        from longnet.ops.reach import max_hops
-
-        return max_hops(self, length, num_heads, causal)
-
-    def unreachable_pairs(self, length: int, num_heads: int, causal: bool = True) -> int:
-        """Pairs (causal: ``i <= j``) that no number of layers connects. Exact; see
-        :mod:`longnet.ops.reach`."""
-        from longnet.ops.reach import unreachable_pairs
-
-        return unreachable_pairs(self, length, num_heads, causal)
-
 
 def _count(seg_len: int, r: int, offset: int) -> int:
     """Positions ``p < seg_len`` with ``p % r == offset``."""

@@ -1,4 +1,6 @@
-"""Dense reference of dilated attention, for tests only (O(N^2) memory).
+"""Dense float64 reference of dilated attention: a simple reference the tests compare the
+operator against, not a fast path (``O(N^2)`` memory and time; use
+:func:`longnet.dilated_attention` for real work).
 
 The branch mixture ``sum_i alpha_i O_i`` with ``alpha_i = s_i / sum_j s_j`` equals one softmax over
 the union of the branches' keys, a key counted once per branch that holds it. So the reference

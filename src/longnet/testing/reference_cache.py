@@ -1,4 +1,5 @@
-"""A second, independent bounded cache, kept as a test reference (like :mod:`longnet.ops.reference`).
+"""A second, independent bounded generation cache: a simple reference the tests compare the slot
+cache against (like :mod:`longnet.testing.reference` for the operator), not the fast path.
 
 Generation uses :class:`longnet.models.cache.SlotLayerCache`: measured on CPU
 (``benchmarks/decode.py``) it decodes 2-3x and prefills about 10x faster than this cache, which

@@ -84,6 +84,8 @@ from typing import Callable
 
 import numpy as np
 
+from longnet.ops.pattern import DilatedPattern
+
 __all__ = ["ReachReport", "reach", "max_hops", "unreachable_pairs", "hops_from", "log2_edges", "work",
            "alternating_shift"]
 
@@ -179,8 +181,6 @@ def _check_int(name: str, value: object, lo: int = 1) -> int:
 
 
 def _check_patterns(pattern) -> list:
-    from longnet.ops.pattern import DilatedPattern
-
     if isinstance(pattern, DilatedPattern):
         return [pattern]
     if isinstance(pattern, (list, tuple)) and pattern and all(isinstance(p, DilatedPattern) for p in pattern):

@@ -1,4 +1,4 @@
-"""torchscale's dilated attention (longnet.ops.torchscale_compat) against torchscale's own module."""
+"""torchscale's dilated attention (longnet.interop.torchscale) against torchscale's own module."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longnet.ops.pattern import DilatedPattern
-from longnet.ops.torchscale_compat import (
+from longnet.interop.torchscale import (
     check_torchscale_length,
     torchscale_dilated_attention,
     torchscale_head_offset,
 )
+from longnet.ops.pattern import DilatedPattern
 
 
 def _reference_module(ts, embed_dim, heads, segments, rates):
@@ -159,7 +159,7 @@ def _padded_inputs(B=3, H=4, Hkv=2, N=23, D=8, lengths=(23, 9, 0), seed=2):
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("is_causal", [False, True])
 def test_registered_op_passes_opcheck(masked, is_causal):
-    from longnet.ops.torchscale_compat import torchscale_attention_backward_op, torchscale_attention_op
+    from longnet.interop.torchscale import torchscale_attention_backward_op, torchscale_attention_op
 
     (q, k, v), mask = _padded_inputs()
     mask = mask if masked else None
