@@ -98,11 +98,6 @@ def test_no_import_cycles_between_longnet_modules():
     assert _cycle(graph) is None, f"import cycle at import time: {' -> '.join(_cycle(graph))}"
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "left to the training-path rewrite: longnet.integrations.hf_cache imports "
-    "longnet.integrations.transformers inside functions (DilatedCache.__init__ and _layout: "
-    "pattern_from_config; DilatedCache.update: registered_names), and longnet.integrations.transformers "
-    "imports longnet.integrations.hf_cache at module level (DilatedCache, layer_of)"))
 def test_no_import_cycles_counting_imports_inside_functions():
     # an import inside a function runs on the first call: a cycle through one is still a cycle
     # (the lower module reaches up into the higher one), only deferred

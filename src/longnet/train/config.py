@@ -22,28 +22,18 @@ from pathlib import Path
 from typing import Any
 
 from longnet.paper import PAPER_BATCH_TOKENS, PAPER_BETAS, PAPER_LR, PAPER_WARMUP_STEPS, PAPER_WEIGHT_DECAY
+from longnet.train.defaults import HF_LR, PRESET_DEFAULTS
 from longnet.utils import config_tree
 from longnet.utils.config_tree import setting
 
 __all__ = ["TrainConfig", "ModelSection", "DataSection", "OptimSection", "ScheduleSection", "ParallelSection",
-           "CheckpointSection", "EvalSection", "RunSection", "MICRO_BATCH_TOKENS", "PRESET_DEFAULTS", "HF_LR",
-           "default_cache_dir",
+           "CheckpointSection", "EvalSection", "RunSection", "MICRO_BATCH_TOKENS", "default_cache_dir",
            "resolve_config", "stored_settings", "RUN_FORMAT"]
 
 MICRO_BATCH_TOKENS = 16_384
 """Default micro-batch: the most sequences whose tokens stay within this (at least one)."""
 RUN_FORMAT = 2
 """``run.json`` format: 1 = flat ``settings``; 2 = the ``config`` tree."""
-PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
-    # CPU-sized: a small token batch and a higher peak rate so a few hundred steps learn something
-    "tiny": {"lr": 2e-3, "batch_tokens": 4096},
-    "small": {"lr": 1e-3, "batch_tokens": 65_536},
-}
-"""Per-preset defaults that differ from the paper's recipe (its learning rate and 0.5M-token batches)."""
-HF_LR = 2e-5
-"""Default peak rate when fine-tuning a Hugging Face model (``--hf-model``)."""
-
-
 def _per_preset(name: str) -> str:
     return ", ".join(f"{preset} {values[name]:g}" for preset, values in PRESET_DEFAULTS.items())
 

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from longnet.paper import PAPER_BATCH_TOKENS, PAPER_LR, PAPER_WARMUP_STEPS
-from longnet.train.config import HF_LR, PRESET_DEFAULTS
+from longnet.train.defaults import HF_LR, PRESET_DEFAULTS
 
 __all__ = ["ModelFamily", "LongNetFamily", "HFFamily", "family_for", "family_of_folder"]
 
