@@ -23,8 +23,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _measure(rank, world, shard):
-    from longnet.train import build_optimizer
     from longnet.parallel import init_mesh, parallelize
+    from longnet.train import build_optimizer
     from longnet.train.config import ParallelSection
 
     par = init_mesh(2, torch.device("cpu"))

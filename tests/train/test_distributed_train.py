@@ -20,12 +20,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from longnet.cli.main import main
 from longnet.models import LongNetConfig, LongNetLM
-from longnet.parallel import run_workers
+from longnet.parallel import init_mesh, parallelize, run_workers
 from longnet.parallel.launch import free_port
-from longnet.train import build_optimizer, read_metrics, train
-from longnet.parallel import init_mesh, parallelize
 from longnet.parallel.parallelize import check_replicas
 from longnet.parallel.runtime import check_pattern_split, check_sequence_parallel, local_micro_batch
+from longnet.train import build_optimizer, read_metrics, train
 from longnet.train.config import ParallelSection
 from longnet.train.step import compute_gradients, train_step
 

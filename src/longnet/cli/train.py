@@ -96,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     """Train; 0 when done or stopped by SIGTERM (after saving), 2 on bad input, 1 on divergence,
     128 + signal when interrupted otherwise (Ctrl-C)."""
     from longnet.train import TrainingDiverged, TrainingInterrupted, train  # deferred: fast --help
-
     from longnet.train.config import TrainConfig
     from longnet.utils.config_tree import given_values, read_toml
 

@@ -18,9 +18,9 @@
 from longnet.parallel.attention import dilated_attention
 from longnet.parallel.comm import CommCounter, CommRecord
 from longnet.parallel.launch import WorkerError, init_distributed, run_workers
+from longnet.parallel.layout import BranchComm, CommPlan, place_branches, plan_bytes
 from longnet.parallel.parallelize import Parallelized, parallelize
 from longnet.parallel.runtime import ParallelSettingsError, TrainMesh, init_mesh
-from longnet.parallel.layout import BranchComm, CommPlan, place_branches, plan_bytes
 from longnet.parallel.sequence import parallelize_sequence, sequence_parallel, unparallelize_sequence
 from longnet.parallel.shard import shard_sequence
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-
 __all__ = ["ParallelSettingsError", "TrainMesh", "init_mesh", "check_sequence_parallel", "check_pattern_split",
            "local_micro_batch", "torchrun_world_size"]
 

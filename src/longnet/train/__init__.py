@@ -11,13 +11,13 @@ from longnet.train.checkpoint import (
     load_trainer_checkpoint,
     save_trainer_checkpoint,
 )
+from longnet.train.config import TrainConfig, default_cache_dir, resolve_config
 from longnet.train.evaluate import PerplexityResult, mean_loss, model_for_length, perplexities
+from longnet.train.families import HFFamily, LongNetFamily, ModelFamily, family_for
 from longnet.train.metrics import MetricsLog, plot_losses, read_metrics
 from longnet.train.optim import build_optimizer, parameter_groups
 from longnet.train.rundir import RunFolderError, open_run_dir
 from longnet.train.schedule import learning_rate
-from longnet.train.config import TrainConfig, default_cache_dir, resolve_config
-from longnet.train.families import HFFamily, LongNetFamily, ModelFamily, family_for
 from longnet.train.trainer import TrainingDiverged, TrainingInterrupted, TrainResult, build_config, train
 
 __all__ = [

@@ -89,8 +89,9 @@ class DataSection:
 class OptimSection:
     """AdamW and the batch"""
 
-    batch_tokens: int | None = setting(None, identity=True, minimum=1, metavar="N",
-                                       default_text=f"the paper's {PAPER_BATCH_TOKENS:,}; {_per_preset('batch_tokens')}")
+    batch_tokens: int | None = setting(
+        None, identity=True, minimum=1, metavar="N",
+        default_text=f"the paper's {PAPER_BATCH_TOKENS:,}; {_per_preset('batch_tokens')}")
     """Tokens per optimizer step (batch_tokens / seq_len sequences)."""
     micro_batch: int | None = setting(None, minimum=1, metavar="SEQS",
                                       default_text=f"as many as fit in {MICRO_BATCH_TOKENS} tokens")

@@ -28,12 +28,13 @@ import inspect
 import json
 import math
 import textwrap
-import tomllib
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+import tomllib
 
 __all__ = ["setting", "Leaf", "leaves", "flag", "add_arguments", "given_values", "read_toml", "to_toml",
            "nested", "flat", "from_flat", "check_types", "merge_stored", "field_docs"]
@@ -201,7 +202,8 @@ def add_arguments(parser: argparse.ArgumentParser, tree: type) -> None:
         else:
             origin = typing.get_origin(kind) or kind
             kwargs["type"] = {int: int, float: float, str: str, list: _int_list, dict: _json_object}[origin]
-            kwargs["metavar"] = leaf.metavar or {list: "N,...", dict: "JSON"}.get(origin, leaf.name.upper().split("_")[-1])
+            placeholder = {list: "N,...", dict: "JSON"}.get(origin, leaf.name.upper().split("_")[-1])
+            kwargs["metavar"] = leaf.metavar or placeholder
             if leaf.choices is not None:
                 kwargs["choices"] = leaf.choices
                 kwargs.pop("metavar")
