@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"the {args.split} split of --data {spec!r} has {len(tokens):,} tokens, too few for "
                          f"any --seq-len in {list(args.seq_len)}; evaluate shorter lengths")
 
-    trained = model.config.max_train_length
+    trained = settings.get("seq_len") or getattr(model.config, "max_train_length", "?")  # the run's length
     step = _step_of(folder)
     scored = max(r.tokens for r in results)
     print(f"perplexity of {folder} (step {step if step is not None else '?'}, {model.config.attention} "
