@@ -15,9 +15,11 @@ shifted; ``-100`` is ignored), so the loss is the mean next-token cross-entropy,
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -352,8 +354,9 @@ class HFCausalLM(nn.Module):
 
         folder, config = run.folder, run.hf
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, config=config, local_files_only=True,
-                                                         dtype=torch.float32)
+            with _quiet_progress():  # the trainer's own progress bar and log lines are running
+                model = AutoModelForCausalLM.from_pretrained(folder, config=config, local_files_only=True,
+                                                             dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise ValueError(f"--hf-model {folder}: cannot load the model ({err})") from err
         out = cls(model)
@@ -374,7 +377,8 @@ class HFCausalLM(nn.Module):
         from longnet.models.checkpoint import WEIGHTS_NAME, CheckpointError, verify_weights
 
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+            with _quiet_progress():
+                model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
         except (OSError, ValueError) as err:
             raise CheckpointError(f"{folder}: cannot load the transformers checkpoint ({err})") from err
         if verify:
@@ -388,16 +392,8 @@ class HFCausalLM(nn.Module):
         ``state_dict``: this module's weights to write instead of its own (keys as
         ``self.state_dict()``, e.g. the full weights gathered from FSDP2 shards)."""
         inner = None if state_dict is None else {k.removeprefix("model."): v for k, v in state_dict.items()}
-        from transformers.utils import logging as hf_logging
-
-        quiet = hf_logging.is_progress_bar_enabled()
-        if quiet:
-            hf_logging.disable_progress_bar()
-        try:
+        with _quiet_progress():
             self.model.save_pretrained(folder, safe_serialization=True, state_dict=inner)
-        finally:
-            if quiet:
-                hf_logging.enable_progress_bar()
 
     # ------------------------------------------------------------------------------- generating
     def make_cache(self, batch_size: int = 1):
@@ -493,3 +489,18 @@ class _SkipPrompt:
     def end(self) -> None:
         if hasattr(self.inner, "end"):
             self.inner.end()
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """transformers' progress bars (loading, writing weights) off inside the block."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    if was_on:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()

@@ -144,9 +144,15 @@ def data_parallel(model: torch.nn.Module, pm: ParallelMesh, *, bucket_cap_mb: fl
         raise TypeError(f"pm must be a ParallelMesh (longnet.parallel.mesh.build_mesh), got {type(pm).__name__}")
     if device is None:
         device = next(model.parameters()).device
+    # buffers are not synced in forward (they are constants: rotary tables, masks); torch >= 2.13
+    # names that forward_sync_buffers and deprecates broadcast_buffers
+    import inspect
+
+    no_sync = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+               else "broadcast_buffers")
     ddp = DistributedDataParallel(
         model, device_ids=[device] if device.type == "cuda" else None, process_group=pm.dp_group,
-        broadcast_buffers=False, bucket_cap_mb=bucket_cap_mb)
+        bucket_cap_mb=bucket_cap_mb, **{no_sync: False})
     if pm.sp > 1:  # the ranks of one sequence sit in different data-parallel groups
         src = dist.get_global_rank(pm.sp_group, 0)
         with torch.no_grad():
