@@ -230,7 +230,8 @@ def test_step_times_summarise_the_timed_steps_only():
 
 # ------------------------------------------------------------------ where results go, what is printed
 TINY_FULL = ["bench", "attention", "--seq-lens", "128", "--segment-lengths", "64", "--dilation-rates", "1",
-             "--heads", "2", "--head-dim", "8", "--causal", "--mode", "fwd", "--no-plot", "--no-progress"]
+             "--heads", "2", "--head-dim", "8", "--causal", "--mode", "fwd", "--no-plot", "--no-progress",
+             "--min-rounds", "1", "--max-rounds", "1"]  # one fresh process per case
 
 
 def _stem() -> str:

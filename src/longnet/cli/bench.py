@@ -109,6 +109,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--replot", type=Path, default=None, metavar="JSON",
                    help="redraw the PNG of an earlier results JSON (beside it) and exit")
     r.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    h = parser.add_argument_group("harness: each case in its own process (longnet.bench.isolated)")
+    h.add_argument("--min-rounds", type=positive_int, default=3,
+                   help="rounds of fresh processes per (N, causal, mode), dilated and dense alternating "
+                        "(--quick runs in-process: a smoke run)")
+    h.add_argument("--max-rounds", type=positive_int, default=7,
+                   help="at most this many rounds: after --min-rounds, rounds stop once every case's median "
+                        "over the rounds moves by at most --tolerance")
+    h.add_argument("--tolerance", type=float, default=0.02, help="relative change that counts as settled")
+    h.add_argument("--in-process", action="store_true",
+                   help="the older harness instead: every case in this process, timed calls interleaved "
+                        "(faster, but each case inherits the state the previous one left)")
 
 
 def _config(args: argparse.Namespace):
@@ -234,12 +245,18 @@ def _spread(record: dict) -> float:
     return statistics.median(abs(t - median) for t in times) / median if median > 0 else 0.0
 
 
-def timing_note(cfg, records: list[dict]) -> str:
+def timing_note(cfg, records: list[dict], isolated: bool = False) -> str:
     """How each time was taken (warm-up and timed calls) and how stable the timed calls were."""
     ok = [r for r in records if r.get("status") == "ok"]
-    text = (f"timing: each time is the median of {cfg.repeats} timed call(s) after {cfg.warmup} warm-up "
-            "call(s), the dilated and dense calls of one N alternating")
-    cold = sorted({r["n"] for r in ok if r["warmup"] == 0})
+    if isolated:
+        rounds = sorted({r.get("rounds", 1) for r in ok}) or [0]
+        text = (f"timing: each case ran in its own processes, {rounds[0]}-{rounds[-1]} round(s) of dilated and "
+                f"dense alternating; each time is the median over rounds of each process's median of "
+                f"{cfg.repeats} timed call(s) after {cfg.warmup} warm-up call(s)")
+    else:
+        text = (f"timing: each time is the median of {cfg.repeats} timed call(s) after {cfg.warmup} warm-up "
+                "call(s), the dilated and dense calls of one N alternating")
+    cold = sorted({r["n"] for r in ok if r.get("warmup", cfg.warmup) == 0})
     if cold:
         text += (f"; no warm-up at N={cold} (a call at the previous N took over {cfg.warmup_skip_s:g} s, "
                  "see --warmup-skip-s)")
@@ -341,18 +358,29 @@ def _run_attention(args: argparse.Namespace) -> int:
         from tqdm import tqdm
         return tqdm(cases, desc="bench attention", unit="N", file=sys.stderr)
 
+    in_process = args.in_process or args.quick  # a smoke run: seconds, not a fresh process per case
     records: list[dict] = []
     note = None
+    save = lambda recs: _write(json_path, _document(cfg, recs, started, False, commit=commit))  # noqa: E731
     try:
-        run_attention_bench(
-            cfg, progress=progress, records=records,
-            on_case=lambda recs: _write(json_path, _document(cfg, recs, started, False,
-                                                            commit=commit)))
+        if in_process:
+            run_attention_bench(cfg, progress=progress, records=records, on_case=save)
+        else:
+            from longnet.bench.isolated import run_attention_bench_isolated
+
+            rounds = (args.min_rounds, max(args.min_rounds, args.max_rounds))
+            run_attention_bench_isolated(cfg, min_rounds=rounds[0], max_rounds=rounds[1], tolerance=args.tolerance,
+                                         threads=args.threads,
+                                         keep_freed_memory=args.keep_freed_memory, progress=progress,
+                                         on_case=save, records=records)
     except KeyboardInterrupt:  # keep what was measured, say so, and report it
         note = f"interrupted after {len(records)} of {len(cfg.cases())} cases"
         print(f"\n{note}", file=sys.stderr)
     doc = _document(cfg, records, started, note is None, note, commit)
     doc["allocator"] = allocator
+    doc["harness"] = ("in-process, timed calls interleaved" if in_process else
+                      "each case in its own process; rounds alternate the cases of one (N, causal, mode) "
+                      f"until medians settle within {args.tolerance:g} (longnet.bench.isolated)")
     doc["quick"] = args.quick
     doc["files"] = {"json": str(json_path), "png": None}
     if args.no_plot:
@@ -372,7 +400,7 @@ def _run_attention(args: argparse.Namespace) -> int:
         print("process CPU time (median ms):")
         print(format_table(doc["comparisons_cpu_time"]))
         _print_targets(doc["targets_cpu_time"], "CPU time")
-    print(timing_note(cfg, records))
+    print(timing_note(cfg, records, isolated=not in_process))
     print(f"wrote {json_path}" + (f" and {png_path}" if doc["files"]["png"] else "") + " (every figure)")
     print_json_line(summary_line(doc), compact=True)
     return 0 if note is None else 130

@@ -1,0 +1,225 @@
+"""Each benchmark case in a process of its own, cases alternating, rounds until the medians settle.
+
+Timing several operators in one process lets each one inherit the state the previous one left:
+the allocator's free lists, page faults of fresh memory, thread-pool wake-ups, caches. The same
+dilated call was measured at 2.5-3.0 s alone and at 4.2-4.6 s right after a dense backward in one
+process. This harness removes that effect:
+
+* a *case* (one operator, backend, length, causality and mode) runs in a fresh Python process
+  (``python -m longnet.bench.isolated``), which builds its inputs, makes ``warmup`` untimed calls
+  and ``repeats`` timed ones, and reports the median wall time, the median process CPU time
+  (``time.process_time``, all threads), the peak extra memory of one call and the load average;
+* the cases that are compared (for example dilated and dense attention at one length) run in
+  *rounds*: one process per case per round, in alternating order (A B, then B A, ...), so a drift
+  of the machine's speed hits all of them alike;
+* rounds continue until every case's median over the rounds has settled (adding the last round
+  moved it by at most ``tolerance``), between ``min_rounds`` and ``max_rounds``.
+
+The figure to quote is the median over rounds of each process's median (``median_ms``); every
+process's figures are kept (``process_medians_ms``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Iterable
+
+__all__ = ["run_case", "run_isolated", "settled", "groups", "attention_specs", "run_attention_bench_isolated"]
+
+
+def run_case(spec: dict[str, Any]) -> dict[str, Any]:
+    """Measure one case in this process (what the child process runs); JSON-ready figures.
+
+    ``spec``: ``impl`` (``"dilated"`` or ``"dense"``), ``backend``, ``n``, ``causal``, ``mode``
+    (``"fwd"``/``"fwdbwd"``), ``heads``, ``head_dim``, ``batch_size``, ``segment_lengths``,
+    ``dilation_rates``, ``device``, ``dtype``, ``warmup``, ``repeats``, ``seed`` and optionally
+    ``threads`` and ``keep_freed_memory``.
+    """
+    import torch
+
+    from longnet.bench.attention import AttentionBenchConfig, _make_call
+    from longnet.bench.measure import measure
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    if spec.get("keep_freed_memory"):
+        _keep_freed_memory()
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    cfg = AttentionBenchConfig(seq_lens=(spec["n"],), dense_max_seq_len=spec["n"], causal=(spec["causal"],),
+                               modes=(spec["mode"],), device=device, dtype=dtype, heads=spec["heads"],
+                               head_dim=spec["head_dim"], batch_size=spec["batch_size"],
+                               segment_lengths=tuple(spec["segment_lengths"]),
+                               dilation_rates=tuple(spec["dilation_rates"]), backend=spec["backend"])
+    gen = torch.Generator(device="cpu").manual_seed(int(spec.get("seed", 0)))
+    shape = (spec["batch_size"], spec["heads"], spec["n"], spec["head_dim"])  # (B, H, N, D)
+    q, k, v, grad_out = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(4))
+    case = {"impl": spec["impl"], "n": spec["n"], "causal": spec["causal"], "mode": spec["mode"]}
+    m = measure(_make_call(cfg, case, q, k, v, grad_out), device=device, repeats=spec["repeats"],
+                warmup=spec["warmup"])
+    return {"median_ms": m.median_s * 1e3, "times_ms": [t * 1e3 for t in m.times_s],
+            "cpu_median_ms": None if m.cpu_median_s is None else m.cpu_median_s * 1e3,
+            "peak_mb": None if m.peak_bytes is None else m.peak_bytes / 2**20,
+            "threads": torch.get_num_threads(), "loadavg_1m": _loadavg(), "flops": cfg.flops(**case)}
+
+
+def _loadavg() -> float | None:
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
+def _keep_freed_memory() -> bool:
+    """glibc: keep up to 1 GiB of freed memory for reuse (see ``longnet bench --help``)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return False
+    if mallopt is None:
+        return False
+    return bool(mallopt(-3, 1 << 30)) and bool(mallopt(-1, 1 << 30))
+
+
+def _spawn(spec: dict[str, Any], timeout_s: float) -> dict[str, Any]:
+    """Run :func:`run_case` in a fresh interpreter; its result, or ``{"error": ...}``."""
+    env = dict(os.environ)
+    if spec.get("threads"):
+        env["OMP_NUM_THREADS"] = str(spec["threads"])
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "longnet.bench.isolated"], input=json.dumps(spec),
+                              capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:g} s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": f"exit {proc.returncode}: {tail[:300]}"}
+    out = json.loads(lines[-1])
+    out["process_s"] = time.perf_counter() - t0
+    return out
+
+
+def settled(values: list[float], tolerance: float) -> bool:
+    """True when the median of ``values`` moved by at most ``tolerance`` (relative) with the last one."""
+    if len(values) < 2:
+        return False
+    before, after = statistics.median(values[:-1]), statistics.median(values)
+    return abs(after - before) <= tolerance * after
+
+
+def run_isolated(specs: list[dict[str, Any]], *, min_rounds: int = 3, max_rounds: int = 7,
+                 tolerance: float = 0.02, timeout_s: float = 1800.0,
+                 progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Measure cases that are compared with each other: each in its own process, in rounds.
+
+    Round ``r`` runs one process per case, in the order of ``specs`` on even rounds and reversed
+    on odd ones. After ``min_rounds`` rounds it stops as soon as every case's median over the
+    rounds has :func:`settled`; at ``max_rounds`` at the latest. A case whose process fails is
+    recorded with ``status`` ``"error: ..."`` and left out of later rounds.
+
+    Returns one record per spec: the spec, ``status``, ``median_ms`` (median over rounds of each
+    process's median), ``cpu_median_ms`` (likewise), ``process_medians_ms``, ``rounds``,
+    ``peak_mb`` (largest), ``loadavg_1m`` (per process) and ``flops``.
+    """
+    if not 1 <= min_rounds <= max_rounds:
+        raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
+    runs: list[list[dict[str, Any]]] = [[] for _ in specs]
+    errors: dict[int, str] = {}
+    for r in range(max_rounds):
+        order = list(range(len(specs))) if r % 2 == 0 else list(reversed(range(len(specs))))
+        for i in order:
+            if i in errors:
+                continue
+            result = _spawn(specs[i], timeout_s)
+            if "error" in result:
+                errors[i] = result["error"]
+                continue
+            runs[i].append(result)
+            if progress is not None:
+                progress(f"round {r + 1}: {_label(specs[i])} {result['median_ms']:.1f} ms")
+        live = [i for i in range(len(specs)) if i not in errors]
+        if r + 1 >= min_rounds and all(settled([x["median_ms"] for x in runs[i]], tolerance) for i in live):
+            break
+    records = []
+    for i, spec in enumerate(specs):
+        done = runs[i]
+        rec: dict[str, Any] = dict(spec, rounds=len(done))
+        if not done:
+            records.append(dict(rec, status=f"error: {errors.get(i, 'not run')}"))
+            continue
+        cpu = [x["cpu_median_ms"] for x in done if x["cpu_median_ms"] is not None]
+        peaks = [x["peak_mb"] for x in done if x["peak_mb"] is not None]
+        loads = [x["loadavg_1m"] for x in done if x["loadavg_1m"] is not None]
+        rec.update(status="ok" if i not in errors else f"error after {len(done)} rounds: {errors[i]}",
+                   median_ms=round(statistics.median(x["median_ms"] for x in done), 3),
+                   cpu_median_ms=round(statistics.median(cpu), 3) if cpu else None,
+                   process_medians_ms=[round(x["median_ms"], 3) for x in done],
+                   times_ms=[round(t, 3) for x in done for t in x["times_ms"]],
+                   peak_mb=round(max(peaks), 1) if peaks else None,
+                   loadavg_1m=max(loads) if loads else None, loadavg_1m_per_process=loads,
+                   flops=done[0]["flops"], threads=done[0]["threads"])
+        rec["tflops"] = round(rec["flops"] / (rec["median_ms"] / 1e3) / 1e12, 4)
+        records.append(rec)
+    return records
+
+
+def _label(spec: dict[str, Any]) -> str:
+    backend = f"[{spec['backend']}]" if spec["impl"] == "dilated" else ""
+    return f"{spec['impl']}{backend} N={spec['n']} {'causal' if spec['causal'] else 'full'} {spec['mode']}"
+
+
+def groups(specs: Iterable[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Specs of one (N, causal, mode), in order: the cases :func:`run_isolated` compares."""
+    out: dict[tuple, list[dict[str, Any]]] = {}
+    for spec in specs:
+        out.setdefault((spec["n"], spec["causal"], spec["mode"]), []).append(spec)
+    return list(out.values())
+
+
+def attention_specs(cfg: Any, *, threads: int | None = None, keep_freed_memory: bool = True) -> list[dict[str, Any]]:
+    """One spec per case of an :class:`~longnet.bench.attention.AttentionBenchConfig`."""
+    base = {"backend": cfg.backend, "heads": cfg.heads, "head_dim": cfg.head_dim, "batch_size": cfg.batch_size,
+            "segment_lengths": list(cfg.segment_lengths), "dilation_rates": list(cfg.dilation_rates),
+            "device": str(cfg.device), "dtype": str(cfg.dtype).removeprefix("torch."), "warmup": cfg.warmup,
+            "repeats": cfg.repeats, "seed": cfg.seed, "threads": threads,
+            "keep_freed_memory": keep_freed_memory and cfg.device.type == "cpu"}
+    return [dict(base, **case) for case in cfg.cases()]
+
+
+def run_attention_bench_isolated(cfg: Any, *, min_rounds: int = 3, max_rounds: int = 7, tolerance: float = 0.02,
+                                 threads: int | None = None, keep_freed_memory: bool = True,
+                                 progress: Callable[[Iterable], Iterable] = lambda it: it,
+                                 on_case: Callable[[list[dict]], None] | None = None,
+                                 records: list[dict] | None = None) -> list[dict]:
+    """``longnet bench attention``'s cases with this harness: the dilated and dense case of each
+    (N, causal, mode) compared in rounds of fresh processes. Records as
+    :func:`longnet.bench.attention.run_attention_bench` gives them, plus the per-process figures."""
+    records = [] if records is None else records
+    for group in progress(groups(attention_specs(cfg, threads=threads, keep_freed_memory=keep_freed_memory))):
+        for rec in run_isolated(group, min_rounds=min_rounds, max_rounds=max_rounds, tolerance=tolerance):
+            for key in ("backend", "heads", "head_dim", "batch_size", "segment_lengths", "dilation_rates",
+                        "device", "dtype", "repeats", "seed", "keep_freed_memory"):
+                rec.pop(key, None)
+            records.append(rec)
+        if on_case is not None:
+            on_case(records)
+    return records
+
+
+def main() -> int:
+    """Child process: a spec as JSON on stdin, the result as one JSON line on stdout."""
+    from longnet.utils.strict_json import print_json_line
+
+    print_json_line(run_case(json.loads(sys.stdin.read())), compact=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
