@@ -35,7 +35,9 @@ __all__ = ["run_case", "run_isolated", "settled", "groups", "attention_specs", "
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one case in this process (what the child process runs); JSON-ready figures.
 
-    ``spec``: ``impl`` (``"dilated"`` or ``"dense"``), ``backend``, ``n``, ``causal``, ``mode``
+    ``spec``: ``impl`` (``"dilated"``, ``"dense"``, or ``"sgemm"``: the two matmuls of dense
+    attention's forward, ``(H, N, D) @ (H, D, N)`` and ``(H, N, N) @ (H, N, D)``, the per-thread
+    peak an attention kernel can hope to reach), ``backend``, ``n``, ``causal``, ``mode``
     (``"fwd"``/``"fwdbwd"``), ``heads``, ``head_dim``, ``batch_size``, ``segment_lengths``,
     ``dilation_rates``, ``device``, ``dtype``, ``warmup``, ``repeats``, ``seed`` and optionally
     ``threads`` and ``keep_freed_memory``.
@@ -59,12 +61,24 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     shape = (spec["batch_size"], spec["heads"], spec["n"], spec["head_dim"])  # (B, H, N, D)
     q, k, v, grad_out = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(4))
     case = {"impl": spec["impl"], "n": spec["n"], "causal": spec["causal"], "mode": spec["mode"]}
-    m = measure(_make_call(cfg, case, q, k, v, grad_out), device=device, repeats=spec["repeats"],
-                warmup=spec["warmup"])
+    if spec["impl"] == "sgemm":
+        h, n, d = spec["heads"] * spec["batch_size"], spec["n"], spec["head_dim"]
+        a, b = q.reshape(h, n, d), k.reshape(h, n, d).transpose(1, 2).contiguous()  # (h, n, d), (h, d, n)
+        c = torch.randn(h, n, n, generator=gen)  # (h, n, n): the probabilities' shape
+        scores, out = torch.empty(h, n, n), torch.empty(h, n, d)  # written in place: no page faults timed
+
+        def call() -> None:
+            torch.bmm(a, b, out=scores)
+            torch.bmm(c, a, out=out)
+
+        flops = 4.0 * h * n * n * d
+    else:
+        call, flops = _make_call(cfg, case, q, k, v, grad_out), cfg.flops(**case)
+    m = measure(call, device=device, repeats=spec["repeats"], warmup=spec["warmup"])
     return {"median_ms": m.median_s * 1e3, "times_ms": [t * 1e3 for t in m.times_s],
             "cpu_median_ms": None if m.cpu_median_s is None else m.cpu_median_s * 1e3,
             "peak_mb": None if m.peak_bytes is None else m.peak_bytes / 2**20,
-            "threads": torch.get_num_threads(), "loadavg_1m": _loadavg(), "flops": cfg.flops(**case)}
+            "threads": torch.get_num_threads(), "loadavg_1m": _loadavg(), "flops": flops}
 
 
 def _loadavg() -> float | None:

@@ -1,0 +1,94 @@
+"""Is ``backend="auto"`` as fast as the best backend it could have named? One table per device.
+
+For each case of the grid (N, causal or not, forward or forward+backward) dilated attention runs
+with ``auto`` and with every named backend that can run it (on CPU ``cpu_kernel``, longnet's own
+kernel, and ``cpu_flash``, PyTorch's), each call in a process of its own, the backends of one case
+alternating in rounds until their medians settle (:mod:`longnet.bench.isolated`). A row passes when
+``auto`` is at most ``--slack`` (5%) slower than the fastest named backend.
+
+Prints the table, writes ``auto_backend_<device>.json`` under ``--out`` and ends with one JSON line.
+Run: ``PYTHONPATH=src python benchmarks/auto_backend.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from longnet.bench.isolated import run_isolated  # noqa: E402
+from longnet.bench.report import device_slug  # noqa: E402
+from longnet.bench.results import add_overwrite_option, claim_results  # noqa: E402
+from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS  # noqa: E402
+from longnet.utils.atomic import atomic_write_json  # noqa: E402
+from longnet.utils.strict_json import print_json_line  # noqa: E402
+
+NAMED = {"cpu": ("cpu_kernel", "cpu_flash"), "cuda": ("cuda", "cuda_flash", "cuda_efficient")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seq-lens", default="4096,8192,16384", help="comma-separated N (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
+    p.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    p.add_argument("--repeats", type=int, default=3, help="timed calls per process (default: %(default)s)")
+    p.add_argument("--min-rounds", type=int, default=3, help="rounds of processes (default: %(default)s)")
+    p.add_argument("--max-rounds", type=int, default=5, help="at most (default: %(default)s)")
+    p.add_argument("--slack", type=float, default=0.05, help="allowed excess of auto (default: %(default)s)")
+    p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
+    add_overwrite_option(p)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    stem = f"auto_backend_{device_slug(device)}"
+    out = claim_results(args.out, stem, overwrite=args.overwrite, suffixes=(".json",))
+    base = {"impl": "dilated", "heads": args.heads, "head_dim": args.head_dim, "batch_size": 1,
+            "segment_lengths": list(PAPER_SEGMENT_LENGTHS), "dilation_rates": list(PAPER_DILATION_RATES),
+            "device": args.device, "dtype": "float32" if device.type == "cpu" else "bfloat16", "warmup": 1,
+            "repeats": args.repeats, "seed": 0, "threads": args.threads, "keep_freed_memory": device.type == "cpu"}
+    rows = []
+    for mode in ("fwdbwd", "fwd"):
+        for causal in (True, False):
+            for n in (int(x) for x in args.seq_lens.split(",")):
+                specs = [dict(base, n=n, causal=causal, mode=mode, backend=b) for b in ("auto", *NAMED[device.type])]
+                records = run_isolated(specs, min_rounds=args.min_rounds, max_rounds=args.max_rounds,
+                                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+                times = {r["backend"]: r["median_ms"] for r in records if r["status"] == "ok"}
+                named = {b: t for b, t in times.items() if b != "auto"}
+                best = min(named, key=named.get) if named else None
+                ratio = times["auto"] / named[best] if best and "auto" in times else None
+                rows.append({"n": n, "causal": causal, "mode": mode, "ms": times, "best_named": best,
+                             "auto_over_best": ratio, "ok": ratio is not None and ratio <= 1 + args.slack,
+                             "rounds": records[0].get("rounds"), "errors": {r["backend"]: r["status"] for r in records
+                                                                           if r["status"] != "ok"},
+                             "cpu_ms": {r["backend"]: r["cpu_median_ms"] for r in records if r["status"] == "ok"},
+                             "process_medians_ms": {r["backend"]: r["process_medians_ms"] for r in records
+                                                    if r["status"] == "ok"}})
+                print(f"N={n} {'causal' if causal else 'full'} {mode}: "
+                      + ", ".join(f"{b} {t:.0f} ms" for b, t in times.items())
+                      + (f"; auto / {best} = {ratio:.3f}" if ratio else ""), flush=True)
+    names = ("auto", *NAMED[device.type])
+    print(f"\n{'N':>6} {'causal':>6} {'mode':>6} " + " ".join(f"{b:>12}" for b in names)
+          + f" {'best named':>12} {'auto/best':>9}  within {args.slack:.0%}")
+    for r in rows:
+        cells = " ".join(f"{r['ms'].get(b, float('nan')):>12.1f}" for b in names)
+        print(f"{r['n']:>6} {'yes' if r['causal'] else 'no':>6} {r['mode']:>6} {cells} {str(r['best_named']):>12} "
+              f"{(r['auto_over_best'] or float('nan')):>9.3f}  {'yes' if r['ok'] else 'NO'}")
+    doc = {"what": "dilated attention, paper pattern, auto against every named backend; each call in its own "
+                   "process, backends alternating in rounds (longnet.bench.isolated)",
+           "device": str(device), "heads": args.heads, "head_dim": args.head_dim, "threads": args.threads,
+           "torch_threads_default": torch.get_num_threads(), "slack": args.slack, "rows": rows,
+           "all_within_slack": all(r["ok"] for r in rows)}
+    atomic_write_json(out / f"{stem}.json", doc, indent=1)
+    print_json_line({"results": str(out / f"{stem}.json"), "all_within_slack": doc["all_within_slack"],
+                     "worst_auto_over_best": max((r["auto_over_best"] or 0) for r in rows)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
