@@ -28,6 +28,44 @@ from longnet.utils.strict_json import print_json_line  # noqa: E402
 NAMED = {"cpu": ("cpu_kernel", "cpu_flash"), "cuda": ("cuda", "cuda_flash", "cuda_efficient")}
 
 
+def _in_process(specs: list[dict], rounds: int) -> list[dict]:
+    """The cases of ``specs`` (one N, causal, mode; several backends) in this process: one warm-up
+    call each, then ``rounds`` rounds of ``repeats`` calls per backend in alternating order."""
+    import statistics
+    import time
+
+    import torch
+
+    from longnet.bench.attention import AttentionBenchConfig, _make_call
+
+    s0 = specs[0]
+    if s0.get("threads"):
+        torch.set_num_threads(int(s0["threads"]))
+    gen = torch.Generator().manual_seed(s0["seed"])
+    shape = (s0["batch_size"], s0["heads"], s0["n"], s0["head_dim"])
+    q, k, v, g = (torch.randn(shape, generator=gen).to(s0["device"], getattr(torch, s0["dtype"])) for _ in range(4))
+    calls, times, cpu = [], [[] for _ in specs], [[] for _ in specs]
+    for spec in specs:
+        cfg = AttentionBenchConfig(seq_lens=(spec["n"],), dense_max_seq_len=spec["n"], causal=(spec["causal"],),
+                                   modes=(spec["mode"],), device=torch.device(spec["device"]),
+                                   dtype=getattr(torch, spec["dtype"]), heads=spec["heads"],
+                                   head_dim=spec["head_dim"], segment_lengths=tuple(spec["segment_lengths"]),
+                                   dilation_rates=tuple(spec["dilation_rates"]), backend=spec["backend"])
+        calls.append(_make_call(cfg, {"impl": "dilated", "n": spec["n"], "causal": spec["causal"],
+                                      "mode": spec["mode"]}, q, k, v, g))
+        calls[-1]()  # warm-up
+    for r in range(rounds):
+        for i in (range(len(specs)) if r % 2 == 0 else reversed(range(len(specs)))):
+            for _ in range(specs[i]["repeats"]):
+                w, c = time.perf_counter(), time.process_time()
+                calls[i]()
+                times[i].append((time.perf_counter() - w) * 1e3)
+                cpu[i].append((time.process_time() - c) * 1e3)
+    return [dict(spec, status="ok", median_ms=round(statistics.median(times[i]), 3),
+                 cpu_median_ms=round(statistics.median(cpu[i]), 3), process_medians_ms=[round(t, 3) for t in times[i]],
+                 rounds=rounds) for i, spec in enumerate(specs)]
+
+
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -40,12 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per process (default: %(default)s)")
     p.add_argument("--min-rounds", type=int, default=3, help="rounds of processes (default: %(default)s)")
     p.add_argument("--max-rounds", type=int, default=5, help="at most (default: %(default)s)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run the backends of a case alternating in this process (same inputs, same process "
+                        "state; --repeats calls each per round, --max-rounds rounds) instead of one process each")
     p.add_argument("--slack", type=float, default=0.05, help="allowed excess of auto (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
     add_overwrite_option(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    stem = f"auto_backend_{device_slug(device)}"
+    threads = f"_threads{args.threads}" if args.threads else ""
+    stem = f"auto_backend_{device_slug(device)}{threads}{'_in-process' if args.in_process else ''}"
     out = claim_results(args.out, stem, overwrite=args.overwrite, suffixes=(".json",))
     base = {"impl": "dilated", "heads": args.heads, "head_dim": args.head_dim, "batch_size": 1,
             "segment_lengths": list(PAPER_SEGMENT_LENGTHS), "dilation_rates": list(PAPER_DILATION_RATES),
@@ -56,8 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         for causal in (True, False):
             for n in (int(x) for x in args.seq_lens.split(",")):
                 specs = [dict(base, n=n, causal=causal, mode=mode, backend=b) for b in ("auto", *NAMED[device.type])]
-                records = run_isolated(specs, min_rounds=args.min_rounds, max_rounds=args.max_rounds,
-                                       progress=lambda line: print(line, file=sys.stderr, flush=True))
+                if args.in_process:
+                    records = _in_process(specs, rounds=args.max_rounds)
+                else:
+                    records = run_isolated(specs, min_rounds=args.min_rounds, max_rounds=args.max_rounds,
+                                           progress=lambda line: print(line, file=sys.stderr, flush=True))
                 times = {r["backend"]: r["median_ms"] for r in records if r["status"] == "ok"}
                 named = {b: t for b, t in times.items() if b != "auto"}
                 best = min(named, key=named.get) if named else None
@@ -79,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         cells = " ".join(f"{r['ms'].get(b, float('nan')):>12.1f}" for b in names)
         print(f"{r['n']:>6} {'yes' if r['causal'] else 'no':>6} {r['mode']:>6} {cells} {str(r['best_named']):>12} "
               f"{(r['auto_over_best'] or float('nan')):>9.3f}  {'yes' if r['ok'] else 'NO'}")
-    doc = {"what": "dilated attention, paper pattern, auto against every named backend; each call in its own "
-                   "process, backends alternating in rounds (longnet.bench.isolated)",
+    how = ("backends alternating in one process, same inputs" if args.in_process else
+           "each call in its own process, backends alternating in rounds (longnet.bench.isolated)")
+    doc = {"what": f"dilated attention, paper pattern, auto against every named backend; {how}",
+           "in_process": args.in_process,
            "device": str(device), "heads": args.heads, "head_dim": args.head_dim, "threads": args.threads,
            "torch_threads_default": torch.get_num_threads(), "slack": args.slack, "rows": rows,
            "all_within_slack": all(r["ok"] for r in rows)}

@@ -24,6 +24,10 @@ SLUG = device_slug(torch.device("cpu"))
     ("gqa_cache_bytes.py", "gqa_cache_bytes", []),
     ("train_speed.py", f"train_speed_{SLUG}", ["--device", "cpu"]),
     ("profile_attention.py", f"profile_attention_{SLUG}_N16384_causal", []),
+    ("anchors.py", f"anchors_{SLUG}", []),
+    ("auto_backend.py", f"auto_backend_{SLUG}", []),
+    ("auto_backend.py", f"auto_backend_{SLUG}_threads1", ["--threads", "1"]),
+    ("kernel_efficiency.py", f"kernel_efficiency_{SLUG}", []),
 ])
 def test_a_script_does_not_replace_earlier_results(script, stem, extra, tmp_path):
     earlier = tmp_path / f"{stem}.json"

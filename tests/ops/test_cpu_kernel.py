@@ -94,17 +94,39 @@ def test_strided_and_expanded_views_and_merged_lse():
     assert torch.equal(dq[:, :, 5], torch.zeros_like(dq[:, :, 5]))
 
 
+def test_the_kernel_runs_on_torchs_threads():
+    """Built without OpenMP, ``at::parallel_for`` (inline) ran every item on the calling thread."""
+    if not torch.backends.openmp.is_available():
+        pytest.skip("this torch does not run on OpenMP")
+    ext = ck.load_cpu_kernel()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert ext.threads_used(64) == 2
+        torch.set_num_threads(1)
+        assert ext.threads_used(64) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_several_threads_on_one_problem_match_one_thread():
     g = torch.Generator().manual_seed(1)
     q, k, v, dout = (torch.randn(1, 1, 300, 8, generator=g) for _ in range(4))
     ext = ck.load_cpu_kernel()
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
     one = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
     one += ext.attention_backward(dout, q, k, v, one[0], one[1], True, 0.3, 16, 32)
     torch.set_num_threads(2)  # query blocks split over threads, key gradients summed afterwards
     two = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
     two += ext.attention_backward(dout, q, k, v, two[0], two[1], True, 0.3, 16, 32)
-    for a, b in zip(one, two):
+    torch.set_num_threads(3)  # an uneven split
+    three = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
+    three += ext.attention_backward(dout, q, k, v, three[0], three[1], True, 0.3, 16, 32)
+    torch.set_num_threads(before)
+    for a, b, c in zip(one, two, three):
         _close(a, b, 1e-6)
+        _close(a, c, 1e-6)
 
 
 def test_backend_matches_cpu_flash_and_rejects_what_it_cannot_run():

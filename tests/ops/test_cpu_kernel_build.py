@@ -7,6 +7,8 @@ keep their own build; and every build says so in exactly one line on stderr.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from longnet.ops.backends import cpu_kernel as ck
@@ -60,7 +62,7 @@ def fake_build(monkeypatch, tmp_path):
 
     builds = _Builds()
 
-    def load(name, sources, extra_cflags, build_directory, verbose):
+    def load(name, sources, extra_cflags, build_directory, verbose, extra_ldflags=()):
         builds.append(name)
         load.sources.append(sources)
         (tmp_path / "kernels" / name / f"{name}.so").write_bytes(b"binary %d" % len(builds))
@@ -115,3 +117,15 @@ def test_two_checkouts_with_the_same_source_compile_the_same_path(fake_build, mo
     first, second = fake_build.sources
     assert first == second and first[0].startswith(str(tmp_path / "kernels"))
     assert open(first[0], "rb").read() == original.read_bytes()
+
+
+def test_the_kernel_is_built_with_torchs_openmp_so_it_uses_torchs_threads(monkeypatch):
+    """``at::parallel_for`` is inline: without ``-fopenmp`` it runs the whole range on one thread."""
+    import torch
+
+    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        assert ck._openmp_flags() == []
+    else:
+        assert ck._openmp_flags() == ["-fopenmp"] and "-fopenmp" in ck.build_environment()["flags"].split()
+    monkeypatch.setattr(ck.sys, "platform", "darwin")
+    assert ck._openmp_flags() == []

@@ -35,6 +35,17 @@ __all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error", "build_env
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+
+
+def _openmp_flags() -> list[str]:
+    """``-fopenmp`` where torch itself runs on OpenMP (Linux builds): ``at::parallel_for`` is inline,
+    and without ``_OPENMP`` defined in *this* translation unit it runs its whole range on the calling
+    thread, so the kernel would use one core whatever ``torch.set_num_threads`` says. The binary
+    then needs ``libgomp.so.1``, which torch has already loaded: both share one thread pool. Apple's
+    clang has no ``-fopenmp``; there the kernel stays on one thread (``cpu_flash`` is threaded)."""
+    if sys.platform == "darwin" or not torch.backends.openmp.is_available():
+        return []
+    return ["-fopenmp"]
 _BLOCK_Q, _BLOCK_K = 96, 2048  # chosen by interleaved timing of the 16K paper pattern
 
 _lock = threading.Lock()
@@ -69,7 +80,7 @@ def build_environment() -> dict[str, str]:
         "torch_cuda": str(torch.version.cuda),
         "compiler": _compiler_version(),
         "python_abi": f"{sys.implementation.cache_tag} {sysconfig.get_config_var('SOABI')}",
-        "flags": " ".join(_FLAGS),
+        "flags": " ".join(_FLAGS + _openmp_flags()),
     }
 
 
@@ -108,8 +119,9 @@ def _build(name: str, build: Path, source: bytes):
     if before is None:
         print(f"longnet: compiling the CPU attention kernel into {build} (once per torch, compiler and "
               "Python; about a minute)...", file=sys.stderr, flush=True)
-    module = load(name, [str(_source_in(build, source))], extra_cflags=_FLAGS, build_directory=str(build),
-                  verbose=False)
+    openmp = _openmp_flags()
+    module = load(name, [str(_source_in(build, source))], extra_cflags=_FLAGS + openmp, extra_ldflags=openmp,
+                  build_directory=str(build), verbose=False)
     if before is not None and binary.exists() and binary.stat().st_mtime_ns != before:
         print(f"longnet: recompiled the CPU attention kernel in {build}: torch found its build out of "
               "date", file=sys.stderr, flush=True)

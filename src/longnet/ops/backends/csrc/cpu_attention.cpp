@@ -81,58 +81,63 @@ std::vector<at::Tensor> attention_forward(const at::Tensor& q, const at::Tensor&
   const float sc = static_cast<float>(scale);
   const int64_t P = B * G, nb = (L + bq - 1) / bq;
   at::parallel_for(0, P * nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> sbuf(bq * bk), acc(bq * D), m(bq), l(bq);
+    // scalars copied into locals: stores through float pointers cannot alias them, so the inner loops
+    // keep them in registers and vectorise (captured by reference, they are reloaded every step)
+    const int64_t G_ = G, L_ = L, D_ = D, Lk_ = Lk, nb_ = nb, bq_ = bq, bk_ = bk;
+    const bool is_causal_ = is_causal;
+    const float sc_ = sc;
+    std::vector<float> sbuf(bq_ * bk_), acc(bq_ * D_), m(bq_), l(bq_);
     for (int64_t item = begin; item < end; ++item) {
       // a problem's query blocks run back to back, so its keys and values stay in cache
-      const int64_t pb = item / nb, blk = zigzag(item % nb, nb);
-      const int64_t b = pb / G, g = pb % G;
+      const int64_t pb = item / nb_, blk = zigzag(item % nb_, nb_);
+      const int64_t b = pb / G_, g = pb % G_;
       const float* Q = Qv.problem(b, g); const float* K = Kv.problem(b, g); const float* V = Vv.problem(b, g);
-      const int64_t s = blk * bq, rows = std::min(bq, L - s);
-      const int64_t kend = is_causal ? std::min(s + rows, Lk) : Lk;
+      const int64_t s = blk * bq_, rows = std::min(bq_, L_ - s);
+      const int64_t kend = is_causal_ ? std::min(s + rows, Lk_) : Lk_;
       std::fill(m.begin(), m.end(), -INFINITY);
       std::fill(l.begin(), l.end(), 0.0f);
       std::fill(acc.begin(), acc.end(), 0.0f);
-      auto Qb = mat(Q + s * Qv.s2, rows, D, Qv.s2);
-      auto A = at::from_blob(acc.data(), {rows, D}, at::TensorOptions().dtype(at::kFloat));
-      for (int64_t t = 0; t < kend; t += bk) {
-        const int64_t cols = std::min(bk, kend - t);
+      auto Qb = mat(Q + s * Qv.s2, rows, D_, Qv.s2);
+      auto A = at::from_blob(acc.data(), {rows, D_}, at::TensorOptions().dtype(at::kFloat));
+      for (int64_t t = 0; t < kend; t += bk_) {
+        const int64_t cols = std::min(bk_, kend - t);
         auto S = at::from_blob(sbuf.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-        at::mm_out(S, Qb, mat(K + t * Kv.s2, cols, D, Kv.s2).t());
+        at::mm_out(S, Qb, mat(K + t * Kv.s2, cols, D_, Kv.s2).t());
         for (int64_t r = 0; r < rows; ++r) {
           float* x = sbuf.data() + r * cols;
           // keys t + j <= s + r when causal
-          const int64_t n = is_causal ? std::max<int64_t>(0, std::min(cols, s + r - t + 1)) : cols;
+          const int64_t n = is_causal_ ? std::max<int64_t>(0, std::min(cols, s + r - t + 1)) : cols;
           float mx = -INFINITY;  // of the scaled scores (scale may be negative)
 #pragma omp simd reduction(max : mx)
-          for (int64_t j = 0; j < n; ++j) mx = mx > x[j] * sc ? mx : x[j] * sc;
+          for (int64_t j = 0; j < n; ++j) mx = mx > x[j] * sc_ ? mx : x[j] * sc_;
           const float m_new = mx > m[r] ? mx : m[r];
           const float corr = (m[r] == -INFINITY) ? 0.0f : exp_nonpos(m[r] - m_new);
           float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
           for (int64_t j = 0; j < n; ++j) {
-            const float e = exp_nonpos(x[j] * sc - m_new);
+            const float e = exp_nonpos(x[j] * sc_ - m_new);
             x[j] = e;
             sum += e;
           }
           for (int64_t j = n; j < cols; ++j) x[j] = 0.0f;
           if (corr != 1.0f) {
-            float* a = acc.data() + r * D;
+            float* a = acc.data() + r * D_;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) a[d] *= corr;
+            for (int64_t d = 0; d < D_; ++d) a[d] *= corr;
           }
           l[r] = l[r] * corr + sum;
           m[r] = m_new;
         }
-        A.addmm_(S, mat(V + t * Vv.s2, cols, D, Vv.s2));
+        A.addmm_(S, mat(V + t * Vv.s2, cols, D_, Vv.s2));
       }
-      float* O = op + pb * L * D;
-      float* LS = lp + pb * L;
+      float* O = op + pb * L_ * D_;
+      float* LS = lp + pb * L_;
       for (int64_t r = 0; r < rows; ++r) {
         const float inv = 1.0f / l[r];
-        const float* a = acc.data() + r * D;
-        float* o = O + (s + r) * D;
+        const float* a = acc.data() + r * D_;
+        float* o = O + (s + r) * D_;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) o[d] = a[d] * inv;
+        for (int64_t d = 0; d < D_; ++d) o[d] = a[d] * inv;
         LS[s + r] = m[r] + std::log(l[r]);
       }
     }
@@ -172,61 +177,66 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   float* dkp = C > 1 ? dk_part.data_ptr<float>() : dk.data_ptr<float>();
   float* dvp = C > 1 ? dv_part.data_ptr<float>() : dv.data_ptr<float>();
   at::parallel_for(0, P * C, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> pbuf(bq * bk), dpbuf(bq * bk), delta(bq), ls(bq);
+    // scalars copied into locals: stores through float pointers cannot alias them, so the inner loops
+    // keep them in registers and vectorise (captured by reference, they are reloaded every step)
+    const int64_t P_ = P, C_ = C, G_ = G, L_ = L, D_ = D, Lk_ = Lk, nb_ = nb, bq_ = bq, bk_ = bk, l0_ = l0, l1_ = l1, l2_ = l2;
+    const bool is_causal_ = is_causal;
+    const float sc_ = sc;
+    std::vector<float> pbuf(bq_ * bk_), dpbuf(bq_ * bk_), delta(bq_), ls(bq_);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t pb = item % P, c = item / P;
-      const int64_t b = pb / G, g = pb % G;
+      const int64_t pb = item % P_, c = item / P_;
+      const int64_t b = pb / G_, g = pb % G_;
       const float* Q = Qv.problem(b, g); const float* K = Kv.problem(b, g); const float* V = Vv.problem(b, g);
       const float* dO = dOv.problem(b, g); const float* O = Ov.problem(b, g);
-      const float* LS = lsp + b * l0 + g * l1;
-      float* dQ = dqp + pb * L * D;
-      float* dK = dkp + (c * P + pb) * Lk * D;
-      float* dV = dvp + (c * P + pb) * Lk * D;
-      for (int64_t i = c; i < nb; i += C) {
-        const int64_t s = zigzag(i, nb) * bq, rows = std::min(bq, L - s);
-        const int64_t kend = is_causal ? std::min(s + rows, Lk) : Lk;
+      const float* LS = lsp + b * l0_ + g * l1_;
+      float* dQ = dqp + pb * L_ * D_;
+      float* dK = dkp + (c * P_ + pb) * Lk_ * D_;
+      float* dV = dvp + (c * P_ + pb) * Lk_ * D_;
+      for (int64_t i = c; i < nb_; i += C_) {
+        const int64_t s = zigzag(i, nb_) * bq_, rows = std::min(bq_, L_ - s);
+        const int64_t kend = is_causal_ ? std::min(s + rows, Lk_) : Lk_;
         for (int64_t r = 0; r < rows; ++r) {
           const float* a = dO + (s + r) * dOv.s2; const float* o = O + (s + r) * Ov.s2;
           float d = 0.0f;
 #pragma omp simd reduction(+ : d)
-          for (int64_t j = 0; j < D; ++j) d += a[j] * o[j];
+          for (int64_t j = 0; j < D_; ++j) d += a[j] * o[j];
           delta[r] = d;
-          ls[r] = LS[(s + r) * l2];
+          ls[r] = LS[(s + r) * l2_];
         }
-        auto Qb = mat(Q + s * Qv.s2, rows, D, Qv.s2);
-        auto dOb = mat(dO + s * dOv.s2, rows, D, dOv.s2);
-        auto dQb = mat(dQ + s * D, rows, D, D);
+        auto Qb = mat(Q + s * Qv.s2, rows, D_, Qv.s2);
+        auto dOb = mat(dO + s * dOv.s2, rows, D_, dOv.s2);
+        auto dQb = mat(dQ + s * D_, rows, D_, D_);
         dQb.zero_();
-        for (int64_t t = 0; t < kend; t += bk) {
-          const int64_t cols = std::min(bk, kend - t);
+        for (int64_t t = 0; t < kend; t += bk_) {
+          const int64_t cols = std::min(bk_, kend - t);
           auto Pm = at::from_blob(pbuf.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
           auto dPm = at::from_blob(dpbuf.data(), {rows, cols}, at::TensorOptions().dtype(at::kFloat));
-          auto Kb = mat(K + t * Kv.s2, cols, D, Kv.s2);
-          auto Vb = mat(V + t * Vv.s2, cols, D, Vv.s2);
+          auto Kb = mat(K + t * Kv.s2, cols, D_, Kv.s2);
+          auto Vb = mat(V + t * Vv.s2, cols, D_, Vv.s2);
           at::mm_out(Pm, Qb, Kb.t());
           for (int64_t r = 0; r < rows; ++r) {
             float* x = pbuf.data() + r * cols;
-            const int64_t n = is_causal ? std::max<int64_t>(0, std::min(cols, s + r - t + 1)) : cols;
+            const int64_t n = is_causal_ ? std::max<int64_t>(0, std::min(cols, s + r - t + 1)) : cols;
             const float lr = ls[r];
             if (lr == INFINITY) {
               std::fill(x, x + cols, 0.0f);
               continue;
             }
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpos(x[j] * sc - lr);
+            for (int64_t j = 0; j < n; ++j) x[j] = exp_nonpos(x[j] * sc_ - lr);
             for (int64_t j = n; j < cols; ++j) x[j] = 0.0f;
           }
-          mat(dV + t * D, cols, D, D).addmm_(Pm.t(), dOb);
+          mat(dV + t * D_, cols, D_, D_).addmm_(Pm.t(), dOb);
           at::mm_out(dPm, dOb, Vb.t());
           for (int64_t r = 0; r < rows; ++r) {
             float* y = dpbuf.data() + r * cols;
             const float* x = pbuf.data() + r * cols;
             const float dl = delta[r];
 #pragma omp simd
-            for (int64_t j = 0; j < cols; ++j) y[j] = x[j] * (y[j] - dl) * sc;
+            for (int64_t j = 0; j < cols; ++j) y[j] = x[j] * (y[j] - dl) * sc_;
           }
           dQb.addmm_(dPm, Kb);
-          mat(dK + t * D, cols, D, D).addmm_(dPm.t(), Qb);
+          mat(dK + t * D_, cols, D_, D_).addmm_(dPm.t(), Qb);
         }
       }
     }
@@ -238,7 +248,19 @@ std::vector<at::Tensor> attention_backward(const at::Tensor& dout, const at::Ten
   return {dq, dk, dv};
 }
 
+// How many distinct threads at::parallel_for hands `items` work items to, as this binary was compiled:
+// 1 whatever torch's thread count when it was built without OpenMP (the loop is inline).
+int64_t threads_used(int64_t items) {
+  std::vector<int64_t> seen(std::max<int64_t>(items, 1), -1);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) seen[i] = at::get_thread_num();
+  });
+  std::sort(seen.begin(), seen.end());
+  return std::unique(seen.begin(), seen.end()) - seen.begin();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("threads_used", &threads_used, "distinct threads at::parallel_for uses for n items (a build check)");
   m.def("attention_forward", &attention_forward, "exact attention forward with log-sum-exp (float32)");
   m.def("attention_backward", &attention_backward, "exact attention backward from out and lse (float32)");
 }
