@@ -35,7 +35,9 @@ __all__ = ["run_case", "run_isolated", "settled", "groups", "attention_specs", "
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one case in this process (what the child process runs); JSON-ready figures.
 
-    ``spec``: ``impl`` (``"dilated"``, ``"dense"``, or ``"sgemm"``: the two matmuls of dense
+    ``spec``: ``impl`` (``"dilated"``, ``"dense"``, ``"flex"``: the same function as ``"dilated"``
+    through FlexAttention (:mod:`longnet.bench.flex`; its result also records ``max_abs_err``
+    against :func:`longnet.dilated_attention`), or ``"sgemm"``: the two matmuls of dense
     attention's forward, ``(H, N, D) @ (H, D, N)`` and ``(H, N, N) @ (H, N, D)``, the per-thread
     peak an attention kernel can hope to reach), ``backend``, ``n``, ``causal``, ``mode``
     (``"fwd"``/``"fwdbwd"``), ``heads``, ``head_dim``, ``batch_size``, ``segment_lengths``,
@@ -72,13 +74,63 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             torch.bmm(c, a, out=out)
 
         flops = 4.0 * h * n * n * d
+    elif spec["impl"] == "flex":
+        call, flops = _flex_call(cfg, case, q, k, v, grad_out), cfg.flops(**dict(case, impl="dilated"))
     else:
         call, flops = _make_call(cfg, case, q, k, v, grad_out), cfg.flops(**case)
+    before = _contention()
     m = measure(call, device=device, repeats=spec["repeats"], warmup=spec["warmup"])
-    return {"median_ms": m.median_s * 1e3, "times_ms": [t * 1e3 for t in m.times_s],
+    after = _contention()
+    extra = {"max_abs_err": call.max_abs_err} if hasattr(call, "max_abs_err") else {}
+    for key in before.keys() & after.keys():  # how long this process's threads waited for a CPU
+        extra[key] = round(after[key] - before[key], 1)
+    return {**extra, "median_ms": m.median_s * 1e3, "times_ms": [t * 1e3 for t in m.times_s],
             "cpu_median_ms": None if m.cpu_median_s is None else m.cpu_median_s * 1e3,
             "peak_mb": None if m.peak_bytes is None else m.peak_bytes / 2**20,
             "threads": torch.get_num_threads(), "loadavg_1m": _loadavg(), "flops": flops}
+
+
+def _flex_call(cfg: Any, case: dict[str, Any], q, k, v, grad_out):
+    """The FlexAttention anchor's timed call, carrying ``max_abs_err``: how far its output lies from
+    longnet's operator on the same inputs (measured once, untimed)."""
+    import torch
+
+    from longnet.bench.flex import flex_available, make_flex_call
+    from longnet.ops.dilated import dilated_attention
+
+    reason = flex_available()
+    if reason is not None:
+        raise RuntimeError(reason)
+    call = make_flex_call(cfg.pattern, q, k, v, is_causal=case["causal"], mode=case["mode"], grad_out=grad_out)
+    with torch.no_grad():
+        ours = dilated_attention(q, k, v, segment_lengths=cfg.pattern, is_causal=case["causal"])
+        theirs = call.output()
+    call.max_abs_err = float((theirs.float() - ours.float()).abs().max())
+    return call
+
+
+def _contention() -> dict[str, float]:
+    """Counters (ms) of waiting for a CPU, where Linux exposes them: ``runqueue_wait_ms``, the time
+    this process's threads were runnable but not running (``/proc/self/task/*/schedstat``), and
+    ``steal_ms``, the time the hypervisor ran something else on this machine's CPUs
+    (``/proc/stat``). Their growth over the timed calls says whether a slow process was slowed
+    from outside."""
+    out: dict[str, float] = {}
+    try:
+        wait = 0
+        for task in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{task}/schedstat") as f:
+                wait += int(f.read().split()[1])
+        out["runqueue_wait_ms"] = wait / 1e6
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        out["steal_ms"] = int(fields[8]) * 1e3 / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
 
 
 def _loadavg() -> float | None:
@@ -140,7 +192,8 @@ def run_isolated(specs: list[dict[str, Any]], *, min_rounds: int = 3, max_rounds
 
     Returns one record per spec: the spec, ``status``, ``median_ms`` (median over rounds of each
     process's median), ``cpu_median_ms`` (likewise), ``process_medians_ms``, ``rounds``,
-    ``peak_mb`` (largest), ``loadavg_1m`` (per process) and ``flops``.
+    ``peak_mb`` (largest), ``loadavg_1m`` (per process), ``flops``, and where Linux gives them
+    ``runqueue_wait_ms_per_process`` and ``steal_ms_per_process`` (see :func:`_contention`).
     """
     if not 1 <= min_rounds <= max_rounds:
         raise ValueError(f"need 1 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
@@ -179,6 +232,12 @@ def run_isolated(specs: list[dict[str, Any]], *, min_rounds: int = 3, max_rounds
                    peak_mb=round(max(peaks), 1) if peaks else None,
                    loadavg_1m=max(loads) if loads else None, loadavg_1m_per_process=loads,
                    flops=done[0]["flops"], threads=done[0]["threads"])
+        for key in ("runqueue_wait_ms", "steal_ms"):
+            if all(key in x for x in done):
+                rec[f"{key}_per_process"] = [x[key] for x in done]
+        errs = [x["max_abs_err"] for x in done if "max_abs_err" in x]
+        if errs:
+            rec["max_abs_err"] = max(errs)
         rec["tflops"] = round(rec["flops"] / (rec["median_ms"] / 1e3) / 1e12, 4)
         records.append(rec)
     return records
