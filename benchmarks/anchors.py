@@ -61,6 +61,9 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, mode in zip(axes, ("fwd", "fwdbwd")):
         rows = [r for r in doc["rows"] if r["mode"] == mode]
+        if not rows:
+            ax.set_visible(False)
+            continue
         for impl, style in (("dense", "s--"), ("longnet", "o-"), ("flex", "^:")):
             pts = [(r["n"], r["ms"][impl] / 1e3) for r in rows if r["ms"].get(impl)]
             if pts:
@@ -92,20 +95,25 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed calls per process; flex makes 1 (default: %(default)s)")
     p.add_argument("--min-rounds", type=int, default=2, help="rounds of processes (default: %(default)s)")
     p.add_argument("--max-rounds", type=int, default=4, help="at most (default: %(default)s)")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated, of fwd and fwdbwd (default: %(default)s)")
+    p.add_argument("--tag", default="", help="appended to the results' file name (default: none)")
     p.add_argument("--flex-max-seq-len", type=int, default=16384,
                    help="longest N FlexAttention runs at; its cost grows as N^2 (default: %(default)s)")
     p.add_argument("--out", default="benchmarks/results", help="results folder (default: %(default)s)")
     add_overwrite_option(p)
     args = p.parse_args(argv)
     device = torch.device(args.device)
-    stem = f"anchors_{device_slug(device)}"
+    modes = [m for m in args.modes.split(",") if m]
+    if not modes or set(modes) - {"fwd", "fwdbwd"}:
+        p.error(f"--modes takes fwd and/or fwdbwd, got {args.modes!r}")
+    stem = f"anchors_{device_slug(device)}{'_' + args.tag if args.tag else ''}"
     out = claim_results(args.out, stem, overwrite=args.overwrite, suffixes=(".json", ".png"))
     base = {"backend": "auto", "heads": args.heads, "head_dim": args.head_dim, "batch_size": 1, "causal": True,
             "segment_lengths": list(PAPER_SEGMENT_LENGTHS), "dilation_rates": list(PAPER_DILATION_RATES),
             "device": args.device, "dtype": "float32" if device.type == "cpu" else "bfloat16", "warmup": 1,
             "repeats": args.repeats, "seed": 0, "threads": args.threads, "keep_freed_memory": device.type == "cpu"}
     rows = []
-    for mode in ("fwd", "fwdbwd"):
+    for mode in modes:
         for n in (int(x) for x in args.seq_lens.split(",")):
             records = run_isolated(_specs(base, n, mode, device.type, args.flex_max_seq_len),
                                    min_rounds=args.min_rounds, max_rounds=args.max_rounds,

@@ -23,7 +23,7 @@ SLUG = device_slug(torch.device("cpu"))
     ("hf_decode.py", "hf_decode-cpu", []),
     ("gqa_cache_bytes.py", "gqa_cache_bytes", []),
     ("train_speed.py", f"train_speed_{SLUG}", ["--device", "cpu"]),
-    ("profile_attention.py", f"profile_attention_{SLUG}_N16384_causal", []),
+    ("profile_attention.py", f"profile_attention_{SLUG}_N16384_causal_fwdbwd_auto_t1", ["--threads", "1"]),
     ("anchors.py", f"anchors_{SLUG}", []),
     ("auto_backend.py", f"auto_backend_{SLUG}", []),
     ("auto_backend.py", f"auto_backend_{SLUG}_threads1", ["--threads", "1"]),

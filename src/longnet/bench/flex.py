@@ -10,7 +10,8 @@ union of the branches' keys, a key counted once per branch that reads it (see
 
 both asked of :meth:`longnet.ops.pattern.DilatedPattern.reads`, the one place the selection rule is
 written. This is a benchmark anchor, not a backend: on CPU, torch 2.13 compiles FlexAttention's
-forward only (no backward), and the block mask costs ``O(N^2 / 128^2)`` to build.
+forward only (no backward), and the block mask costs ``O(N^2)`` mask evaluations to build
+(compiled, blockwise; eagerly it would hold all of them at once).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def flex_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     B, H, N, _ = query.shape
     mask_mod, score_mod = _mods(pattern, N, is_causal)
     if block_mask is None:
-        block_mask = create_block_mask(mask_mod, None, H, N, N, device=query.device)
+        block_mask = create_block_mask(mask_mod, None, H, N, N, device=query.device, _compile=compiled)
     if compiled:
         return torch.compile(flex_attention, dynamic=False)(query, key, value, score_mod=score_mod,
                                                             block_mask=block_mask)
@@ -96,7 +97,9 @@ def make_flex_call(pattern: DilatedPattern, q: torch.Tensor, k: torch.Tensor, v:
 
     H, N = q.shape[1], q.shape[2]
     mask_mod, score_mod = _mods(pattern, N, is_causal)
-    block_mask = create_block_mask(mask_mod, None, H, N, N, device=q.device)
+    # compiled: built eagerly, the mask of 8 heads at 16K evaluates (H, N, N) at once and needed
+    # over 24 GB (the process was killed)
+    block_mask = create_block_mask(mask_mod, None, H, N, N, device=q.device, _compile=True)
     attend = torch.compile(flex_attention, dynamic=False)
 
     def output() -> torch.Tensor:

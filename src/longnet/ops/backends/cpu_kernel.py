@@ -6,7 +6,9 @@ work of a 2048-long segment, the length most branches of the paper's pattern run
 (``csrc/cpu_attention.cpp``) uses 96-row query blocks, stops each row's softmax at its own position
 (no masked score is ever exponentiated), runs its block GEMMs through ``at::mm`` (the BLAS torch
 uses) and vectorises the softmax with a branch-free exponential; it also takes strided views, the
-merged log-sum-exp in backward and ``+inf`` rows like the other backends.
+merged log-sum-exp in backward and ``+inf`` rows like the other backends. Its (problem, query
+block) work items run on torch's intra-op threads (``at::parallel_for``, so it is built with
+OpenMP where torch uses it; see :func:`_openmp_flags`).
 
 It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute;
 one line on stderr for every build) into ``$LONGNET_CACHE/kernels`` (default
