@@ -1,7 +1,8 @@
 """longnet beside the anchors a user would compare it with: dense SDPA and FlexAttention.
 
 For each N (default 8K, 16K, 32K) and mode, three implementations run the paper's pattern
-(w = 2048 ... 32768, r = 1, 2, 4, 6, 12), causal, H heads of D = 64, float32 on CPU:
+(w = 2048 ... 32768, r = 1, 2, 4, 6, 12), causal (``--full``: bidirectional), H heads of D = 64,
+float32 on CPU:
 
 * ``dense``: ``F.scaled_dot_product_attention`` (full attention; what dilated attention replaces);
 * ``longnet``: :func:`longnet.dilated_attention` with ``backend="auto"``;
@@ -72,7 +73,8 @@ def plot(doc: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("sequence length N")
         ax.set_ylabel("seconds per call")
-        ax.set_title(f"{'forward' if mode == 'fwd' else 'forward + backward'}, causal")
+        ax.set_title(f"{'forward' if mode == 'fwd' else 'forward + backward'}, "
+                     f"{'causal' if doc.get('causal', True) else 'bidirectional'}")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend()
     fig.suptitle(f"dilated attention (paper pattern) and its anchors: {doc['device_name']}, "
@@ -95,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed calls per process; flex makes 1 (default: %(default)s)")
     p.add_argument("--min-rounds", type=int, default=2, help="rounds of processes (default: %(default)s)")
     p.add_argument("--max-rounds", type=int, default=4, help="at most (default: %(default)s)")
+    p.add_argument("--full", action="store_true", help="bidirectional attention instead of causal")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated, of fwd and fwdbwd (default: %(default)s)")
     p.add_argument("--tag", default="", help="appended to the results' file name (default: none)")
     p.add_argument("--flex-max-seq-len", type=int, default=16384,
@@ -106,9 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = [m for m in args.modes.split(",") if m]
     if not modes or set(modes) - {"fwd", "fwdbwd"}:
         p.error(f"--modes takes fwd and/or fwdbwd, got {args.modes!r}")
-    stem = f"anchors_{device_slug(device)}{'_' + args.tag if args.tag else ''}"
+    stem = f"anchors_{device_slug(device)}{'_full' if args.full else ''}{'_' + args.tag if args.tag else ''}"
     out = claim_results(args.out, stem, overwrite=args.overwrite, suffixes=(".json", ".png"))
-    base = {"backend": "auto", "heads": args.heads, "head_dim": args.head_dim, "batch_size": 1, "causal": True,
+    base = {"backend": "auto", "heads": args.heads, "head_dim": args.head_dim, "batch_size": 1, "causal": not args.full,
             "segment_lengths": list(PAPER_SEGMENT_LENGTHS), "dilation_rates": list(PAPER_DILATION_RATES),
             "device": args.device, "dtype": "float32" if device.type == "cpu" else "bfloat16", "warmup": 1,
             "repeats": args.repeats, "seed": 0, "threads": args.threads, "keep_freed_memory": device.type == "cpu"}
@@ -149,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{cell(r.get('speedup_over_flop_ratio'), '8.2f')} {cell(r.get('speedup_vs_flex'), '8.1f')} "
               f"{cell(r['flex_max_abs_err'], '9.1e')}")
     print(f"torchscale: {TORCHSCALE}")
-    doc = {"what": "causal dilated attention (paper pattern) beside dense SDPA and FlexAttention computing the "
-                   "same function; each case in its own processes, alternating rounds (longnet.bench.isolated)",
+    doc = {"what": f"{'bidirectional' if args.full else 'causal'} dilated attention (paper pattern) beside dense "
+                   "SDPA and FlexAttention computing the same function; each case in its own processes, alternating "
+                   "rounds (longnet.bench.isolated)", "causal": not args.full,
            "device": str(device), "device_name": device_name(device), "heads": args.heads,
            "head_dim": args.head_dim, "threads": args.threads, "torch_threads_default": torch.get_num_threads(),
            "torch": torch.__version__, "torchscale": TORCHSCALE, "rows": rows}
