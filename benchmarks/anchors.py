@@ -31,10 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from longnet.bench.isolated import run_isolated  # noqa: E402
+from longnet.bench.isolated import add_case_arguments, paper_spec, run_isolated  # noqa: E402
 from longnet.bench.report import device_name, device_slug  # noqa: E402
 from longnet.bench.results import add_overwrite_option, claim_results  # noqa: E402
-from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS  # noqa: E402
 from longnet.utils.atomic import atomic_write_json, save_figure  # noqa: E402
 from longnet.utils.strict_json import print_json_line  # noqa: E402
 
@@ -88,15 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", default="8192,16384,32768", help="comma-separated N (default: %(default)s)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="timed calls per process; flex makes 1 (default: %(default)s)")
-    p.add_argument("--min-rounds", type=int, default=2, help="rounds of processes (default: %(default)s)")
-    p.add_argument("--max-rounds", type=int, default=4, help="at most (default: %(default)s)")
+    add_case_arguments(p, seq_lens="8192,16384,32768", repeats=2, min_rounds=2, max_rounds=4)  # flex makes 1 call
     p.add_argument("--full", action="store_true", help="bidirectional attention instead of causal")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma-separated, of fwd and fwdbwd (default: %(default)s)")
     p.add_argument("--tag", default="", help="appended to the results' file name (default: none)")
@@ -111,10 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--modes takes fwd and/or fwdbwd, got {args.modes!r}")
     stem = f"anchors_{device_slug(device)}{'_full' if args.full else ''}{'_' + args.tag if args.tag else ''}"
     out = claim_results(args.out, stem, overwrite=args.overwrite, suffixes=(".json", ".png"))
-    base = {"backend": "auto", "heads": args.heads, "head_dim": args.head_dim, "batch_size": 1, "causal": not args.full,
-            "segment_lengths": list(PAPER_SEGMENT_LENGTHS), "dilation_rates": list(PAPER_DILATION_RATES),
-            "device": args.device, "dtype": "float32" if device.type == "cpu" else "bfloat16", "warmup": 1,
-            "repeats": args.repeats, "seed": 0, "threads": args.threads, "keep_freed_memory": device.type == "cpu"}
+    base = paper_spec(args, backend="auto", causal=not args.full)
     rows = []
     for mode in modes:
         for n in (int(x) for x in args.seq_lens.split(",")):

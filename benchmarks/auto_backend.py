@@ -18,10 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from longnet.bench.isolated import run_isolated  # noqa: E402
+from longnet.bench.isolated import add_case_arguments, paper_spec, run_isolated, spec_config  # noqa: E402
 from longnet.bench.report import device_slug  # noqa: E402
 from longnet.bench.results import add_overwrite_option, claim_results  # noqa: E402
-from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS  # noqa: E402
 from longnet.utils.atomic import atomic_write_json  # noqa: E402
 from longnet.utils.strict_json import print_json_line  # noqa: E402
 
@@ -36,7 +35,7 @@ def _in_process(specs: list[dict], rounds: int) -> list[dict]:
 
     import torch
 
-    from longnet.bench.attention import AttentionBenchConfig, _make_call
+    from longnet.bench.attention import _make_call
 
     s0 = specs[0]
     if s0.get("threads"):
@@ -46,12 +45,7 @@ def _in_process(specs: list[dict], rounds: int) -> list[dict]:
     q, k, v, g = (torch.randn(shape, generator=gen).to(s0["device"], getattr(torch, s0["dtype"])) for _ in range(4))
     calls, times, cpu = [], [[] for _ in specs], [[] for _ in specs]
     for spec in specs:
-        cfg = AttentionBenchConfig(seq_lens=(spec["n"],), dense_max_seq_len=spec["n"], causal=(spec["causal"],),
-                                   modes=(spec["mode"],), device=torch.device(spec["device"]),
-                                   dtype=getattr(torch, spec["dtype"]), heads=spec["heads"],
-                                   head_dim=spec["head_dim"], segment_lengths=tuple(spec["segment_lengths"]),
-                                   dilation_rates=tuple(spec["dilation_rates"]), backend=spec["backend"])
-        calls.append(_make_call(cfg, {"impl": "dilated", "n": spec["n"], "causal": spec["causal"],
+        calls.append(_make_call(spec_config(spec), {"impl": "dilated", "n": spec["n"], "causal": spec["causal"],
                                       "mode": spec["mode"]}, q, k, v, g))
         calls[-1]()  # warm-up
     for r in range(rounds):
@@ -70,14 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", default="4096,8192,16384", help="comma-separated N (default: %(default)s)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
-    p.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
-    p.add_argument("--repeats", type=int, default=3, help="timed calls per process (default: %(default)s)")
-    p.add_argument("--min-rounds", type=int, default=3, help="rounds of processes (default: %(default)s)")
-    p.add_argument("--max-rounds", type=int, default=5, help="at most (default: %(default)s)")
+    add_case_arguments(p, seq_lens="4096,8192,16384", repeats=3, min_rounds=3, max_rounds=5)
     p.add_argument("--in-process", action="store_true",
                    help="run the backends of a case alternating in this process (same inputs, same process "
                         "state; --repeats calls each per round, --max-rounds rounds) instead of one process each")
@@ -89,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = f"_threads{args.threads}" if args.threads else ""
     stem = f"auto_backend_{device_slug(device)}{threads}{'_in-process' if args.in_process else ''}"
     out = claim_results(args.out, stem, overwrite=args.overwrite, suffixes=(".json",))
-    base = {"impl": "dilated", "heads": args.heads, "head_dim": args.head_dim, "batch_size": 1,
-            "segment_lengths": list(PAPER_SEGMENT_LENGTHS), "dilation_rates": list(PAPER_DILATION_RATES),
-            "device": args.device, "dtype": "float32" if device.type == "cpu" else "bfloat16", "warmup": 1,
-            "repeats": args.repeats, "seed": 0, "threads": args.threads, "keep_freed_memory": device.type == "cpu"}
+    base = paper_spec(args, impl="dilated")
     rows = []
     for mode in ("fwdbwd", "fwd"):
         for causal in (True, False):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from longnet.bench import isolated
@@ -40,3 +42,38 @@ def test_a_real_case_in_its_own_process_and_a_failing_one():
     assert good["status"] == "ok" and good["rounds"] == 1 and good["median_ms"] > 0 and good["threads"] == 1
     assert good["flops"] > 0 and len(good["process_medians_ms"]) == 1
     assert bad["status"].startswith("error: exit 1") and "no_such_backend" in bad["status"]
+
+
+def test_each_process_reports_how_long_it_waited_for_a_cpu(monkeypatch):
+    waits = iter([12.5, 0.0, 3.0])
+
+    def fake_spawn(spec, timeout_s):
+        return {"median_ms": 5.0, "times_ms": [5.0], "cpu_median_ms": 4.0, "peak_mb": 1.0, "threads": 1,
+                "loadavg_1m": 0.5, "flops": 1e6, "runqueue_wait_ms": next(waits), "steal_ms": 0.0}
+
+    monkeypatch.setattr(isolated, "_spawn", fake_spawn)
+    (rec,) = isolated.run_isolated([SPEC], min_rounds=3, max_rounds=3)
+    assert rec["runqueue_wait_ms_per_process"] == [12.5, 0.0, 3.0] and rec["steal_ms_per_process"] == [0.0] * 3
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="Linux /proc only")
+def test_a_case_measures_its_wait_for_a_cpu_from_proc():
+    out = isolated.run_case(dict(SPEC, repeats=1))
+    assert out["runqueue_wait_ms"] >= 0.0 and out["steal_ms"] >= 0.0
+
+
+def test_paper_spec_and_the_in_process_comparison_of_backends():
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    args = argparse.Namespace(heads=2, head_dim=8, device="cpu", repeats=1, threads=1)
+    spec = isolated.paper_spec(args, impl="dilated", n=64, causal=True, mode="fwd")
+    assert spec["dtype"] == "float32" and spec["keep_freed_memory"] and spec["segment_lengths"][0] == 2048
+    assert isolated.spec_config(dict(spec, backend="auto")).pattern.segment_lengths == tuple(spec["segment_lengths"])
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "auto_backend.py"
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location("auto_backend", path))
+    mod.__spec__.loader.exec_module(mod)
+    records = mod._in_process([dict(spec, backend=b) for b in ("auto", "cpu_flash")], rounds=2)
+    assert [r["backend"] for r in records] == ["auto", "cpu_flash"]
+    assert all(r["status"] == "ok" and len(r["process_medians_ms"]) == 2 and r["median_ms"] > 0 for r in records)

@@ -55,16 +55,23 @@ def _mods(pattern: DilatedPattern, length: int, is_causal: bool):
     return mask_mod, score_mod
 
 
+def _block_mask(mask_mod, H: int, N: int, device, compiled: bool):
+    """Flex's block mask. Compiled it is built blockwise; eagerly it evaluates all (H, N, N) pairs at
+    once (8 heads at 16K needed over 24 GB and the process was killed)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(mask_mod, None, H, N, N, device=device, _compile=compiled)
+
+
 def flex_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, segment_lengths: Any,
-                           dilation_rates: Any = None, *, is_causal: bool = False, compiled: bool = True,
-                           block_mask: Any = None) -> torch.Tensor:
+                           dilation_rates: Any = None, *, is_causal: bool = False, compiled: bool = True
+                           ) -> torch.Tensor:
     """Dilated attention (paper rule, as :func:`longnet.dilated_attention`) through FlexAttention.
 
     ``query``/``key``/``value``: (B, H, N, D), equal head counts. ``compiled=False`` runs Flex's
-    eager path (any dtype, slow; what the tests use). ``block_mask`` from :func:`make_flex_call`'s
-    setup may be passed to skip rebuilding it. Returns the (B, H, N, D) output.
+    eager path (any dtype, slow; what the tests use). Returns the (B, H, N, D) output.
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -76,8 +83,7 @@ def flex_dilated_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     pattern = DilatedPattern.coerce(segment_lengths, dilation_rates)
     B, H, N, _ = query.shape
     mask_mod, score_mod = _mods(pattern, N, is_causal)
-    if block_mask is None:
-        block_mask = create_block_mask(mask_mod, None, H, N, N, device=query.device, _compile=compiled)
+    block_mask = _block_mask(mask_mod, H, N, query.device, compiled)
     if compiled:
         return torch.compile(flex_attention, dynamic=False)(query, key, value, score_mod=score_mod,
                                                             block_mask=block_mask)
@@ -93,13 +99,11 @@ def make_flex_call(pattern: DilatedPattern, q: torch.Tensor, k: torch.Tensor, v:
     ``mode`` ``"fwd"`` (no grad) or ``"fwdbwd"`` (where the device compiles a backward: CUDA). The
     call's ``output()`` gives the forward's result (for checking it against the operator).
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     H, N = q.shape[1], q.shape[2]
     mask_mod, score_mod = _mods(pattern, N, is_causal)
-    # compiled: built eagerly, the mask of 8 heads at 16K evaluates (H, N, N) at once and needed
-    # over 24 GB (the process was killed)
-    block_mask = create_block_mask(mask_mod, None, H, N, N, device=q.device, _compile=True)
+    block_mask = _block_mask(mask_mod, H, N, q.device, compiled=True)
     attend = torch.compile(flex_attention, dynamic=False)
 
     def output() -> torch.Tensor:

@@ -29,7 +29,8 @@ import sys
 import time
 from typing import Any, Callable, Iterable
 
-__all__ = ["run_case", "run_isolated", "settled", "groups", "attention_specs", "run_attention_bench_isolated"]
+__all__ = ["run_case", "run_isolated", "settled", "groups", "attention_specs", "spec_config", "add_case_arguments",
+           "paper_spec", "run_attention_bench_isolated"]
 
 
 def run_case(spec: dict[str, Any]) -> dict[str, Any]:
@@ -46,19 +47,15 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
     """
     import torch
 
-    from longnet.bench.attention import AttentionBenchConfig, _make_call
+    from longnet.bench.attention import _make_call
     from longnet.bench.measure import measure
 
     if spec.get("threads"):
         torch.set_num_threads(int(spec["threads"]))
     if spec.get("keep_freed_memory"):
         _keep_freed_memory()
-    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
-    cfg = AttentionBenchConfig(seq_lens=(spec["n"],), dense_max_seq_len=spec["n"], causal=(spec["causal"],),
-                               modes=(spec["mode"],), device=device, dtype=dtype, heads=spec["heads"],
-                               head_dim=spec["head_dim"], batch_size=spec["batch_size"],
-                               segment_lengths=tuple(spec["segment_lengths"]),
-                               dilation_rates=tuple(spec["dilation_rates"]), backend=spec["backend"])
+    cfg = spec_config(spec)
+    device, dtype = cfg.device, cfg.dtype
     gen = torch.Generator(device="cpu").manual_seed(int(spec.get("seed", 0)))
     shape = (spec["batch_size"], spec["heads"], spec["n"], spec["head_dim"])  # (B, H, N, D)
     q, k, v, grad_out = (torch.randn(shape, generator=gen).to(device, dtype) for _ in range(4))
@@ -88,6 +85,44 @@ def run_case(spec: dict[str, Any]) -> dict[str, Any]:
             "cpu_median_ms": None if m.cpu_median_s is None else m.cpu_median_s * 1e3,
             "peak_mb": None if m.peak_bytes is None else m.peak_bytes / 2**20,
             "threads": torch.get_num_threads(), "loadavg_1m": _loadavg(), "flops": flops}
+
+
+def spec_config(spec: dict[str, Any]) -> Any:
+    """The :class:`~longnet.bench.attention.AttentionBenchConfig` of one case ``spec``."""
+    import torch
+
+    from longnet.bench.attention import AttentionBenchConfig
+
+    return AttentionBenchConfig(seq_lens=(spec["n"],), dense_max_seq_len=spec["n"], causal=(spec["causal"],),
+                                modes=(spec["mode"],), device=torch.device(spec["device"]),
+                                dtype=getattr(torch, spec["dtype"]), heads=spec["heads"], head_dim=spec["head_dim"],
+                                batch_size=spec["batch_size"], segment_lengths=tuple(spec["segment_lengths"]),
+                                dilation_rates=tuple(spec["dilation_rates"]), backend=spec["backend"])
+
+
+def add_case_arguments(parser: Any, *, seq_lens: str, repeats: int, min_rounds: int, max_rounds: int) -> None:
+    """The options every script built on this harness takes: ``--seq-lens``, ``--heads``,
+    ``--head-dim``, ``--device``, ``--threads``, ``--repeats``, ``--min-rounds``, ``--max-rounds``."""
+    parser.add_argument("--seq-lens", default=seq_lens, help="comma-separated N (default: %(default)s)")
+    parser.add_argument("--heads", type=int, default=8, help="attention heads (default: %(default)s)")
+    parser.add_argument("--head-dim", type=int, default=64, help="head dimension (default: %(default)s)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed calls per process (default: %(default)s)")
+    parser.add_argument("--min-rounds", type=int, default=min_rounds, help="rounds of processes (default: %(default)s)")
+    parser.add_argument("--max-rounds", type=int, default=max_rounds, help="at most (default: %(default)s)")
+
+
+def paper_spec(args: Any, **fields: Any) -> dict[str, Any]:
+    """A case spec for the paper's pattern from :func:`add_case_arguments`' options (float32 on CPU,
+    bfloat16 on CUDA, batch 1, one warm-up call), with ``fields`` on top."""
+    from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
+
+    on_cpu = args.device.startswith("cpu")
+    return {"heads": args.heads, "head_dim": args.head_dim, "batch_size": 1,
+            "segment_lengths": list(PAPER_SEGMENT_LENGTHS), "dilation_rates": list(PAPER_DILATION_RATES),
+            "device": args.device, "dtype": "float32" if on_cpu else "bfloat16", "warmup": 1,
+            "repeats": args.repeats, "seed": 0, "threads": args.threads, "keep_freed_memory": on_cpu, **fields}
 
 
 def _flex_call(cfg: Any, case: dict[str, Any], q, k, v, grad_out):

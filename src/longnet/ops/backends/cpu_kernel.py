@@ -37,6 +37,10 @@ __all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error", "build_env
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
+_BLOCK_Q, _BLOCK_K = 96, 2048  # chosen by interleaved timing of the 16K paper pattern
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "module" or "error", once tried
 
 
 def _openmp_flags() -> list[str]:
@@ -48,10 +52,6 @@ def _openmp_flags() -> list[str]:
     if sys.platform == "darwin" or not torch.backends.openmp.is_available():
         return []
     return ["-fopenmp"]
-_BLOCK_Q, _BLOCK_K = 96, 2048  # chosen by interleaved timing of the 16K paper pattern
-
-_lock = threading.Lock()
-_state: dict[str, object] = {}  # "module" or "error", once tried
 
 
 def _build_dir(name: str) -> Path:
