@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from longnet.ops.backends import BACKENDS, get_backend
@@ -52,18 +52,32 @@ def _close(a, b, tol=2e-5):
     assert err <= tol * max(1.0, b.abs().max().item() if b.numel() else 0.0), err
 
 
-@settings(max_examples=40, deadline=None)
+@pytest.fixture(params=["direct BLAS", "through ATen"])
+def blas_route(request):
+    """Each test of the kernel's numbers runs with block products calling sgemm_ directly (where the BLAS
+    exports it) and through ATen (as on builds where it does not)."""
+    ext = ck.load_cpu_kernel()
+    was = ext.direct_blas_calls(-1)
+    if request.param == "direct BLAS" and not was:
+        pytest.skip("torch's BLAS does not export sgemm_ here")
+    ext.direct_blas_calls(int(request.param == "direct BLAS"))
+    yield request.param
+    ext.direct_blas_calls(int(was))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 2), G=st.integers(1, 3), L=st.integers(1, 23), extra_k=st.integers(0, 9),
        D=st.sampled_from([1, 3, 8, 16]), causal=st.booleans(), bq=st.sampled_from([1, 3, 4, 128]),
-       bk=st.sampled_from([1, 2, 5, 1024]), negative_scale=st.booleans(), seed=st.integers(0, 2**16))
-def test_matches_float64_reference(B, G, L, extra_k, D, causal, bq, bk, negative_scale, seed):
+       bk=st.sampled_from([1, 2, 5, 1024]), bd=st.sampled_from([1, 2, 3, 64]), negative_scale=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_matches_float64_reference(blas_route, B, G, L, extra_k, D, causal, bq, bk, bd, negative_scale, seed):
     g = torch.Generator().manual_seed(seed)
     Lk = L + extra_k  # causal: key j <= query i (top-left aligned, as PyTorch's CPU kernel)
     q = torch.randn(B, G, L, D, generator=g)
     k, v = (torch.randn(B, G, Lk, D, generator=g) for _ in range(2))
     scale = (-1.0 if negative_scale else 1.0) / math.sqrt(D)
     ext = ck.load_cpu_kernel()
-    out, lse = ext.attention_forward(q, k, v, causal, scale, bq, bk)
+    out, lse = ext.attention_forward(q, k, v, causal, scale, bq, bk, bd)
     ref_out, ref_lse = _reference(q, k, v, causal, scale)
     _close(out, ref_out)
     _close(lse, ref_lse)
@@ -73,13 +87,56 @@ def test_matches_float64_reference(B, G, L, extra_k, D, causal, bq, bk, negative
         _close(got, want, 5e-5)
 
 
-def test_strided_and_expanded_views_and_merged_lse():
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(B=st.integers(1, 2), G=st.integers(1, 3), L=st.integers(1, 23), extra_k=st.integers(0, 9),
+       D=st.sampled_from([1, 3, 16]), causal=st.booleans(), bq=st.sampled_from([1, 4, 128]),
+       bk=st.sampled_from([1, 5, 1024]), bd=st.sampled_from([1, 3, 64]), empty_rows=st.integers(0, 3),
+       seed=st.integers(0, 2**16))
+def test_forward_into_writes_and_merges_like_merge_partials(blas_route, B, G, L, extra_k, D, causal, bq, bk, bd, empty_rows,
+                                                           seed):
+    """The fused epilogue: written into strided views of an accumulator, or merged with what they
+    hold by the log-sum-exp rule (float64 reference: merge_partials), rows without mass included."""
+    from longnet.ops.merge import merge_partials
+
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, G, L, D, generator=g)
+    k, v = (torch.randn(B, G, L + extra_k, D, generator=g) for _ in range(2))
+    scale = 1.0 / math.sqrt(D)
+    ext = ck.load_cpu_kernel()
+    ref_out, ref_lse = _reference(q, k, v, causal, scale)
+    # accumulators laid out (B, L, G, D) / (B, L, G) as the operator's are: strided (B, G, L, ...) views
+    acc_o = torch.randn(B, L, G, D, generator=g)
+    acc_l = torch.randn(B, L, G, generator=g)
+    acc_o[:, :empty_rows], acc_l[:, :empty_rows] = 0.0, float("-inf")  # rows no earlier branch reached
+    old_o, old_l = acc_o.transpose(1, 2).double().clone(), acc_l.transpose(1, 2).double().clone()
+    ext.attention_forward_into(q, k, v, acc_o.transpose(1, 2), acc_l.transpose(1, 2), True, causal, scale, bq, bk, bd)
+    want_o, want_l = merge_partials(old_o, old_l, ref_out, ref_lse)
+    _close(acc_o.transpose(1, 2), want_o)
+    _close(acc_l.transpose(1, 2), want_l)
+    ext.attention_forward_into(q, k, v, acc_o.transpose(1, 2), acc_l.transpose(1, 2), False, causal, scale, bq, bk, bd)
+    _close(acc_o.transpose(1, 2), ref_out)
+    _close(acc_l.transpose(1, 2), ref_lse)
+
+
+def test_forward_into_with_no_keys_leaves_rows_without_mass_alone():
+    ext = ck.load_cpu_kernel()
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 0, 4)
+    out, lse = torch.full((1, 2, 5, 4), 3.0), torch.full((1, 2, 5), 1.5)
+    ext.attention_forward_into(q, k, k, out, lse, True, False, 0.5, 4, 8, 2)  # merged with nothing
+    assert torch.equal(out, torch.full_like(out, 3.0)) and torch.equal(lse, torch.full_like(lse, 1.5))
+    ext.attention_forward_into(q, k, k, out, lse, False, False, 0.5, 4, 8, 2)  # written: no key
+    assert torch.equal(out, torch.zeros_like(out)) and torch.all(lse == float("-inf"))
+    with pytest.raises(RuntimeError, match="lse must be"):
+        ext.attention_forward_into(q, k, k, out, lse.double(), False, False, 0.5, 4, 8, 2)
+
+
+def test_strided_and_expanded_views_and_merged_lse(blas_route):
     g = torch.Generator().manual_seed(0)
     base = torch.randn(2, 37, 3, 16, generator=g)  # (B, L, G, D): heads strided in memory
     q = base.transpose(1, 2)  # (B, G, L, D), not contiguous
     kv = torch.randn(2, 1, 37, 16, generator=g).expand(2, 3, 37, 16)  # a shared head: stride 0
     ext = ck.load_cpu_kernel()
-    out, lse = ext.attention_forward(q, kv, kv, True, 0.25, 4, 8)
+    out, lse = ext.attention_forward(q, kv, kv, True, 0.25, 4, 8, 3)
     ref_out, ref_lse = _reference(q, kv, kv, True, 0.25)
     _close(out, ref_out)
     _close(lse, ref_lse)
@@ -92,6 +149,27 @@ def test_strided_and_expanded_views_and_merged_lse():
     for got, w in zip((dq, dk, dv), want):
         _close(got, w, 5e-5)
     assert torch.equal(dq[:, :, 5], torch.zeros_like(dq[:, :, 5]))
+
+
+def test_overlapping_and_odd_row_strides_match_the_reference(blas_route):
+    """Rows with stride 0 (a key expanded along the sequence) and a one-row query whose row stride is
+    smaller than its length: BLAS cannot take them as leading dimensions, the kernel still must."""
+    g = torch.Generator().manual_seed(3)
+    ext = ck.load_cpu_kernel()
+    k = torch.randn(1, 2, 1, 8, generator=g).expand(1, 2, 9, 8)  # stride 0 along L
+    v = torch.randn(1, 2, 9, 8, generator=g)
+    q = torch.randn(1, 2, 6, 8, generator=g)
+    one_row = torch.randn(64, generator=g).as_strided((1, 2, 1, 8), (64, 8, 1, 1))
+    for qq in (q, one_row):
+        for causal in (False, True):
+            out, lse = ext.attention_forward(qq, k, v, causal, 0.3, 4, 5, 2)
+            ref_out, ref_lse = _reference(qq, k, v, causal, 0.3)
+            _close(out, ref_out)
+            _close(lse, ref_lse)
+            dout = torch.randn(qq.shape, generator=g)
+            got = ext.attention_backward(dout, qq, k, v, out, lse, causal, 0.3, 4, 5)
+            for a, b in zip(got, _grads(qq, k, v, causal, 0.3, dout, out, lse)):
+                _close(a, b, 5e-5)
 
 
 def test_the_kernel_runs_on_torchs_threads():
@@ -115,13 +193,13 @@ def test_several_threads_on_one_problem_match_one_thread():
     ext = ck.load_cpu_kernel()
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    one = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
+    one = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32, 5)]
     one += ext.attention_backward(dout, q, k, v, one[0], one[1], True, 0.3, 16, 32)
     torch.set_num_threads(2)  # query blocks split over threads, key gradients summed afterwards
-    two = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
+    two = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32, 5)]
     two += ext.attention_backward(dout, q, k, v, two[0], two[1], True, 0.3, 16, 32)
     torch.set_num_threads(3)  # an uneven split
-    three = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32)]
+    three = [*ext.attention_forward(q, k, v, True, 0.3, 16, 32, 5)]
     three += ext.attention_backward(dout, q, k, v, three[0], three[1], True, 0.3, 16, 32)
     torch.set_num_threads(before)
     for a, b, c in zip(one, two, three):

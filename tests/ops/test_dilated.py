@@ -92,6 +92,23 @@ def test_matches_reference_float32(branches, N, causal, pad, seed):
     _compare(q, k, v, kpm, ws, rs, causal, "auto", rtol=2e-5)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    branches=st.lists(branch, min_size=1, max_size=4),
+    N=st.integers(1, 40),
+    heads=st.sampled_from([(2, 2), (4, 2), (6, 3), (3, 1)]),
+    causal=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_cpu_kernel_merging_in_its_epilogue_matches_reference(branches, N, heads, causal, seed):
+    """``cpu_kernel`` merges each call into the accumulators itself (``forward_into``)."""
+    if backends_mod.BACKENDS["cpu_kernel"].unsupported_reason(torch.zeros(1), has_mask=False):
+        pytest.skip("CPU kernel not built")
+    ws, rs = [w for w, _ in branches], [r for _, r in branches]
+    q, k, v, _ = _inputs(2, heads[0], heads[1], N, 8, dtype=torch.float32, seed=seed)
+    _compare(q, k, v, None, ws, rs, causal, "cpu_kernel", rtol=2e-5)
+
+
 def test_paper_like_pattern_with_uneven_tail():
     # several branches, the last one wider than N, N prime, w % r != 0
     q, k, v, kpm = _inputs(1, 6, 6, 97, 7, pad=True)

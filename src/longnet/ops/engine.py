@@ -58,9 +58,16 @@ def dilated_attention_forward(
     o_acc = alloc_like(query, (B, H, N, D), acc, fill=0.0)
     l_acc = alloc_like(query, (B, H, N), acc, fill=NEG_INF)
     aux = []
+    # a kernel that merges into the accumulators in its own epilogue
+    into = None if backend.needs_forward_state else getattr(backend, "forward_into", None)
     for b in range(len(pattern)):
         for call in plan_branch(pattern, b, query, key, is_causal=is_causal,
                                 key_padding_mask=key_padding_mask, tensors=(value, o_acc, l_acc)):
+            if (into is not None and call.mask is None
+                    and into(call.q_rows(query), call.kv_rows(key), call.kv_rows(value), call.q_rows(o_acc),
+                             call.q_rows(l_acc), merge=b != 0, is_causal=is_causal, scale=scale)):
+                aux.append(None)  # calls of a branch are disjoint, as below
+                continue
             ob, lb, a = backend.forward(call.q_rows(query), call.kv_rows(key), call.kv_rows(value),
                                         call.mask, is_causal, scale)
             aux.append(a)

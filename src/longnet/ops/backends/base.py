@@ -35,6 +35,12 @@ class AttentionBackend(Protocol):
         Rows whose keys are all masked may give any finite output and lse; the caller fixes them.
         """
 
+    # Optional: ``forward_into(query, key, value, out, lse, *, merge, is_causal, scale) -> bool``
+    # writes the forward into views of the operator's accumulators (or, with ``merge``, combines it
+    # with what they hold by :func:`longnet.ops.merge.merge_partials`' rule) and returns True, or
+    # returns False having touched nothing; it is used only for calls without a mask, and only
+    # when ``needs_forward_state`` is False.
+
     def backward(
         self, grad_out: torch.Tensor, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         out: torch.Tensor, lse: torch.Tensor, aux: Any, mask: torch.Tensor | None,

@@ -38,6 +38,7 @@ __all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error", "build_env
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 _BLOCK_Q, _BLOCK_K = 96, 2048  # chosen by interleaved timing of the 16K paper pattern
+_BLOCK_DIAG = 32  # rows per sub-block of a causal block's diagonal
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error", once tried
@@ -198,8 +199,21 @@ class CpuKernelBackend:
         if mask is not None:
             raise ValueError("cpu_kernel does not take a key padding mask")
         q, k, v = self._last_dim_contiguous(query, key, value)
-        out, lse = load_cpu_kernel().attention_forward(q, k, v, bool(is_causal), float(scale), _BLOCK_Q, _BLOCK_K)
+        out, lse = load_cpu_kernel().attention_forward(q, k, v, bool(is_causal), float(scale), _BLOCK_Q, _BLOCK_K,
+                                                        _BLOCK_DIAG)
         return out, lse, None
+
+    def forward_into(self, query, key, value, out, lse, *, merge, is_causal, scale) -> bool:
+        """The forward written into ``out`` (B, G, L, D) and ``lse`` (B, G, L), float32 views of the
+        operator's accumulators, or with ``merge`` combined with what they hold by the log-sum-exp
+        rule of :func:`longnet.ops.merge.merge_partials`, in the kernel's epilogue (no per-call output
+        is allocated). False, touching nothing, when ``out``'s last dimension is not contiguous."""
+        if out.stride(-1) != 1 or out.dtype != torch.float32 or lse.dtype != torch.float32:
+            return False
+        q, k, v = self._last_dim_contiguous(query, key, value)
+        load_cpu_kernel().attention_forward_into(q, k, v, out, lse, bool(merge), bool(is_causal), float(scale),
+                                                 _BLOCK_Q, _BLOCK_K, _BLOCK_DIAG)
+        return True
 
     def backward(self, grad_out, query, key, value, out, lse, aux, mask, is_causal, scale):
         if mask is not None:
