@@ -7,7 +7,9 @@ downloadable here). GigaPath's code runs from the prov-gigapath snapshot in
 kernel longnet's cpu_flash backend also calls), so the comparison is of everything around it.
 
 Each measurement runs in its own process: one forward pass, wall time and peak RSS (VmHWM) of the
-process, and the forward's share above the loaded model. GigaPath's model is built with only the
+process, and the forward's share above the loaded model. With ``--rounds R`` each tile count runs R
+rounds of both codes, alternating which goes first, and a row gives the median seconds over its
+rounds (every round's figure is kept in ``seconds_per_round``). GigaPath's model is built with only the
 rows of its position table the coordinates use (the released code allocates all 1,000,001 x 768
 rows, 3.07 GB in float32, plus numpy temporaries at start-up; that figure is computed, not
 measured, to keep the run inside this machine's memory).
@@ -24,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,6 +125,20 @@ def _spawn(impl, n, mode, tmp) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+def _median_run(rounds: list[dict]) -> dict:
+    """One row from the rounds of one code at one tile count: the median round's figures (by seconds),
+    with every round's seconds; the first error if any round failed."""
+    errors = [r for r in rounds if "error" in r]
+    if errors:
+        return errors[0]
+    ranked = sorted(rounds, key=lambda r: r["seconds"])
+    row = dict(ranked[(len(ranked) - 1) // 2])
+    if len(rounds) > 1:
+        row["seconds"] = statistics.median(r["seconds"] for r in rounds)
+        row["seconds_per_round"] = [r["seconds"] for r in rounds]
+    return row
+
+
 def _cpu_name() -> str:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("model name"):
@@ -133,6 +150,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiles", type=int, nargs="+", default=[10000, 50000])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="rounds of both codes per tile count, alternating which goes first (default: 1)")
+    parser.add_argument("--tag", default="", help="appended to the results' file name (default: none)")
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     add_overwrite_option(parser)
     args = parser.parse_args()
@@ -141,7 +161,9 @@ def main() -> None:
         print(json.dumps(worker(impl, int(n), mode, Path(tmp))))
         return
     device = "cpu-" + "-".join(_cpu_name().lower().split()[:2])
-    out = ROOT / "benchmarks" / "results" / f"gigapath-{device}.json"
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    out = ROOT / "benchmarks" / "results" / f"gigapath-{device}{'_' + args.tag if args.tag else ''}.json"
     try:
         claim_results(out.parent, out.stem, overwrite=args.overwrite)
     except OSError as err:  # ResultsExistError: an earlier result would be replaced
@@ -156,9 +178,12 @@ def main() -> None:
         torch.save({"model": _build_reference(gp, 2).state_dict()}, tmp / "slide_encoder.pth")
         runs = []
         for n in args.tiles:
-            for impl in ("longnet", "gigapath"):
-                runs.append(_spawn(impl, n, "float32", tmp))
-                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+            per_impl = {"longnet": [], "gigapath": []}
+            for rnd in range(args.rounds):
+                for impl in (("longnet", "gigapath") if rnd % 2 == 0 else ("gigapath", "longnet")):
+                    per_impl[impl].append(_spawn(impl, n, "float32", tmp))
+                    print(json.dumps(per_impl[impl][-1]), file=sys.stderr, flush=True)
+            runs += [_median_run(per_impl[impl]) for impl in ("longnet", "gigapath")]
         n0 = min(args.tiles)
         for mode in ("bf16", "paper"):
             runs.append(_spawn("longnet", n0, mode, tmp))
@@ -170,7 +195,8 @@ def main() -> None:
                 a, b = torch.load(f), torch.load(base[r["tiles"]])
                 r["max_abs_diff_vs_longnet_fp32"] = float((a - b).abs().max())
                 r["cosine_vs_longnet_fp32"] = float(torch.nn.functional.cosine_similarity(a, b).min())
-    print(f"Prov-GigaPath slide encoder (12 layers, 768 wide), one forward, {_cpu_name()}, {args.threads} threads")
+    print(f"Prov-GigaPath slide encoder (12 layers, 768 wide), one forward, {_cpu_name()}, {args.threads} threads"
+          + (f", median of {args.rounds} alternated rounds" if args.rounds > 1 else ""))
     print(f"{'tiles':>7}  {'code':>9}  {'mode':>8}  {'seconds':>8}  {'peak RSS GB':>11}  {'forward GB':>10}  "
           f"{'vs longnet fp32':>22}")
     for r in runs:
@@ -183,6 +209,7 @@ def main() -> None:
               f"{r['forward_peak'] / 1e9:>10.2f}  {diff:>22}")
     print(f"GigaPath also allocates its position table at start-up: {TABLE_BYTES / 1e9:.2f} GB (not included above)")
     result = {"benchmark": "gigapath_slide", "device": device, "cpu": _cpu_name(), "threads": args.threads,
+              "rounds": args.rounds,
               "torch": torch.__version__, "runs": runs, "gigapath_position_table_bytes": TABLE_BYTES}
     out.write_text(json.dumps(result, indent=2) + "\n")
     _plot(runs, out.with_suffix(".png"))

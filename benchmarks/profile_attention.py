@@ -95,7 +95,7 @@ def main() -> None:
     scale = D ** -0.5
     q, k, v, g = (torch.randn(B, H, N, D) for _ in range(4))  # (B, H, N, D)
     leaves = [t.clone().requires_grad_(not fwd_only) for t in (q, k, v)]
-    backend = get_backend(args.backend, q, has_mask=False, is_causal=causal)
+    backend = get_backend(args.backend, q, has_mask=False)
 
     def op():
         if fwd_only:

@@ -38,3 +38,21 @@ def test_a_script_does_not_replace_earlier_results(script, stem, extra, tmp_path
     assert run.returncode != 0
     assert str(earlier) in run.stderr and "--overwrite" in run.stderr, run.stderr[-2000:]
     assert earlier.read_text() == "earlier results" and sorted(tmp_path.iterdir()) == [earlier]
+
+
+def test_gigapath_rows_are_the_median_round_of_alternated_processes():
+    import importlib.util
+
+    path = REPO / "benchmarks" / "gigapath_slide.py"
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location("gigapath_slide", path))
+    mod.__spec__.loader.exec_module(mod)
+    rounds = [{"impl": "longnet", "tiles": 10, "mode": "float32", "seconds": s, "forward_peak": p}
+              for s, p in ((3.0, 30), (1.0, 10), (2.0, 20), (9.0, 90))]
+    row = mod._median_run(rounds)
+    assert row["seconds"] == 2.5 and row["seconds_per_round"] == [3.0, 1.0, 2.0, 9.0]
+    assert row["forward_peak"] == 20  # the memory of the median round (the lower middle one)
+    assert mod._median_run(rounds[:1]) == rounds[0]
+    assert mod._median_run([*rounds, {"impl": "longnet", "tiles": 10, "mode": "float32", "error": "x"}])["error"] == "x"
+    run = subprocess.run([sys.executable, str(path), "--rounds", "0"], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
+    assert run.returncode == 2 and "--rounds must be >= 1" in run.stderr

@@ -225,14 +225,14 @@ def test_backend_matches_cpu_flash_and_rejects_what_it_cannot_run():
         get_backend("cpu_kernel", q.double())
 
 
-def test_auto_picks_the_kernel_for_causal_float32_only(monkeypatch):
+def test_auto_picks_the_kernel_for_float32_without_a_mask_only(monkeypatch):
     q = torch.randn(1, 2, 8, 4)
-    assert get_backend("auto", q, has_mask=False, is_causal=True).name == "cpu_kernel"
-    assert get_backend("auto", q, has_mask=False, is_causal=False).name == "cpu_flash"
-    assert get_backend("auto", q, has_mask=True, is_causal=True).name == "cpu_flash"
-    assert get_backend("auto", q.double(), has_mask=False, is_causal=True).name == "cpu_flash"
+    assert get_backend("auto", q, has_mask=False).name == "cpu_kernel"
+    assert get_backend("auto", q, has_mask=False).name == "cpu_kernel"
+    assert get_backend("auto", q, has_mask=True).name == "cpu_flash"
+    assert get_backend("auto", q.double(), has_mask=False).name == "cpu_flash"
     monkeypatch.setenv("LONGNET_CPU_KERNEL", "0")
-    assert get_backend("auto", q, has_mask=False, is_causal=True).name == "cpu_flash"
+    assert get_backend("auto", q, has_mask=False).name == "cpu_flash"
 
 
 def test_a_failed_build_falls_back_for_auto_and_raises_by_name(monkeypatch):
@@ -240,6 +240,6 @@ def test_a_failed_build_falls_back_for_auto_and_raises_by_name(monkeypatch):
     monkeypatch.setattr(ck, "_warned", False)
     q = torch.randn(1, 2, 8, 4)
     with pytest.warns(RuntimeWarning, match="no g\\+\\+"):
-        assert get_backend("auto", q, has_mask=False, is_causal=True).name == "cpu_flash"
+        assert get_backend("auto", q, has_mask=False).name == "cpu_flash"
     with pytest.raises(ValueError, match="no g\\+\\+"):
-        get_backend("cpu_kernel", q, has_mask=False, is_causal=True)
+        get_backend("cpu_kernel", q, has_mask=False)

@@ -217,7 +217,7 @@ def torchscale_attention_op(
     B, _, N, _ = query.shape
     lengths = _lengths(key_padding_mask, B, N)
     _check_lengths(pattern, lengths)
-    impl = get_backend(backend, query, has_mask=False, is_causal=is_causal)
+    impl = get_backend(backend, query, has_mask=False)
     out, lse = _forward_rows(query, key, value, lengths, pattern, is_causal, scale, impl)
     return strided_like(query, out), lse.contiguous()
 
@@ -237,7 +237,7 @@ def torchscale_attention_backward_op(
     """torchscale's gradients (branch weights held constant) of :func:`torchscale_attention_op`."""
     pattern = DilatedPattern(segment_lengths, dilation_rates)
     B, _, N, _ = query.shape
-    impl = get_backend(backend, query, has_mask=False, is_causal=is_causal)
+    impl = get_backend(backend, query, has_mask=False)
     d_q, d_k, d_v = _backward_rows(grad_out, query, key, value, lse, _lengths(key_padding_mask, B, N),
                                    pattern, is_causal, scale, impl)
     return strided_like(query, d_q), strided_like(key, d_k), strided_like(value, d_v)

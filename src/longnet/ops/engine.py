@@ -24,11 +24,11 @@ from longnet.ops.pattern import DilatedPattern
 __all__ = ["dilated_attention_forward", "dilated_attention_backward", "resolve_backend"]
 
 
-def resolve_backend(backend, query, key_padding_mask, is_causal=False) -> AttentionBackend:
+def resolve_backend(backend, query, key_padding_mask) -> AttentionBackend:
     """A backend object from a name (``"auto"`` or a backend's name) or a backend object."""
     if not isinstance(backend, str):
         return backend
-    return get_backend(backend, query, has_mask=key_padding_mask is not None, is_causal=is_causal)
+    return get_backend(backend, query, has_mask=key_padding_mask is not None)
 
 
 def _rows_like(ref: torch.Tensor, t: torch.Tensor | None, dtype=None) -> torch.Tensor | None:
@@ -52,7 +52,7 @@ def dilated_attention_forward(
     float64 inputs), ``-inf`` for queries with no key. ``aux`` holds per-call kernel state that
     :func:`dilated_attention_backward` may take.
     """
-    backend = resolve_backend(backend, query, key_padding_mask, is_causal)
+    backend = resolve_backend(backend, query, key_padding_mask)
     B, H, N, D = query.shape
     acc = acc_dtype(query.dtype)
     o_acc = alloc_like(query, (B, H, N, D), acc, fill=0.0)
@@ -90,7 +90,7 @@ def dilated_attention_backward(
     backward is evaluated with them. ``grad_lse`` (B, H, N), if given, adds the gradient flowing
     into the returned log-sum-exp. Gradients are laid out like their inputs' buffers.
     """
-    backend = resolve_backend(backend, query, key_padding_mask, is_causal)
+    backend = resolve_backend(backend, query, key_padding_mask)
     B, H, N, D = query.shape
     Hkv = key.shape[1]
     acc = acc_dtype(query.dtype)

@@ -212,7 +212,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
             kb, vb = rb.kv(g, D)  # (B, H, S, D)
             call_aux = []
             for k0, k1, mask, causal, empty in rb.calls(g, padded, query.dtype):
-                be = get_backend(s.backend, qb, has_mask=mask is not None, is_causal=causal)
+                be = get_backend(s.backend, qb, has_mask=mask is not None)
                 ob, lb, aux = be.forward(qb, kb[:, :, k0:k1].contiguous(),
                                          vb[:, :, k0:k1].contiguous(), mask, causal, s.scale)
                 lb, ob = lb.to(acc), ob.to(acc)
@@ -266,7 +266,7 @@ class _SequenceParallelAttention(torch.autograd.Function):
             d_rows = torch.zeros(B, U, rb.size * m, 2 * D, dtype=acc, device=query.device)
             for (k0, k1, mask, causal, _), aux in zip(rb.calls(g, kpm is not None, query.dtype),
                                                       call_aux):
-                be = get_backend(s.backend, qb, has_mask=mask is not None, is_causal=causal)
+                be = get_backend(s.backend, qb, has_mask=mask is not None)
                 dqb, dkb, dvb = be.backward(dob, qb, kb[:, :, k0:k1].contiguous(),
                                             vb[:, :, k0:k1].contiguous(), ob, lb, aux, mask,
                                             causal, s.scale)

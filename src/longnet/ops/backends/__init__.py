@@ -1,8 +1,8 @@
 """Attention kernel families behind dilated attention, one small module each.
 
 ``get_backend(name, query, has_mask)`` resolves a name: ``"auto"`` picks the fastest exact kernel
-for the device and dtype (on CPU ``cpu_kernel``, longnet's own, for causal float32 calls without a
-padding mask, else ``cpu_flash``; ``cuda`` on GPU; ``math`` when none applies);
+for the device and dtype (on CPU ``cpu_kernel``, longnet's own, for float32 calls without a padding
+mask, causal or not, else ``cpu_flash``; ``cuda`` on GPU; ``math`` when none applies);
 any other name is taken literally, and a backend that cannot run raises ``ValueError`` (never a
 silent fallback).
 """
@@ -26,15 +26,14 @@ BACKENDS: dict[str, AttentionBackend] = {
 }
 
 
-def get_backend(name: str, query: torch.Tensor, *, has_mask: bool = True, is_causal: bool = False
-                ) -> AttentionBackend:
+def get_backend(name: str, query: torch.Tensor, *, has_mask: bool = True) -> AttentionBackend:
     """The backend called ``name`` for inputs like ``query`` (see module docstring)."""
     if not isinstance(name, str):
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":
-        # non-causal: PyTorch's CPU flash kernel is as fast as ours (measured), so it stays
-        if (is_causal and query.device.type == "cpu" and query.dtype == torch.float32 and not has_mask
-                and enabled_for_auto()):
+        # causal: ours wastes fewer masked scores; non-causal: it merges branches in its own epilogue,
+        # and is as fast as PyTorch's flash kernel in fwd+bwd (docs/benchmarks.md)
+        if query.device.type == "cpu" and query.dtype == torch.float32 and not has_mask and enabled_for_auto():
             reason = BACKENDS["cpu_kernel"].unsupported_reason(query, has_mask=has_mask)
             if reason is None:
                 return BACKENDS["cpu_kernel"]
