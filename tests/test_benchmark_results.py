@@ -41,11 +41,8 @@ def test_a_script_does_not_replace_earlier_results(script, stem, extra, tmp_path
 
 
 def test_gigapath_rows_are_the_median_round_of_alternated_processes():
-    import importlib.util
-
+    mod = _load_script("gigapath_slide")
     path = REPO / "benchmarks" / "gigapath_slide.py"
-    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location("gigapath_slide", path))
-    mod.__spec__.loader.exec_module(mod)
     rounds = [{"impl": "longnet", "tiles": 10, "mode": "float32", "seconds": s, "forward_peak": p}
               for s, p in ((3.0, 30), (1.0, 10), (2.0, 20), (9.0, 90))]
     row = mod._median_run(rounds)
@@ -56,3 +53,39 @@ def test_gigapath_rows_are_the_median_round_of_alternated_processes():
     run = subprocess.run([sys.executable, str(path), "--rounds", "0"], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(REPO / "src")}, timeout=120)
     assert run.returncode == 2 and "--rounds must be >= 1" in run.stderr
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    path = REPO / "benchmarks" / f"{name}.py"
+    mod = importlib.util.module_from_spec(importlib.util.spec_from_file_location(name, path))
+    mod.__spec__.loader.exec_module(mod)
+    return mod
+
+
+def test_kernel_efficiency_reports_ratios_and_stops_when_a_case_fails(monkeypatch, tmp_path, capsys):
+    import json
+
+    mod = _load_script("kernel_efficiency")
+    ms = {"cpu_kernel": 50.0, "cpu_flash": 100.0, "-": 40.0}  # the kernel at 0.8 of sgemm, 2x flash
+
+    def fake(specs, **_):
+        return [{"impl": s["impl"], "backend": s["backend"], "status": "ok", "flops": 1e9,
+                 "median_ms": ms[s["backend"]], "rounds": 3} for s in specs]
+
+    monkeypatch.setattr(mod, "run_isolated", fake)
+    assert mod.main(["--out", str(tmp_path)]) == 0
+    doc = json.loads(next(tmp_path.glob("kernel_efficiency_*.json")).read_text())
+    assert [r["mode"] for r in doc["rows"]] == ["fwd", "fwdbwd"]
+    assert doc["rows"][0]["kernel_over_sgemm"] == pytest.approx(0.8)
+    assert doc["rows"][0]["kernel_over_flash"] == pytest.approx(2.0)
+    assert '"kernel_over_sgemm"' in capsys.readouterr().out.strip().splitlines()[-1]
+
+    def failing(specs, **_):
+        return [dict(r, status="error: exit -9") if r["backend"] == "cpu_flash" else r for r in fake(specs)]
+
+    monkeypatch.setattr(mod, "run_isolated", failing)
+    with pytest.raises(SystemExit, match=r"a case failed, no ratio to report: dilated\[cpu_flash\]: error: exit -9"):
+        mod.main(["--out", str(tmp_path / "again")])
+    assert not (tmp_path / "again").exists() or not list((tmp_path / "again").glob("*.json"))

@@ -3,10 +3,13 @@
 PyTorch's CPU flash kernel splits queries into 256-row blocks and computes each block against
 every key up to the end of the block, so a causal call wastes about 128 keys per row: 12% of the
 work of a 2048-long segment, the length most branches of the paper's pattern run at. This kernel
-(``csrc/cpu_attention.cpp``) uses 96-row query blocks, stops each row's softmax at its own position
-(no masked score is ever exponentiated), runs its block GEMMs through ``at::mm`` (the BLAS torch
-uses) and vectorises the softmax with a branch-free exponential; it also takes strided views, the
-merged log-sum-exp in backward and ``+inf`` rows like the other backends. Its (problem, query
+(``csrc/cpu_attention.cpp``) uses 96-row query blocks, reads a causal block's diagonal in 32-row
+sub-blocks, stops each row's softmax at its own position (no masked score is ever exponentiated),
+runs its block GEMMs through the BLAS torch uses (its ``sgemm_`` directly where that BLAS exports
+it, as MKL and OpenBLAS builds do, else ``at::mm``) and vectorises the softmax with a branch-free
+exponential; it also takes strided views, the merged log-sum-exp in backward and ``+inf`` rows like
+the other backends. Its forward can merge into the operator's running output and log-sum-exp
+(:meth:`CpuKernelBackend.forward_into`), so a branch allocates no output and makes no extra pass. Its (problem, query
 block) work items run on torch's intra-op threads (``at::parallel_for``, so it is built with
 OpenMP where torch uses it; see :func:`_openmp_flags`).
 
@@ -37,8 +40,12 @@ __all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error", "build_env
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
-_BLOCK_Q, _BLOCK_K = 96, 2048  # chosen by interleaved timing of the 16K paper pattern
-_BLOCK_DIAG = 32  # rows per sub-block of a causal block's diagonal
+_BLOCK_Q, _BLOCK_DIAG = 96, 32  # query rows per work item; rows per sub-block of a causal block's diagonal
+# keys per block product, chosen by interleaved timing of the paper pattern (2 threads): causal rows
+# read half their keys on average, 2048 is best there (16K fwd+bwd: 1024 took 1.08x as long); a
+# non-causal block's scores (96 x 2048 floats, 786 KB, twice over in backward) outgrow a core's L2,
+# and 1024 keys took 0.91x the time of 2048 at 32K fwd+bwd
+_BLOCK_K = {True: 2048, False: 1024}
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error", once tried
@@ -199,8 +206,8 @@ class CpuKernelBackend:
         if mask is not None:
             raise ValueError("cpu_kernel does not take a key padding mask")
         q, k, v = self._last_dim_contiguous(query, key, value)
-        out, lse = load_cpu_kernel().attention_forward(q, k, v, bool(is_causal), float(scale), _BLOCK_Q, _BLOCK_K,
-                                                        _BLOCK_DIAG)
+        out, lse = load_cpu_kernel().attention_forward(q, k, v, bool(is_causal), float(scale), _BLOCK_Q,
+                                                        _BLOCK_K[bool(is_causal)], _BLOCK_DIAG)
         return out, lse, None
 
     def forward_into(self, query, key, value, out, lse, *, merge, is_causal, scale) -> bool:
@@ -212,7 +219,7 @@ class CpuKernelBackend:
             return False
         q, k, v = self._last_dim_contiguous(query, key, value)
         load_cpu_kernel().attention_forward_into(q, k, v, out, lse, bool(merge), bool(is_causal), float(scale),
-                                                 _BLOCK_Q, _BLOCK_K, _BLOCK_DIAG)
+                                                 _BLOCK_Q, _BLOCK_K[bool(is_causal)], _BLOCK_DIAG)
         return True
 
     def backward(self, grad_out, query, key, value, out, lse, aux, mask, is_causal, scale):
@@ -221,4 +228,4 @@ class CpuKernelBackend:
         do, q, k, v, o = self._last_dim_contiguous(grad_out, query, key, value, out)
         lse = lse.to(torch.float32)
         return tuple(load_cpu_kernel().attention_backward(do, q, k, v, o, lse, bool(is_causal), float(scale),
-                                                          _BLOCK_Q, _BLOCK_K))
+                                                          _BLOCK_Q, _BLOCK_K[bool(is_causal)]))
