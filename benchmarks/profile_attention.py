@@ -13,8 +13,9 @@ Three measurements (wall time and process CPU time, the median of ``--repeats`` 
    kernel-only time is the bound any change of layout, merge or call plan can reach, and
    dense / kernel-only the speedup such a change could give;
 3. ``torch.profiler`` self time per op in one call (the calling thread's), grouped into the GEMMs
-   longnet's kernel calls, the longnet op's own time (the kernel's softmax loops and the Python
-   between ops), PyTorch's flash kernel, merge arithmetic, fills and copies; only shares.
+   longnet's kernel calls, the longnet op's own time (the kernel's softmax loops, its merge epilogue,
+   its block GEMMs where it calls the BLAS's sgemm_ directly, and the Python between ops),
+   PyTorch's flash kernel, merge arithmetic, fills and copies; only shares.
 
 Writes ``benchmarks/results/profile_attention_<device>_N<N>_<causal|full>_<mode>_<backend>_t<threads>.json``
 and prints it.
@@ -38,13 +39,15 @@ from longnet.ops.backends import BACKENDS, get_backend
 from longnet.paper import PAPER_DILATION_RATES, PAPER_SEGMENT_LENGTHS
 from longnet.utils.atomic import atomic_write_json
 
+_OWN = ("longnet op's own time: the kernel (softmax loops, merge epilogue, and its GEMMs where it calls "
+        "sgemm_ directly) and Python")
 GROUPS = {  # op -> group
-    "longnet::dilated_attention": "longnet op's own time: the kernel's softmax loops and Python",
-    "longnet::dilated_attention_backward": "longnet op's own time: the kernel's softmax loops and Python",
+    "longnet::dilated_attention": _OWN,
+    "longnet::dilated_attention_backward": _OWN,
     "aten::_scaled_dot_product_flash_attention_for_cpu": "PyTorch flash kernel",
     "aten::_scaled_dot_product_flash_attention_for_cpu_backward": "PyTorch flash kernel",
-    "aten::mm": "GEMMs inside longnet's kernel (mm, addmm_)",
-    "aten::addmm_": "GEMMs inside longnet's kernel (mm, addmm_)",
+    "aten::mm": "GEMMs inside longnet's kernel through ATen (mm, addmm_)",
+    "aten::addmm_": "GEMMs inside longnet's kernel through ATen (mm, addmm_)",
     "aten::mul": "merge arithmetic (mul, add, sub, exp, logaddexp)",
     "aten::add": "merge arithmetic (mul, add, sub, exp, logaddexp)",
     "aten::sub": "merge arithmetic (mul, add, sub, exp, logaddexp)",
