@@ -89,3 +89,35 @@ def test_kernel_efficiency_reports_ratios_and_stops_when_a_case_fails(monkeypatc
     with pytest.raises(SystemExit, match=r"a case failed, no ratio to report: dilated\[cpu_flash\]: error: exit -9"):
         mod.main(["--out", str(tmp_path / "again")])
     assert not (tmp_path / "again").exists() or not list((tmp_path / "again").glob("*.json"))
+
+
+def test_auto_backend_reports_paired_ratios_with_an_interval(monkeypatch, tmp_path):
+    import json
+    import statistics
+
+    mod = _load_script("auto_backend")
+    assert mod.paired_ratios([110.0, 90.0, 100.0], [100.0, 100.0]) == pytest.approx([1.1, 0.9])
+    assert mod.bootstrap_median_ci([1.0]) is None
+    assert mod.bootstrap_median_ci([1.02] * 5) == (1.02, 1.02)
+    values = [0.9, 0.95, 1.0, 1.0, 1.05, 1.1, 1.3]
+    lo, hi = mod.bootstrap_median_ci(values)
+    assert min(values) <= lo <= statistics.median(values) <= hi <= max(values) and lo < hi
+    assert mod.bootstrap_median_ci(values) == (lo, hi)  # seeded: the same interval every run
+
+    # rounds: auto is 20% slower than cpu_kernel in the medians but level round by round in 3 of 5 rounds
+    per_round = {"auto": [120.0, 120.0, 100.0, 100.0, 100.0], "cpu_kernel": [100.0] * 5,
+                 "cpu_flash": [150.0] * 5}
+
+    def fake(specs, **_):
+        return [dict(s, status="ok", median_ms=statistics.median(per_round[s["backend"]]),
+                     cpu_median_ms=None, process_medians_ms=per_round[s["backend"]], rounds=5) for s in specs]
+
+    monkeypatch.setattr(mod, "run_isolated", fake)
+    assert mod.main(["--out", str(tmp_path), "--seq-lens", "4096"]) == 0
+    doc = json.loads(next(tmp_path.glob("auto_backend_*.json")).read_text())
+    assert len(doc["rows"]) == 4 and doc["all_within_slack"]
+    row = doc["rows"][0]
+    assert row["best_named"] == "cpu_kernel" and row["auto_runs"] == "cpu_kernel"
+    assert row["auto_over_best"] == pytest.approx(1.0) and row["paired_auto_over_best"] == pytest.approx(1.0)
+    lo, hi = row["paired_ci90"]
+    assert lo == pytest.approx(1.0) and hi == pytest.approx(1.2)
