@@ -129,3 +129,41 @@ def test_the_kernel_is_built_with_torchs_openmp_so_it_uses_torchs_threads(monkey
         assert ck._openmp_flags() == ["-fopenmp"] and "-fopenmp" in ck.build_environment()["flags"].split()
     monkeypatch.setattr(ck.sys, "platform", "darwin")
     assert ck._openmp_flags() == []
+
+
+@pytest.mark.parametrize("l2_kib, causal, non_causal", [
+    (128, 512, 256),     # the smallest blocks, whatever the cache
+    (512, 1024, 512),
+    (1024, 2048, 1024),  # the 1 MiB L2 the rule was measured on
+    (1280, 2048, 1024),
+    (2048, 2048, 2048),
+    (32768, 2048, 2048),  # never more than 2048 keys
+])
+def test_key_blocks_follow_the_l2_size(l2_kib, causal, non_causal):
+    assert ck.key_block(True, l2_kib << 10) == causal
+    assert ck.key_block(False, l2_kib << 10) == non_causal
+    # a non-causal block's scores fill at most half of L2 (above the 256-key floor)
+    assert non_causal == 256 or ck._BLOCK_Q * non_causal * 4 <= (l2_kib << 10) // 2
+
+
+def _cache_index(root, name, level, kind, size):
+    d = root / name
+    d.mkdir(parents=True)
+    (d / "level").write_text(f"{level}\n")
+    (d / "type").write_text(f"{kind}\n")
+    (d / "size").write_text(f"{size}\n")
+
+
+def test_l2_size_is_read_from_sysfs_and_falls_back_to_1_mib(tmp_path):
+    _cache_index(tmp_path, "index0", 1, "Data", "32K")
+    _cache_index(tmp_path, "index1", 1, "Instruction", "32K")
+    _cache_index(tmp_path, "index2", 2, "Unified", "2048K")
+    assert ck.l2_cache_bytes(tmp_path) == 2 << 20
+    (tmp_path / "index2" / "size").write_text("2M\n")
+    assert ck.l2_cache_bytes(tmp_path) == 2 << 20
+    (tmp_path / "index2" / "size").write_text("garbage\n")
+    assert ck.l2_cache_bytes(tmp_path) == 1 << 20
+    assert ck.l2_cache_bytes(tmp_path / "missing") == 1 << 20
+    only_l1 = tmp_path / "l1"
+    _cache_index(only_l1, "index0", 1, "Data", "48K")
+    assert ck.l2_cache_bytes(only_l1) == 1 << 20

@@ -25,6 +25,7 @@ compiler works, ``"auto"`` uses ``cpu_flash`` instead (one warning says why); as
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import subprocess
@@ -36,16 +37,48 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error", "build_environment", "build_key"]
+__all__ = ["CpuKernelBackend", "load_cpu_kernel", "cpu_kernel_error", "build_environment", "build_key", "key_block",
+           "l2_cache_bytes"]
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_attention.cpp"
 _FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd"]
 _BLOCK_Q, _BLOCK_DIAG = 96, 32  # query rows per work item; rows per sub-block of a causal block's diagonal
-# keys per block product, chosen by interleaved timing of the paper pattern (2 threads): causal rows
-# read half their keys on average, 2048 is best there (16K fwd+bwd: 1024 took 1.08x as long); a
-# non-causal block's scores (96 x 2048 floats, 786 KB, twice over in backward) outgrow a core's L2,
-# and 1024 keys took 0.91x the time of 2048 at 32K fwd+bwd
-_BLOCK_K = {True: 2048, False: 1024}
+_L2_FALLBACK = 1 << 20  # bytes, where the OS does not say (the 1 MiB per core the block rule was measured on)
+
+
+def l2_cache_bytes(sysfs: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """One core's level-2 (data or unified) cache in bytes, as Linux's sysfs reports it; else 1 MiB."""
+    try:
+        for index in sorted(sysfs.glob("index*")):
+            if (index / "level").read_text().strip() == "2" and \
+                    (index / "type").read_text().strip() in ("Data", "Unified"):
+                size = (index / "size").read_text().strip().upper()
+                scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+                return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return _L2_FALLBACK
+
+
+def key_block(is_causal: bool, l2_bytes: int, block_q: int = _BLOCK_Q) -> int:
+    """Keys per block product: the largest power of two (256 ... 2048) whose ``block_q`` x keys float32
+    scores fill at most half of a core's L2; causal calls take twice that (their query blocks read
+    half their keys on average), at most 2048.
+
+    On the 1 MiB L2 it was measured on (AMD EPYC, paper pattern, 2 threads) this gives 1024 and 2048:
+    non-causal 96 x 2048 scores (786 KB, twice over in backward) outgrew L2, and 1024 keys took 0.91x
+    the time of 2048 at 32K fwd+bwd; causal, 2048 was best (16K fwd+bwd: 1024 took 1.08x as long).
+    """
+    keys = 256
+    while keys < 2048 and block_q * keys * 2 * 4 <= l2_bytes // 2:
+        keys *= 2
+    return min(2 * keys, 2048) if is_causal else keys
+
+
+@functools.cache
+def _keys(is_causal: bool) -> int:
+    """This machine's :func:`key_block` (sysfs is read on the first kernel call, not at import)."""
+    return key_block(bool(is_causal), l2_cache_bytes())
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}  # "module" or "error", once tried
@@ -207,7 +240,7 @@ class CpuKernelBackend:
             raise ValueError("cpu_kernel does not take a key padding mask")
         q, k, v = self._last_dim_contiguous(query, key, value)
         out, lse = load_cpu_kernel().attention_forward(q, k, v, bool(is_causal), float(scale), _BLOCK_Q,
-                                                        _BLOCK_K[bool(is_causal)], _BLOCK_DIAG)
+                                                        _keys(is_causal), _BLOCK_DIAG)
         return out, lse, None
 
     def forward_into(self, query, key, value, out, lse, *, merge, is_causal, scale) -> bool:
@@ -219,7 +252,7 @@ class CpuKernelBackend:
             return False
         q, k, v = self._last_dim_contiguous(query, key, value)
         load_cpu_kernel().attention_forward_into(q, k, v, out, lse, bool(merge), bool(is_causal), float(scale),
-                                                 _BLOCK_Q, _BLOCK_K[bool(is_causal)], _BLOCK_DIAG)
+                                                 _BLOCK_Q, _keys(is_causal), _BLOCK_DIAG)
         return True
 
     def backward(self, grad_out, query, key, value, out, lse, aux, mask, is_causal, scale):
@@ -228,4 +261,4 @@ class CpuKernelBackend:
         do, q, k, v, o = self._last_dim_contiguous(grad_out, query, key, value, out)
         lse = lse.to(torch.float32)
         return tuple(load_cpu_kernel().attention_backward(do, q, k, v, o, lse, bool(is_causal), float(scale),
-                                                          _BLOCK_Q, _BLOCK_K[bool(is_causal)]))
+                                                          _BLOCK_Q, _keys(is_causal)))
