@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of longnet: one script, at most ~8 minutes on one H100/H200.
+# The GPU check of longnet: one script, at most ~10 minutes on one H100/H200.
 #
 #   bash benchmarks/gpu_check.sh             # on the GPU machine, from anywhere
 #   bash benchmarks/gpu_check.sh --dry-run   # every step at tiny sizes on CPU (tests the script)
@@ -11,6 +11,8 @@
 #   3. train_8k   benchmarks/train_speed.py, preset base, seq 8K, eager and compiled (tokens/s, MFU)
 #   4. train_32k  the same at seq 32K
 #   5. decode     benchmarks/decode.py, preset base, a short setting (ms/token vs position)
+#   6. anchors    benchmarks/anchors.py at 16K, causal: dense SDPA, longnet and FlexAttention computing
+#                 longnet's function, forward and forward + backward (Flex's backward runs on CUDA only)
 #
 # Everything goes to benchmarks/results/gpu_check_<device>/ (<device> from
 # `nvidia-smi --query-gpu=name`): each step's log, its JSON/PNG, env.txt, and summary.txt /
@@ -21,9 +23,10 @@
 # Environment (all optional):
 #   GPU_CHECK_OUT      results root (default: benchmarks/results of this checkout)
 #   GPU_CHECK_PYTHON   python to use (default: python3)
-#   GPU_CHECK_STEPS    space-separated subset of: pytest attention train_8k train_32k decode
+#   GPU_CHECK_STEPS    space-separated subset of: pytest attention train_8k train_32k decode anchors
 #   GPU_CHECK_TIMEOUT_<STEP>  seconds for one step, e.g. GPU_CHECK_TIMEOUT_ATTENTION=200
-#                      (defaults: pytest 75, attention 110, train_8k 110, train_32k 125, decode 60)
+#                      (defaults: pytest 75, attention 110, train_8k 110, train_32k 125, decode 60,
+#                      anchors 120)
 set -u
 
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
@@ -92,6 +95,8 @@ if [ "$DRY_RUN" = "1" ]; then
     TRAIN_32K=(--seq-len 256 --tag 32k)
     DECODE_ARGS=(--preset tiny --positions 1024 --steps 1 --rounds 1 --warmup 1 --dense-max 1024 --no-compact
                  --device cpu --threads 1)
+    ANCHOR_ARGS=(--device cpu --threads 1 --seq-lens 1024 --heads 2 --flex-max-seq-len 1024 --repeats 1
+                 --min-rounds 1 --max-rounds 1)
     DEFAULT_TIMEOUT=120
 else
     ATTN_ARGS=(--device cuda --dtype bfloat16 --causal --mode both
@@ -102,6 +107,7 @@ else
     TRAIN_32K=(--seq-len 32768 --tag 32k)
     DECODE_ARGS=(--preset base --positions 8192,65536,262144,1048576 --steps 4 --rounds 3 --warmup 2
                  --dense-max 262144 --no-compact --device cuda)
+    ANCHOR_ARGS=(--device cuda --seq-lens 16384 --flex-max-seq-len 16384 --repeats 3 --min-rounds 1 --max-rounds 1)
     DEFAULT_TIMEOUT=
 fi
 
@@ -110,12 +116,12 @@ timeout_for() {  # step name -> seconds
     local default
     case "$1" in
         pytest) default=75 ;; attention) default=110 ;; train_8k) default=110 ;;
-        train_32k) default=125 ;; decode) default=60 ;; *) default=60 ;;
+        train_32k) default=125 ;; decode) default=60 ;; anchors) default=120 ;; *) default=60 ;;
     esac
     echo "${!var:-${DEFAULT_TIMEOUT:-$default}}"
 }
 
-STEPS="${GPU_CHECK_STEPS:-pytest attention train_8k train_32k decode}"
+STEPS="${GPU_CHECK_STEPS:-pytest attention train_8k train_32k decode anchors}"
 RESULTS=()  # "name|status|seconds|rc"
 
 run_step() {  # name, command...: runs under timeout, logs to $OUT/<name>.log
@@ -153,6 +159,8 @@ for step in $STEPS; do
                 --overwrite --no-progress ;;
         decode)
             run_step decode "$PY" benchmarks/decode.py "${DECODE_ARGS[@]}" --out "$OUT" --overwrite ;;
+        anchors)
+            run_step anchors "$PY" benchmarks/anchors.py "${ANCHOR_ARGS[@]}" --out "$OUT" --overwrite ;;
         *)
             echo "gpu_check.sh: unknown step '$step' in GPU_CHECK_STEPS" >&2
             RESULTS+=("$step|unknown step|0|2") ;;

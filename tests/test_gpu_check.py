@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
-STEPS = ["pytest", "attention", "train_8k", "train_32k", "decode"]
+STEPS = ["pytest", "attention", "train_8k", "train_32k", "decode", "anchors"]
 
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                                 reason="needs bash and timeout(1)")
