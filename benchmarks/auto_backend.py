@@ -43,7 +43,6 @@ def bootstrap_median_ci(values: list[float], *, level: float = 0.9, draws: int =
                         seed: int = 0) -> tuple[float, float] | None:
     """A ``level`` percentile-bootstrap interval of the median of ``values`` (None for fewer than 2)."""
     import random
-    import statistics
 
     if len(values) < 2:
         return None
@@ -67,7 +66,6 @@ def _auto_runs(spec: dict) -> str:
 def _in_process(specs: list[dict], rounds: int) -> list[dict]:
     """The cases of ``specs`` (one N, causal, mode; several backends) in this process: one warm-up
     call each, then ``rounds`` rounds of ``repeats`` calls per backend in alternating order."""
-    import statistics
     import time
 
     import torch

@@ -57,6 +57,18 @@ def test_a_step_past_its_timeout_does_not_stop_the_next(tmp_path):
     assert "attention  timeout" in (folder / "summary.txt").read_text()
 
 
+def test_the_anchors_step_runs_anchors_py_with_its_own_timeout(tmp_path):
+    """A default step: the log shows the anchors.py command it ran, cut at GPU_CHECK_TIMEOUT_ANCHORS."""
+    res = _run(tmp_path, GPU_CHECK_DRY_RUN="1", GPU_CHECK_STEPS="anchors", GPU_CHECK_TIMEOUT_ANCHORS="1")
+    assert res.returncode == 1
+    folder, summary = _summary(tmp_path)
+    assert [(s["step"], s["status"]) for s in summary["steps"]] == [("anchors", "timeout")]
+    log = (folder / "anchors.log").read_text()
+    assert "benchmarks/anchors.py --device cpu" in log and "--flex-max-seq-len" in log
+    shown = _run(tmp_path / "help", "--help")
+    assert "anchors" in shown.stdout.split("GPU_CHECK_STEPS")[1].splitlines()[0]
+
+
 def test_a_python_without_torch_is_a_clear_error(tmp_path):
     res = _run(tmp_path, "--dry-run", GPU_CHECK_PYTHON="false")
     assert res.returncode == 2 and "GPU_CHECK_PYTHON" in res.stderr
