@@ -10,6 +10,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+import torch
 
 from longnet.ops.backends import cpu_kernel as ck
 
@@ -144,6 +145,41 @@ def test_key_blocks_follow_the_l2_size(l2_kib, causal, non_causal):
     assert ck.key_block(False, l2_kib << 10) == non_causal
     # a non-causal block's scores fill at most half of L2 (above the 256-key floor)
     assert non_causal == 256 or ck._BLOCK_Q * non_causal * 4 <= (l2_kib << 10) // 2
+
+
+@pytest.mark.parametrize("l2_kib, side", [
+    (128, 64),    # the smallest tiles, whatever the cache
+    (256, 128),
+    (512, 128),
+    (1024, 256),  # the 1 MiB L2 the rule was measured on
+    (2048, 256),
+    (4096, 512),
+    (32768, 512),  # never more than 512
+])
+def test_backward_blocks_follow_the_l2_size(l2_kib, side):
+    l2 = l2_kib << 10
+    assert ck.backward_blocks(False, l2) == (side, side)
+    # P and dP fill at most half of L2 (above the 64 floor), and the next side up would not fit
+    assert side == 64 or 2 * side * side * 4 <= l2 // 2
+    assert side == 512 or 2 * (2 * side) ** 2 * 4 > l2 // 2
+    # causal calls keep the forward's blocks
+    assert ck.backward_blocks(True, l2) == (ck._BLOCK_Q, ck.key_block(True, l2))
+
+
+def test_the_backend_passes_the_backward_blocks_to_the_kernel(monkeypatch):
+    seen = []
+
+    class Fake:
+        def attention_backward(self, *args):
+            seen.append(args[-2:])
+            return (args[1], args[2], args[3])
+
+    monkeypatch.setattr(ck, "load_cpu_kernel", lambda: Fake())
+    monkeypatch.setattr(ck, "_backward_blocks", lambda causal: (7, 11) if causal else (13, 17))
+    t = torch.zeros(1, 1, 4, 2)
+    for causal, blocks in ((True, (7, 11)), (False, (13, 17))):
+        ck.CpuKernelBackend().backward(t, t, t, t, t, torch.zeros(1, 1, 4), None, None, causal, 1.0)
+        assert seen[-1] == blocks
 
 
 def _cache_index(root, name, level, kind, size):
