@@ -121,3 +121,46 @@ def test_auto_backend_reports_paired_ratios_with_an_interval(monkeypatch, tmp_pa
     assert row["auto_over_best"] == pytest.approx(1.0) and row["paired_auto_over_best"] == pytest.approx(1.0)
     lo, hi = row["paired_ci90"]
     assert lo == pytest.approx(1.0) and hi == pytest.approx(1.2)
+
+
+def test_auto_backend_scores_autos_choice_with_pooled_processes(monkeypatch, tmp_path, capsys):
+    import json
+
+    mod = _load_script("auto_backend")
+    # auto and cpu_kernel run the same code: their processes pool; cpu_flash is the yardstick
+    level = {"auto": [120.0, 120.0, 100.0, 100.0, 100.0], "cpu_kernel": [100.0] * 5, "cpu_flash": [150.0] * 5}
+    assert mod.choice_over_best(level, "cpu_kernel") == (1.0, "auto")
+    slower = {"auto": [110.0] * 5, "cpu_kernel": [100.0] * 5, "cpu_flash": [90.0] * 5}
+    ratio, fastest = mod.choice_over_best(slower, "cpu_kernel")
+    assert fastest == "cpu_flash" and ratio == pytest.approx(105.0 / 90.0)
+    # what resolving "auto" costs is added to the choice
+    ratio, _ = mod.choice_over_best(slower, "cpu_kernel", extra_ms=4.5)
+    assert ratio == pytest.approx(109.5 / 90.0)
+    assert mod.choice_over_best({"cpu_kernel": [1.0], "cpu_flash": [1.0]}, "cpu_kernel") is None
+    assert mod.choice_over_best({"auto": [1.0], "cpu_flash": [1.0]}, "cpu_kernel") is None
+
+    row = {"n": 4096, "causal": True, "mode": "fwdbwd", "process_medians_ms": slower, "auto_runs": "cpu_kernel"}
+    scored = mod.score_row(row, slack=0.05, resolve_us=1000.0)  # two resolves in fwd+bwd: 2 ms
+    assert scored["choice_over_best"] == pytest.approx(107.0 / 90.0, abs=1e-4)
+    assert scored["choice_fastest"] == "cpu_flash" and not scored["choice_ok"]
+    assert mod.score_row(dict(row, mode="fwd"), slack=0.05, resolve_us=1000.0)["choice_over_best"] == \
+        pytest.approx(106.0 / 90.0, abs=1e-4)
+    assert mod.auto_resolve_us("cpu", calls=200) > 0
+
+    # --rescore recomputes a saved result in place, keeping the resolve cost it holds
+    rows = [dict(row, ms={b: sum(t) / len(t) for b, t in level.items()}, best_named="cpu_kernel",
+                 auto_over_best=1.0, ok=True, paired_auto_over_best=1.0, paired_ci90=None,
+                 process_medians_ms=level),
+            dict(row, mode="fwd", ms={b: sum(t) / len(t) for b, t in slower.items()}, best_named="cpu_flash",
+                 auto_over_best=1.22, ok=False, paired_auto_over_best=1.22, paired_ci90=None)]
+    saved = tmp_path / "auto_backend_cpu.json"
+    saved.write_text(json.dumps({"device": "cpu", "head_dim": 64, "slack": 0.05, "auto_resolve_us": 0.0,
+                                 "rows": rows, "all_within_slack": False}))
+    assert mod.main(["--rescore", str(saved)]) == 0
+    doc = json.loads(saved.read_text())
+    assert doc["auto_resolve_us"] == 0.0
+    assert [r["choice_ok"] for r in doc["rows"]] == [True, False]
+    assert not doc["choice_all_within_slack"] and not doc["all_within_slack"]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["choice_all_within_slack"] is False
+    with pytest.raises(SystemExit):
+        mod.main(["--rescore", str(tmp_path / "missing.json")])
