@@ -32,7 +32,7 @@ def get_backend(name: str, query: torch.Tensor, *, has_mask: bool = True) -> Att
         raise TypeError(f"backend must be a str, got {type(name).__name__}")
     if name == "auto":
         # causal: ours wastes fewer masked scores; non-causal: it merges branches in its own epilogue,
-        # and is as fast as PyTorch's flash kernel in fwd+bwd (docs/benchmarks.md)
+        # is level with PyTorch's flash kernel in the forward and faster in fwd+bwd (docs/benchmarks.md)
         if query.device.type == "cpu" and query.dtype == torch.float32 and not has_mask and enabled_for_auto():
             reason = BACKENDS["cpu_kernel"].unsupported_reason(query, has_mask=has_mask)
             if reason is None:

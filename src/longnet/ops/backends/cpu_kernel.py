@@ -9,9 +9,9 @@ runs its block GEMMs through the BLAS torch uses (its ``sgemm_`` directly where 
 it, as MKL and OpenBLAS builds do, else ``at::mm``) and vectorises the softmax with a branch-free
 exponential; it also takes strided views, the merged log-sum-exp in backward and ``+inf`` rows like
 the other backends. Key blocks follow the core's L2 size (:func:`key_block`), and a non-causal
-backward runs on square tiles sized the same way (:func:`backward_blocks`). Its forward can merge into the operator's running output and log-sum-exp
-(:meth:`CpuKernelBackend.forward_into`), so a branch allocates no output and makes no extra pass. Its (problem, query
-block) work items run on torch's intra-op threads (``at::parallel_for``, so it is built with
+backward runs on square tiles sized the same way (:func:`backward_blocks`). Its forward can
+merge into the operator's running output and log-sum-exp (:meth:`CpuKernelBackend.forward_into`),
+so a branch allocates no output and makes no extra pass. Its (problem, query block) work items run on torch's intra-op threads (``at::parallel_for``, so it is built with
 OpenMP where torch uses it; see :func:`_openmp_flags`).
 
 It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute;
