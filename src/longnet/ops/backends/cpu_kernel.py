@@ -11,8 +11,9 @@ exponential; it also takes strided views, the merged log-sum-exp in backward and
 the other backends. Key blocks follow the core's L2 size (:func:`key_block`), and a non-causal
 backward runs on square tiles sized the same way (:func:`backward_blocks`). Its forward can
 merge into the operator's running output and log-sum-exp (:meth:`CpuKernelBackend.forward_into`),
-so a branch allocates no output and makes no extra pass. Its (problem, query block) work items run on torch's intra-op threads (``at::parallel_for``, so it is built with
-OpenMP where torch uses it; see :func:`_openmp_flags`).
+so a branch allocates no output and makes no extra pass. Its (problem, query block) work items
+run on torch's intra-op threads (``at::parallel_for``, so it is built with OpenMP where torch uses
+it; see :func:`_openmp_flags`).
 
 It is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a minute;
 one line on stderr for every build) into ``$LONGNET_CACHE/kernels`` (default
