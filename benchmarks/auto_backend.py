@@ -66,10 +66,9 @@ def choice_over_best(process_ms: dict[str, list[float]], auto_runs: str, *, extr
     """``(ratio, fastest)``: the pooled median of ``auto``'s and ``auto_runs``' process times plus
     ``extra_ms``, over the fastest of that and every other named backend's median (``fastest`` is
     ``"auto"`` when the choice is fastest, the ratio then 1.0). None without samples of both."""
-    pooled = process_ms.get("auto", []) + process_ms.get(auto_runs, [])
     if not process_ms.get("auto") or not process_ms.get(auto_runs):
         return None
-    choice = statistics.median(pooled) + extra_ms
+    choice = statistics.median(process_ms["auto"] + process_ms[auto_runs]) + extra_ms
     others = {b: statistics.median(t) for b, t in process_ms.items() if b not in ("auto", auto_runs) and t}
     fastest = min(others, key=others.get) if others else None
     if fastest is None or others[fastest] >= choice:
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.rescore.is_file():
             p.error(f"--rescore: no such file: {args.rescore}")
         doc = rescore(args.rescore)
-        _print_table(doc["rows"], tuple(doc["rows"][0]["ms"]), doc["slack"])
+        _print_table(doc["rows"], ("auto", *NAMED[torch.device(doc["device"]).type]), doc["slack"])
         print_json_line({"results": str(args.rescore), "all_within_slack": doc["all_within_slack"],
                          "choice_all_within_slack": doc["choice_all_within_slack"]})
         return 0

@@ -161,6 +161,15 @@ def test_auto_backend_scores_autos_choice_with_pooled_processes(monkeypatch, tmp
     assert doc["auto_resolve_us"] == 0.0
     assert [r["choice_ok"] for r in doc["rows"]] == [True, False]
     assert not doc["choice_all_within_slack"] and not doc["all_within_slack"]
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["choice_all_within_slack"] is False
+    printed = capsys.readouterr().out
+    assert json.loads(printed.strip().splitlines()[-1])["choice_all_within_slack"] is False
+    header = next(line for line in printed.splitlines() if line.strip().startswith("N"))
+    assert header.index("auto") < header.index("cpu_kernel") < header.index("cpu_flash")
+    # a file without the resolve cost gets it measured
+    unmeasured = json.loads(saved.read_text())
+    del unmeasured["auto_resolve_us"]
+    saved.write_text(json.dumps(unmeasured))
+    assert mod.main(["--rescore", str(saved)]) == 0
+    assert json.loads(saved.read_text())["auto_resolve_us"] > 0
     with pytest.raises(SystemExit):
         mod.main(["--rescore", str(tmp_path / "missing.json")])

@@ -80,7 +80,7 @@ def key_block(is_causal: bool, l2_bytes: int, block_q: int = _BLOCK_Q) -> int:
 def backward_blocks(is_causal: bool, l2_bytes: int) -> tuple[int, int]:
     """``(query rows, keys)`` per block product of the backward.
 
-    Causal calls take the forward's blocks (``block_q`` rows, :func:`key_block` keys): a query
+    Causal calls take the forward's blocks (``_BLOCK_Q`` rows, :func:`key_block` keys): a query
     block reads keys up to its diagonal only, so tall blocks would waste work there. Non-causal
     calls take square tiles, the largest power-of-two side (64 ... 512) at which the backward's two
     score tiles (P and dP, float32) fill at most half of a core's L2: taller query blocks spread
